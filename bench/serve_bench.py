@@ -1,0 +1,167 @@
+"""The stack against one bare engine, same workload, same run: vLLM's serving benchmark twice.
+
+It starts `fleet up` (or uses a running stack given by --gateway-url/--controller-url), finds a
+worker's engine through the controller, runs vLLM's serving benchmark against that engine
+directly and then through the gateway, and prints the throughput ratio and TTFT/ITL differences.
+
+    .venv/bin/python bench/serve_bench.py --start                      # CPU, demo model
+    .venv/bin/python bench/serve_bench.py --gateway-url http://127.0.0.1:8000 \\
+        --controller-url http://127.0.0.1:21001 --tokenizer /models/x --model-name x
+
+Results go to bench/results/ as JSON (one file per run, both sides in it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+KEYS = ["completed", "failed", "request_throughput", "output_throughput", "median_ttft_ms",
+        "p99_ttft_ms", "median_itl_ms", "p99_itl_ms", "median_tpot_ms", "p99_tpot_ms"]
+GATEWAY_KEY = "bench-key"
+
+
+def _parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--start", action="store_true", help="start `fleet up` for the run")
+    p.add_argument("--up-args", default="", help="extra flags for `fleet up` (with --start)")
+    p.add_argument("--gateway-url", default="http://127.0.0.1:18000")
+    p.add_argument("--controller-url", default="http://127.0.0.1:18001")
+    p.add_argument("--gateway-key", default=GATEWAY_KEY)
+    p.add_argument("--model-name", default="SmolLM2-135M-Instruct")
+    p.add_argument("--tokenizer", help="tokenizer path (default: the demo model's folder)")
+    p.add_argument("--endpoint", choices=["chat", "completions"], default="chat")
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--max-concurrency", type=int, default=8)
+    p.add_argument("--smoke", action="store_true", help="tiny workload: checks that it runs")
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    p.add_argument("--label", default="cpu")
+    return p.parse_args()
+
+
+def _wait_ready(args: argparse.Namespace, proc: subprocess.Popen[bytes] | None) -> None:
+    deadline = time.monotonic() + 900
+    headers = {"Authorization": f"Bearer {args.gateway_key}"}
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise SystemExit(f"fleet up exited with {proc.returncode}")
+        with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
+            data = httpx.get(f"{args.gateway_url}/v1/models", headers=headers, timeout=5).json()
+            if any(m["id"] == args.model_name for m in data["data"]):
+                return
+        time.sleep(1)
+    raise SystemExit("timed out waiting for the stack")
+
+
+def _engine(args: argparse.Namespace) -> tuple[str, str]:
+    workers = httpx.get(f"{args.controller_url}/models/{args.model_name}/workers",
+                        timeout=5).json()["workers"]
+    ready = [w for w in workers if w["state"] == "ready"]
+    if not ready:
+        raise SystemExit(f"no ready worker for {args.model_name}")
+    return ready[0]["engine_url"].rstrip("/"), ready[0]["engine_api_key"] or ""
+
+
+def _bench(args: argparse.Namespace, base_url: str, api_key: str, tag: str) -> dict[str, Any]:
+    from vllm.benchmarks.serve import add_cli_args, main
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser()
+    add_cli_args(parser)
+    chat = args.endpoint == "chat"
+    argv = [
+        "--backend", "openai-chat" if chat else "openai",
+        "--base-url", base_url,
+        "--endpoint", "/v1/chat/completions" if chat else "/v1/completions",
+        "--model", args.model_name, "--tokenizer", args.tokenizer,
+        "--dataset-name", "random",
+        "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
+        "--num-prompts", str(args.num_prompts), "--max-concurrency", str(args.max_concurrency),
+        "--ignore-eos", "--percentile-metrics", "ttft,tpot,itl", "--metric-percentiles", "50,99",
+        "--seed", "0", "--disable-tqdm", "--label", tag,
+    ]
+    os.environ["OPENAI_API_KEY"] = api_key
+    print(f"\n=== {tag}: {base_url} ===", flush=True)
+    result = main(parser.parse_args(argv))
+    return {k: result.get(k) for k in KEYS}
+
+
+def _summary(direct: dict[str, Any], gateway: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "throughput_ratio": gateway["output_throughput"] / direct["output_throughput"],
+        "ttft_p50_diff_ms": gateway["median_ttft_ms"] - direct["median_ttft_ms"],
+        "ttft_p99_diff_ms": gateway["p99_ttft_ms"] - direct["p99_ttft_ms"],
+        "itl_p50_diff_ms": gateway["median_itl_ms"] - direct["median_itl_ms"],
+    }
+
+
+def run(args: argparse.Namespace) -> Path:
+    if args.smoke:
+        args.num_prompts, args.max_concurrency, args.input_len, args.output_len = 4, 2, 16, 8
+    if args.tokenizer is None:
+        from fleet.demo_model import ensure_demo_model
+
+        args.tokenizer = str(ensure_demo_model(progress=False))
+    proc = None
+    if args.start:
+        gw_port = args.gateway_url.rsplit(":", 1)[1]
+        ctl_port = args.controller_url.rsplit(":", 1)[1]
+        cmd = [sys.executable, "-m", "fleet.cli", "up", "--gateway-port", gw_port,
+               "--controller-port", ctl_port, "--api-keys", args.gateway_key,
+               *args.up_args.split()]
+        print("starting:", " ".join(cmd), flush=True)
+        proc = subprocess.Popen(cmd)
+    try:
+        _wait_ready(args, proc)
+        engine_url, engine_key = _engine(args)
+        # One small warm-up through the gateway, so neither side pays first-request costs.
+        _bench(argparse.Namespace(**{**vars(args), "num_prompts": 2, "max_concurrency": 1}),
+               args.gateway_url, args.gateway_key, "warmup")
+        direct = _bench(args, engine_url, engine_key, "direct")
+        gateway = _bench(args, args.gateway_url, args.gateway_key, "gateway")
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=120)
+    record = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "label": args.label, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "command": " ".join(sys.argv),
+        "workload": {k: getattr(args, k) for k in
+                     ("endpoint", "input_len", "output_len", "num_prompts", "max_concurrency")},
+        "direct": direct, "gateway": gateway, "summary": _summary(direct, gateway),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = args.out / f"serve-{args.label}-{stamp}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print("\n| side | req/s | out tok/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | failed |")
+    print("|---|---|---|---|---|---|---|---|")
+    for side in ("direct", "gateway"):
+        r = record[side]
+        print(f"| {side} | {r['request_throughput']:.2f} | {r['output_throughput']:.1f} | "
+              f"{r['median_ttft_ms']:.1f} | {r['p99_ttft_ms']:.1f} | {r['median_itl_ms']:.2f} | "
+              f"{r['p99_itl_ms']:.2f} | {r['failed']} |")
+    s = record["summary"]
+    print(f"\nthroughput ratio gateway/direct: {s['throughput_ratio']:.3f}; "
+          f"TTFT p50 {s['ttft_p50_diff_ms']:+.1f} ms, p99 {s['ttft_p99_diff_ms']:+.1f} ms; "
+          f"ITL p50 {s['itl_p50_diff_ms']:+.2f} ms\nwrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    run(_parse())

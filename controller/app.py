@@ -1,0 +1,135 @@
+"""The controller's HTTP service, built by `create_app(settings)`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request, Response
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from controller.protocol import (
+    Heartbeat,
+    ModelList,
+    RegisterResponse,
+    Registration,
+    Snapshot,
+    WorkerList,
+    WorkerRecord,
+)
+from controller.registry import Registry, UnknownWorker
+from controller.settings import ControllerSettings
+from fleet.errors import ErrorResponse, NotFoundError, install_error_handlers
+
+logger = logging.getLogger(__name__)
+
+_ERRORS = {
+    400: {"model": ErrorResponse, "description": "Invalid request"},
+    404: {"model": ErrorResponse, "description": "Unknown worker"},
+}
+
+
+def _unknown_worker(worker_id: str) -> NotFoundError:
+    # Workers react to this code by registering again.
+    return NotFoundError(
+        f"Worker '{worker_id}' is not registered; register again.",
+        param="worker_id",
+        code="unknown_worker",
+    )
+
+
+def _get_registry(request: Request) -> Registry:
+    return request.app.state.registry  # type: ignore[no-any-return]
+
+
+async def _expire_forever(registry: Registry) -> None:
+    # Checking a few times per expiry keeps a dead worker's overstay short.
+    period = min(registry.heartbeat_interval, registry.expiry / 4)
+    while True:
+        await asyncio.sleep(period)
+        registry.expire()
+
+
+def create_app(settings: ControllerSettings) -> FastAPI:
+    registry = Registry(heartbeat_interval=settings.heartbeat_interval, expiry=settings.expiry)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(_expire_forever(registry))
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    app = FastAPI(title="llm-fleet controller", version="0.1.0", lifespan=lifespan)
+    app.state.registry = registry
+    app.state.settings = settings
+    install_error_handlers(app)
+
+    metrics = CollectorRegistry()
+    workers_gauge = Gauge(
+        "fleet_controller_workers", "Registered workers by state and model",
+        ["state", "model"], registry=metrics,
+    )
+
+    @app.post("/workers/register", response_model=RegisterResponse, responses=_ERRORS)
+    async def register(body: Registration, request: Request) -> RegisterResponse:
+        reg = _get_registry(request)
+        reg.register(body)
+        return RegisterResponse(
+            worker_id=body.worker_id,
+            heartbeat_interval=reg.heartbeat_interval,
+            expiry=reg.expiry,
+        )
+
+    @app.post("/workers/{worker_id}/heartbeat", response_model=WorkerRecord, responses=_ERRORS)
+    async def heartbeat(worker_id: str, body: Heartbeat, request: Request) -> WorkerRecord:
+        try:
+            return _get_registry(request).heartbeat(worker_id, body)
+        except UnknownWorker:
+            raise _unknown_worker(worker_id) from None
+
+    @app.delete("/workers/{worker_id}", response_model=WorkerRecord, responses=_ERRORS)
+    async def deregister(worker_id: str, request: Request) -> WorkerRecord:
+        try:
+            return _get_registry(request).deregister(worker_id)
+        except UnknownWorker:
+            raise _unknown_worker(worker_id) from None
+
+    @app.get("/workers", response_model=WorkerList)
+    async def list_workers(request: Request) -> WorkerList:
+        return WorkerList(workers=_get_registry(request).workers())
+
+    @app.get("/models", response_model=ModelList)
+    async def list_models(request: Request) -> ModelList:
+        return ModelList(models=_get_registry(request).models())
+
+    @app.get("/models/{model}/workers", response_model=WorkerList, responses=_ERRORS)
+    async def model_workers(model: str, request: Request) -> WorkerList:
+        reg = _get_registry(request)
+        if model not in reg.known_models():
+            raise NotFoundError(f"No worker has ever served model '{model}'.", param="model",
+                                code="model_not_found")
+        return WorkerList(workers=reg.workers(model))
+
+    @app.get("/snapshot", response_model=Snapshot)
+    async def snapshot(request: Request) -> Snapshot:
+        return _get_registry(request).snapshot()
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics(request: Request) -> Response:
+        workers_gauge.clear()
+        for record in _get_registry(request).workers():
+            for name in record.model_names:
+                workers_gauge.labels(record.state.value, name).inc()
+        return Response(generate_latest(metrics), media_type=CONTENT_TYPE_LATEST)
+    return app

@@ -1,0 +1,106 @@
+"""The controller's HTTP API: every request and response body, as pydantic models.
+
+Workers and gateways import these; nobody else declares them.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator
+
+WORKER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$"
+MODEL_NAME_PATTERN = r"^[^\s/][^\s]{0,255}$"
+
+
+class WorkerState(str, Enum):
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"
+    UNHEALTHY = "unhealthy"
+
+
+class WorkerLoad(BaseModel):
+    """What the worker last read from its engine's /metrics."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    running: int = Field(0, ge=0, description="Requests the engine is running.")
+    waiting: int = Field(0, ge=0, description="Requests queued in the engine.")
+    kv_cache_usage: float = Field(0.0, ge=0.0, le=1.0, description="KV-cache use, 0..1.")
+
+
+class WorkerInfo(BaseModel):
+    """The static facts of a worker; sent when it registers."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    worker_id: str = Field(pattern=WORKER_ID_PATTERN)
+    engine_url: HttpUrl = Field(description="Base URL of the engine's OpenAI server.")
+    engine_api_key: str | None = Field(None, max_length=512)
+    model_names: list[str] = Field(min_length=1, max_length=64)
+    max_model_len: int | None = Field(None, ge=1)
+    device: str = Field("cpu", max_length=256, description="e.g. 'cuda:0', 'cuda:0,1', 'cpu:0-1'.")
+
+    @field_validator("model_names")
+    @classmethod
+    def _names_are_clean(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if not re.match(MODEL_NAME_PATTERN, name):
+                raise ValueError(f"bad model name {name!r}")
+        if len(set(names)) != len(names):
+            raise ValueError("model names repeat")
+        return names
+
+
+class Registration(WorkerInfo):
+    state: WorkerState = WorkerState.STARTING
+    load: WorkerLoad = Field(default_factory=WorkerLoad)
+
+
+class Heartbeat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    state: WorkerState
+    load: WorkerLoad = Field(default_factory=WorkerLoad)
+    # Facts that become known only once the engine is up.
+    max_model_len: int | None = Field(None, ge=1)
+
+
+class RegisterResponse(BaseModel):
+    worker_id: str
+    heartbeat_interval: float
+    expiry: float
+
+
+class WorkerRecord(Registration):
+    """A worker as the controller holds it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    registered_at: float
+    last_heartbeat: float
+
+
+class ModelList(BaseModel):
+    object: str = "list"
+    models: list[str]
+
+
+class WorkerList(BaseModel):
+    workers: list[WorkerRecord]
+
+
+class Snapshot(BaseModel):
+    """Everything a gateway needs to route, in one read.
+
+    `models` also holds models whose workers have all gone, so that a gateway can tell
+    "no worker right now" (503) from "no such model" (404).
+    """
+
+    generation: int
+    heartbeat_interval: float
+    expiry: float
+    workers: list[WorkerRecord]
+    models: list[str]

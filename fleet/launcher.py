@@ -1,0 +1,256 @@
+"""`fleet up`: the whole stack on one machine, supervised, stopped as one by Ctrl-C.
+
+Starts the controller, one worker per visible GPU (or N CPU workers, each pinned to its own
+cores) and the gateway, as child processes. Nothing it started outlives it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import httpx
+
+from fleet.logs import setup_logging
+
+logger = logging.getLogger("fleet.up")
+_PR_SET_PDEATHSIG = 1
+
+
+def visible_gpus(env: dict[str, str] | None = None) -> list[str]:
+    """GPU indices this process may use: CUDA_VISIBLE_DEVICES if set, else what nvidia-smi lists."""
+    env = dict(os.environ if env is None else env)
+    if "CUDA_VISIBLE_DEVICES" in env:
+        return [d.strip() for d in env["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()]
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=20, check=True,
+        ).stdout
+    except (subprocess.SubprocessError, OSError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def group_gpus(gpus: Sequence[str], per_worker: int) -> list[str]:
+    """['0','1','2','3'], 2 -> ['0,1', '2,3']; leftover GPUs that cannot fill a group are unused."""
+    if per_worker < 1:
+        raise ValueError("--gpus-per-worker must be at least 1")
+    usable = len(gpus) - len(gpus) % per_worker
+    return [",".join(gpus[i:i + per_worker]) for i in range(0, usable, per_worker)]
+
+
+def _core_range(cores: Sequence[int]) -> str:
+    if list(cores) == list(range(cores[0], cores[-1] + 1)):
+        return str(cores[0]) if len(cores) == 1 else f"{cores[0]}-{cores[-1]}"
+    return ",".join(map(str, cores))
+
+
+def split_cores(cores: Sequence[int], workers: int) -> list[str]:
+    """Share the cores out among CPU workers, as contiguous sets: [0,1,2,3], 2 -> ['0-1', '2-3']."""
+    cores = sorted(cores)
+    if workers < 1:
+        raise ValueError("--cpu-workers must be at least 1")
+    if workers > len(cores):
+        raise ValueError(f"{workers} CPU workers need at least {workers} cores; "
+                         f"this machine lets us use {len(cores)}")
+    size, extra = divmod(len(cores), workers)
+    out, start = [], 0
+    for i in range(workers):
+        n = size + (1 if i < extra else 0)
+        out.append(_core_range(cores[start:start + n]))
+        start += n
+    return out
+
+
+@dataclass
+class Service:
+    name: str
+    argv: list[str]
+    proc: subprocess.Popen[bytes] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def _child_setup() -> None:
+    # If `fleet up` itself is killed, its services are told to stop (and workers stop engines).
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class Stack:
+    def __init__(self, services: list[Service]) -> None:
+        self.services = services
+
+    def start(self, service: Service) -> None:
+        logger.info("starting %s: %s", service.name, " ".join(service.argv))
+        service.proc = subprocess.Popen(
+            service.argv, env={**os.environ, **service.env},
+            # Own session: the terminal's Ctrl-C reaches only us, and we stop services in order.
+            start_new_session=True, preexec_fn=_child_setup,
+        )
+
+    def exited(self) -> list[Service]:
+        return [s for s in self.services if s.proc is not None and s.proc.poll() is not None]
+
+    def stop(self, timeout: float) -> None:
+        running = [s for s in self.services if s.proc is not None and s.proc.poll() is None]
+        for service in running:
+            assert service.proc is not None
+            with contextlib.suppress(ProcessLookupError):
+                service.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for service in running:
+            assert service.proc is not None
+            try:
+                service.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                logger.warning("%s did not stop in time; killing it", service.name)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(service.proc.pid, signal.SIGKILL)
+                service.proc.wait()
+
+
+def _wait_until(check: Callable[[], bool], deadline: float, stack: Stack, what: str) -> None:
+    while time.monotonic() < deadline:
+        if dead := stack.exited():
+            names = ", ".join(f"{s.name} (exit {s.proc.returncode})" for s in dead if s.proc)
+            raise RuntimeError(f"{names} stopped while waiting for {what}")
+        with contextlib.suppress(httpx.HTTPError):
+            if check():
+                return
+        time.sleep(0.5)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fleet up",
+        description="Run controller, workers and gateway on this machine. Unknown flags go to "
+        "every vLLM engine.",
+    )
+    parser.add_argument("--model", help="Model path or id (default: the demo model, prepared "
+                        "on first use).")
+    parser.add_argument("--model-name", help="Name to serve the model as.")
+    parser.add_argument("--cpu-workers", type=int, default=1,
+                        help="CPU workers when no GPU is visible (default 1).")
+    parser.add_argument("--gpus-per-worker", type=int, default=1,
+                        help="GPUs per worker, tensor parallel inside it (default 1).")
+    parser.add_argument("--host", default="127.0.0.1", help="Bind address of every service.")
+    parser.add_argument("--controller-port", type=int, default=21001)
+    parser.add_argument("--gateway-port", type=int, default=8000)
+    parser.add_argument("--api-keys", help="Comma-separated client API keys for the gateway.")
+    parser.add_argument("--startup-timeout", type=float, default=900.0,
+                        help="Seconds to wait for the model to be served (default 900).")
+    parser.add_argument("--drain-timeout", type=float, default=30.0,
+                        help="Seconds workers get to finish requests on Ctrl-C (default 30).")
+    return parser
+
+
+def plan(args: argparse.Namespace, engine_args: list[str], model: str) -> list[Service]:
+    py = sys.executable
+    controller_url = f"http://{args.host}:{args.controller_port}"
+    services = [Service("controller", [py, "-m", "controller", "--host", args.host,
+                                       "--port", str(args.controller_port)])]
+    worker_common = [py, "-m", "worker", "--model", model, "--controller-address", controller_url,
+                     "--drain-timeout", str(args.drain_timeout)]
+    if args.model_name:
+        worker_common += ["--model-name", args.model_name]
+    gpus = visible_gpus()
+    if gpus:
+        for i, group in enumerate(group_gpus(gpus, args.gpus_per_worker)):
+            services.append(Service(f"worker-{i}", [*worker_common, "--gpus", group, *engine_args],
+                                    env={"NCCL_NVLS_ENABLE": "0"}))
+    else:
+        cores = sorted(os.sched_getaffinity(0))
+        extra = [] if "--enforce-eager" in engine_args else ["--enforce-eager"]
+        for i, cpus in enumerate(split_cores(cores, args.cpu_workers)):
+            services.append(Service(f"worker-{i}",
+                                    [*worker_common, "--cpus", cpus, *extra, *engine_args]))
+    gateway = [py, "-m", "gateway", "--host", args.host, "--port", str(args.gateway_port),
+               "--controller-address", controller_url]
+    if args.api_keys:
+        gateway += ["--api-keys", args.api_keys]
+    services.append(Service("gateway", gateway))
+    return services
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, engine_args = _parser().parse_known_args(argv)
+    setup_logging("info", "up")
+    model, model_name = args.model, args.model_name
+    if model is None:
+        from fleet.demo_model import DEMO_MODEL_NAME, ensure_demo_model
+
+        model = str(ensure_demo_model())
+        model_name = model_name or DEMO_MODEL_NAME
+        args.model_name = model_name
+    services = plan(args, engine_args, model)
+    stack = Stack(services)
+
+    def _on_signal(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    controller_url = f"http://{host}:{args.controller_port}"
+    gateway_url = f"http://{host}:{args.gateway_port}"
+    try:
+        with httpx.Client(timeout=3.0) as http:
+            stack.start(services[0])
+            deadline = time.monotonic() + 60
+            _wait_until(lambda: http.get(f"{controller_url}/health").is_success, deadline, stack,
+                        "the controller")
+            for service in services[1:]:
+                stack.start(service)
+            headers = {"Authorization": f"Bearer {args.api_keys.split(',')[0]}"} \
+                if args.api_keys else {}
+            workers = len(services) - 2
+            deadline = time.monotonic() + args.startup_timeout
+
+            def _all_ready() -> bool:
+                listed = http.get(f"{controller_url}/workers").json()["workers"]
+                return sum(w["state"] == "ready" for w in listed) >= workers and http.get(
+                    f"{gateway_url}/v1/models", headers=headers).json()["data"] != []
+
+            _wait_until(_all_ready, deadline, stack, f"{workers} worker(s) to be ready")
+        print(
+            f"\nllm-fleet is up: model '{model_name or model}' on {workers} worker(s).\n"
+            f"  OpenAI API:  {gateway_url}/v1\n"
+            f"  controller:  {controller_url}\n"
+            f"  try:  curl {gateway_url}/v1/models\n"
+            f"Press Ctrl-C to stop.\n",
+            flush=True,
+        )
+        while not (dead := stack.exited()):
+            time.sleep(0.5)
+        for service in dead:
+            assert service.proc is not None
+            logger.error("%s exited with code %s; stopping the stack",
+                         service.name, service.proc.returncode)
+        return 1
+    except KeyboardInterrupt:
+        logger.info("stopping the stack")
+        return 0
+    except RuntimeError as exc:
+        logger.error("%s", exc)
+        return 1
+    finally:
+        # Ignore further Ctrl-C while we stop what we started.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        stack.stop(timeout=args.drain_timeout + 30)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,66 @@
+"""The gateway's wire schema: what it checks in OpenAI requests, and what it answers itself.
+
+Requests are validated here, then the client's original bytes go to the engine unchanged:
+the engine (vLLM's own OpenAI server) owns the full schema.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Open(BaseModel):
+    # Fields we do not check are the engine's business, not ours.
+    model_config = ConfigDict(extra="allow")
+
+
+class StreamOptions(_Open):
+    include_usage: bool | None = None
+
+
+class ChatMessage(_Open):
+    role: str = Field(min_length=1)
+    content: str | list[Any] | None = None
+
+
+class _Generation(_Open):
+    model: str = Field(min_length=1, max_length=256)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    n: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    user: str | None = None
+
+
+class ChatCompletionRequest(_Generation):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class CompletionRequest(_Generation):
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(min_length=1)
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "llm-fleet"
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class TableHealth(BaseModel):
+    status: Literal["ok"] = "ok"
+    controller: Literal["ok", "stale", "never-synced"]
+    table_age_s: float | None
+    workers: int
+    models: list[str]

@@ -1,0 +1,162 @@
+"""Real processes for integration tests: controller, workers with the demo model, gateway.
+
+Each service runs as `python -m <service>` on free loopback ports, logging to a file that is
+shown when something fails. Waits poll with deadlines and check the processes are alive.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+MODEL_NAME = "SmolLM2-135M-Instruct"
+API_KEY = "sk-fleet-test"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Service:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(text[-lines:])
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+class ServiceDied(AssertionError):
+    pass
+
+
+@dataclass
+class Stack:
+    workdir: Path
+    model_path: Path
+    controller_port: int = field(default_factory=free_port)
+    gateway_port: int = field(default_factory=free_port)
+    services: dict[str, Service] = field(default_factory=dict)
+
+    @property
+    def controller_url(self) -> str:
+        return f"http://127.0.0.1:{self.controller_port}"
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://127.0.0.1:{self.gateway_port}"
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Service:
+        log = self.workdir / f"{name}.log"
+        handle = log.open("ab")
+        proc = subprocess.Popen(
+            [sys.executable, *argv], stdout=handle, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            start_new_session=True,
+        )
+        handle.close()
+        service = Service(name, proc, log)
+        self.services[name] = service
+        return service
+
+    def start_controller(self) -> Service:
+        return self._spawn("controller", [
+            "-m", "controller", "--port", str(self.controller_port),
+            "--heartbeat-interval", "1", "--expiry", "3",
+        ])
+
+    def start_gateway(self) -> Service:
+        return self._spawn("gateway", [
+            "-m", "gateway", "--port", str(self.gateway_port),
+            "--controller-address", self.controller_url, "--api-keys", API_KEY,
+            "--sync-interval", "0.5",
+        ])
+
+    def start_worker(self, name: str = "worker", cpus: str = "0", model: Path | None = None,
+                     extra: list[str] | None = None) -> Service:
+        return self._spawn(name, [
+            "-m", "worker", "--model", str(model or self.model_path),
+            "--model-name", MODEL_NAME, "--controller-address", self.controller_url,
+            "--cpus", cpus, "--worker-id", name, "--drain-timeout", "20",
+            "--enforce-eager", "--max-model-len", "4096", *(extra or []),
+        ])
+
+    def wait_for(self, check: Callable[[], bool], what: str, timeout: float,
+                 watch: list[str] | None = None) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            for name in watch if watch is not None else list(self.services):
+                service = self.services[name]
+                if not service.alive:
+                    raise ServiceDied(
+                        f"{name} exited with {service.proc.returncode} while waiting for {what}:"
+                        f"\n{service.tail()}"
+                    )
+            with contextlib.suppress(httpx.HTTPError, KeyError, ValueError):
+                if check():
+                    return
+            if time.monotonic() > deadline:
+                logs = "\n".join(f"--- {n} ---\n{s.tail(15)}" for n, s in self.services.items())
+                raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}\n{logs}")
+            time.sleep(0.2)
+
+    def workers(self) -> list[dict]:
+        return httpx.get(f"{self.controller_url}/workers", timeout=5).json()["workers"]
+
+    def worker_record(self, worker_id: str) -> dict | None:
+        return next((w for w in self.workers() if w["worker_id"] == worker_id), None)
+
+    def wait_worker_state(self, worker_id: str, state: str, timeout: float = 300) -> None:
+        def check() -> bool:
+            record = self.worker_record(worker_id)
+            return record is not None and record["state"] == state
+
+        self.wait_for(check, f"{worker_id} to be {state}", timeout)
+
+    def wait_routable(self, timeout: float = 300) -> None:
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+
+        def check() -> bool:
+            data = httpx.get(f"{self.gateway_url}/v1/models", headers=headers, timeout=5).json()
+            return any(m["id"] == MODEL_NAME for m in data["data"])
+
+        self.wait_for(check, "the gateway to route the demo model", timeout)
+
+    def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        service = self.services.pop(name)
+        if service.alive:
+            service.proc.send_signal(sig)
+        try:
+            return service.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(service.proc.pid, signal.SIGKILL)
+            service.proc.wait()
+            raise AssertionError(
+                f"{name} did not stop within {timeout}s:\n{service.tail()}"
+            ) from None
+
+    def close(self) -> None:
+        for name in list(self.services):
+            with contextlib.suppress(AssertionError):
+                self.stop(name, timeout=40)

@@ -1,0 +1,89 @@
+"""The controller's HTTP API: validation, error bodies, the re-register signal."""
+
+import pytest
+from fastapi.testclient import TestClient
+
+from controller.app import create_app
+from controller.settings import ControllerSettings
+
+REG = {"worker_id": "w1", "engine_url": "http://127.0.0.1:9000", "model_names": ["m"]}
+
+
+@pytest.fixture
+def client() -> TestClient:
+    with TestClient(create_app(ControllerSettings(heartbeat_interval=1, expiry=3))) as c:
+        yield c
+
+
+def assert_openai_error(response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"]
+    return error
+
+
+def test_register_returns_the_heartbeat_contract(client: TestClient) -> None:
+    response = client.post("/workers/register", json=REG)
+    assert response.status_code == 200
+    assert response.json() == {"worker_id": "w1", "heartbeat_interval": 1.0, "expiry": 3.0}
+    assert client.get("/models").json()["models"] == ["m"]
+    assert client.get("/models/m/workers").json()["workers"][0]["state"] == "starting"
+
+
+def test_heartbeat_from_unknown_worker_asks_it_to_register(client: TestClient) -> None:
+    response = client.post("/workers/nobody/heartbeat", json={"state": "ready"})
+    error = assert_openai_error(response, 404)
+    assert error["code"] == "unknown_worker"
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({**REG, "engine_url": "not a url"}, "engine_url"),
+        ({**REG, "model_names": []}, "model_names"),
+        ({**REG, "worker_id": "bad id with spaces"}, "worker_id"),
+        ({k: v for k, v in REG.items() if k != "model_names"}, "model_names"),
+        ({**REG, "load": {"running": -1}}, "load.running"),
+        ({**REG, "surprise": 1}, "surprise"),
+    ],
+)
+def test_bad_registration_is_a_clear_400(client: TestClient, body: dict, param: str) -> None:
+    error = assert_openai_error(client.post("/workers/register", json=body), 400)
+    assert error["param"] == param
+    assert error["type"] == "invalid_request_error"
+
+
+def test_bad_heartbeat_state_is_400(client: TestClient) -> None:
+    client.post("/workers/register", json=REG)
+    error = assert_openai_error(
+        client.post("/workers/w1/heartbeat", json={"state": "sleepy"}), 400
+    )
+    assert error["param"] == "state"
+
+
+def test_not_json_is_400(client: TestClient) -> None:
+    response = client.post("/workers/register", content=b"{nope",
+                           headers={"content-type": "application/json"})
+    assert_openai_error(response, 400)
+
+
+def test_unknown_route_and_model_are_404(client: TestClient) -> None:
+    assert_openai_error(client.get("/nope"), 404)
+    assert assert_openai_error(client.get("/models/ghost/workers"), 404)["code"] == \
+        "model_not_found"
+
+
+def test_deregister_then_snapshot_remembers_the_model(client: TestClient) -> None:
+    client.post("/workers/register", json=REG)
+    assert client.delete("/workers/w1").status_code == 200
+    assert_openai_error(client.delete("/workers/w1"), 404)
+    snap = client.get("/snapshot").json()
+    assert snap["workers"] == [] and snap["models"] == ["m"]
+
+
+def test_metrics_count_workers_by_state(client: TestClient) -> None:
+    client.post("/workers/register", json=REG)
+    client.post("/workers/w1/heartbeat", json={"state": "ready"})
+    text = client.get("/metrics").text
+    assert 'fleet_controller_workers{model="m",state="ready"} 1.0' in text

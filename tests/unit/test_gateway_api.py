@@ -1,0 +1,108 @@
+"""The gateway's own answers: keys, request validation and OpenAI error bodies.
+
+No engine is involved: every request here is refused before routing, or routed to nothing.
+"""
+
+import pytest
+from fastapi.testclient import TestClient
+
+from controller.protocol import Snapshot, WorkerRecord, WorkerState
+from gateway.app import create_app
+from gateway.settings import GatewaySettings
+
+KEY = "sk-test"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.fixture
+def client() -> TestClient:
+    # A controller address where nothing listens: the table is filled by hand below.
+    settings = GatewaySettings(api_keys=[KEY], controller_address="http://127.0.0.1:9",
+                               sync_interval=60)
+    app = create_app(settings)
+    with TestClient(app) as c:
+        app.state.table.update(Snapshot(
+            generation=1, heartbeat_interval=2, expiry=6, models=["m"],
+            workers=[WorkerRecord(worker_id="w", engine_url="http://127.0.0.1:9",
+                                  model_names=["m"], state=WorkerState.STARTING,
+                                  registered_at=0, last_heartbeat=0)],
+        ))
+        yield c
+
+
+def error_of(response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    return body["error"]
+
+
+@pytest.mark.parametrize("headers, code", [
+    ({}, "missing_api_key"),
+    ({"Authorization": "Bearer wrong"}, "invalid_api_key"),
+    ({"Authorization": f"Basic {KEY}"}, "invalid_authorization"),
+])
+def test_bad_key_is_401(client: TestClient, headers: dict, code: str) -> None:
+    error = error_of(client.post("/v1/chat/completions", json=CHAT, headers=headers), 401)
+    assert error["code"] == code and error["type"] == "authentication_error"
+    error_of(client.get("/v1/models", headers=headers), 401)
+
+
+@pytest.mark.parametrize("body, param", [
+    (b"{not json", None),
+    (b"[1, 2]", None),
+    (b"", None),
+    (b'{"messages": [{"role": "user", "content": "x"}]}', "model"),
+    (b'{"model": "m"}', "messages"),
+    (b'{"model": "m", "messages": []}', "messages"),
+    (b'{"model": "m", "messages": [{"content": "x"}]}', "messages.0.role"),
+    (b'{"model": "m", "messages": [{"role": "user"}], "max_tokens": 0}', "max_tokens"),
+    (b'{"model": "m", "messages": [{"role": "user"}], "stream": "yes please"}', "stream"),
+])
+def test_malformed_chat_body_is_400_naming_the_field(
+    client: TestClient, body: bytes, param: str | None
+) -> None:
+    response = client.post("/v1/chat/completions", content=body,
+                           headers={**AUTH, "content-type": "application/json"})
+    error = error_of(response, 400)
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param
+
+
+def test_completion_needs_a_prompt(client: TestClient) -> None:
+    error = error_of(client.post("/v1/completions", json={"model": "m"}, headers=AUTH), 400)
+    assert error["param"] == "prompt"
+
+
+def test_unknown_model_is_404(client: TestClient) -> None:
+    error = error_of(client.post("/v1/chat/completions", json={**CHAT, "model": "nope"},
+                                 headers=AUTH), 404)
+    assert error["code"] == "model_not_found" and "nope" in error["message"]
+
+
+def test_model_without_ready_worker_is_503(client: TestClient) -> None:
+    response = client.post("/v1/chat/completions", json=CHAT, headers=AUTH)
+    error = error_of(response, 503)
+    assert error["code"] == "no_worker_available"
+    assert response.headers["retry-after"]
+
+
+def test_models_list_shows_only_servable_models(client: TestClient) -> None:
+    assert client.get("/v1/models", headers=AUTH).json() == {"object": "list", "data": []}
+
+
+def test_health_says_when_the_controller_was_never_reached() -> None:
+    settings = GatewaySettings(controller_address="http://127.0.0.1:9", sync_interval=60)
+    with TestClient(create_app(settings)) as fresh:
+        body = fresh.get("/health").json()
+    assert body["controller"] == "never-synced" and body["workers"] == 0
+
+
+def test_health_counts_the_workers_of_the_table(client: TestClient) -> None:
+    body = client.get("/health").json()
+    assert body["workers"] == 1 and body["models"] == []
+
+
+def test_unknown_route_is_openai_shaped_404(client: TestClient) -> None:
+    error_of(client.get("/v1/nothing-here", headers=AUTH), 404)

@@ -1,0 +1,103 @@
+"""The registry: registration, heartbeats, expiry and the models it knows."""
+
+import pytest
+
+from controller.protocol import Heartbeat, Registration, WorkerLoad, WorkerState
+from controller.registry import Registry, UnknownWorker
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def registration(worker_id: str = "w1", model: str = "m", **kw) -> Registration:
+    return Registration(worker_id=worker_id, engine_url="http://127.0.0.1:9000",
+                        model_names=[model], **kw)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def registry(clock: FakeClock) -> Registry:
+    return Registry(heartbeat_interval=2.0, expiry=6.0, clock=clock)
+
+
+def test_register_then_heartbeat_updates_state_and_load(registry: Registry) -> None:
+    registry.register(registration())
+    record = registry.heartbeat(
+        "w1", Heartbeat(state=WorkerState.READY, load=WorkerLoad(running=3, waiting=1),
+                        max_model_len=2048)
+    )
+    assert record.state is WorkerState.READY
+    assert record.load.running == 3 and record.load.waiting == 1
+    assert registry.workers("m")[0].max_model_len == 2048
+
+
+def test_heartbeat_from_unknown_worker_raises(registry: Registry) -> None:
+    with pytest.raises(UnknownWorker):
+        registry.heartbeat("ghost", Heartbeat(state=WorkerState.READY))
+
+
+def test_silent_worker_expires_and_heartbeating_one_stays(
+    registry: Registry, clock: FakeClock
+) -> None:
+    registry.register(registration("quiet"))
+    registry.register(registration("chatty"))
+    for _ in range(4):
+        clock.now += 2.0
+        registry.heartbeat("chatty", Heartbeat(state=WorkerState.READY))
+        registry.expire()
+    assert [w.worker_id for w in registry.workers()] == ["chatty"]
+
+
+def test_worker_not_expired_before_expiry(registry: Registry, clock: FakeClock) -> None:
+    registry.register(registration())
+    clock.now += 5.9
+    assert registry.expire() == []
+    clock.now += 0.2
+    assert registry.expire() == ["w1"]
+
+
+def test_reregistration_keeps_one_record(registry: Registry) -> None:
+    first = registry.register(registration())
+    again = registry.register(registration(state=WorkerState.READY))
+    assert len(registry.workers()) == 1
+    assert again.registered_at == first.registered_at
+    assert again.state is WorkerState.READY
+
+
+def test_model_stays_known_after_its_workers_leave(registry: Registry) -> None:
+    registry.register(registration(model="llama"))
+    registry.deregister("w1")
+    assert registry.models() == []
+    assert registry.known_models() == ["llama"]
+    assert registry.snapshot().models == ["llama"]
+
+
+def test_generation_changes_on_membership_and_state(registry: Registry) -> None:
+    g0 = registry.generation
+    registry.register(registration())
+    g1 = registry.generation
+    registry.heartbeat("w1", Heartbeat(state=WorkerState.STARTING))
+    assert registry.generation == g1  # no change, no bump
+    registry.heartbeat("w1", Heartbeat(state=WorkerState.READY))
+    assert g0 < g1 < registry.generation
+
+
+def test_workers_filtered_by_model(registry: Registry) -> None:
+    registry.register(registration("a", model="m1"))
+    registry.register(registration("b", model="m2"))
+    assert [w.worker_id for w in registry.workers("m2")] == ["b"]
+    assert registry.models() == ["m1", "m2"]
+
+
+def test_deregister_unknown_raises(registry: Registry) -> None:
+    with pytest.raises(UnknownWorker):
+        registry.deregister("nobody")

@@ -1,0 +1,141 @@
+"""Worker pieces: the engine command, load parsing, model sources and settings."""
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from worker import model_source
+from worker.engine import ENGINE_MODULE, build_engine_command
+from worker.load import parse_load
+from worker.settings import ModelSource, WorkerSettings
+
+
+def command(**kw):
+    args = dict(model_path="/m", served_names=["m"], host="127.0.0.1", port=9000,
+                api_key="k", gpus=None, cpus=None, cpu_kvcache_gib=1.0, extra_args=[],
+                base_env={"PATH": "/bin"}, python="py")
+    args.update(kw)
+    return build_engine_command(**args)
+
+
+def test_engine_is_vllms_openai_server_with_our_key_and_port() -> None:
+    cmd = command()
+    assert cmd.argv[:3] == ["py", "-m", ENGINE_MODULE]
+    assert cmd.argv[cmd.argv.index("--api-key") + 1] == "k"
+    assert cmd.argv[cmd.argv.index("--port") + 1] == "9000"
+    assert cmd.base_url == "http://127.0.0.1:9000"
+
+
+def test_one_gpu_pins_cuda_visible_devices() -> None:
+    cmd = command(gpus="3")
+    assert cmd.env["CUDA_VISIBLE_DEVICES"] == "3"
+    assert "--tensor-parallel-size" not in cmd.argv
+    assert "VLLM_CPU_KVCACHE_SPACE" not in cmd.env
+
+
+def test_several_gpus_mean_tensor_parallel() -> None:
+    cmd = command(gpus="0,1")
+    assert cmd.env["CUDA_VISIBLE_DEVICES"] == "0,1"
+    assert cmd.argv[cmd.argv.index("--tensor-parallel-size") + 1] == "2"
+
+
+def test_explicit_tensor_parallel_size_is_kept() -> None:
+    cmd = command(gpus="0,1,2,3", extra_args=["--tensor-parallel-size=2"])
+    assert cmd.argv.count("--tensor-parallel-size") == 0
+    assert cmd.argv[-1] == "--tensor-parallel-size=2"
+
+
+def test_cpu_cores_bind_threads_and_size_the_kv_cache() -> None:
+    cmd = command(cpus="0-1", cpu_kvcache_gib=2.5)
+    assert cmd.env["VLLM_CPU_OMP_THREADS_BIND"] == "0-1"
+    assert cmd.env["VLLM_CPU_KVCACHE_SPACE"] == "2.5"
+    assert "CUDA_VISIBLE_DEVICES" not in cmd.env
+
+
+def test_users_kv_cache_setting_wins() -> None:
+    cmd = command(base_env={"VLLM_CPU_KVCACHE_SPACE": "7"})
+    assert cmd.env["VLLM_CPU_KVCACHE_SPACE"] == "7"
+
+
+def test_wildcard_bind_is_reached_on_loopback() -> None:
+    assert command(host="0.0.0.0").base_url == "http://127.0.0.1:9000"
+
+
+def test_unknown_flags_pass_through_to_the_engine() -> None:
+    settings = WorkerSettings.from_cli(
+        ["--model", "/m", "--cpus", "0", "--max-model-len", "2048", "--enforce-eager"]
+    )
+    assert settings.engine_args == ["--max-model-len", "2048", "--enforce-eager"]
+    assert settings.device == "cpu:0"
+
+
+def test_prefix_of_a_worker_flag_is_not_swallowed() -> None:
+    settings = WorkerSettings.from_cli(["--model", "/m", "--model-impl", "vllm"])
+    assert settings.engine_args == ["--model-impl", "vllm"]
+
+
+def test_bad_device_list_is_refused() -> None:
+    with pytest.raises(ValueError):
+        WorkerSettings(model="/m", gpus="zero")
+
+
+METRICS = """\
+# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="m"} 3.0
+vllm:num_requests_running{engine="1",model_name="m"} 1.0
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine="0",model_name="m"} 2.0
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.25
+vllm:kv_cache_usage_perc{engine="1",model_name="m"} 0.5
+"""
+
+
+def test_load_sums_engines_and_takes_the_fullest_cache() -> None:
+    load = parse_load(METRICS)
+    assert (load.running, load.waiting, load.kv_cache_usage) == (4, 2, 0.5)
+
+
+def test_load_of_an_engine_without_those_metrics_is_zero() -> None:
+    load = parse_load("# nothing here\n")
+    assert (load.running, load.waiting, load.kv_cache_usage) == (0, 0, 0.0)
+
+
+def test_local_model_is_served_under_its_folder_name(tmp_path: Path) -> None:
+    folder = tmp_path / "Tiny-1B"
+    folder.mkdir()
+    settings = WorkerSettings(model=str(folder))
+    assert model_source.served_names(settings) == ["Tiny-1B"]
+    path, extra = asyncio.run(model_source.resolve_model(settings))
+    assert path == str(folder) and extra == []
+
+
+def test_hf_id_is_left_to_vllm_with_the_download_dir(tmp_path: Path) -> None:
+    settings = WorkerSettings(model="org/some-model", download_dir=tmp_path)
+    assert model_source.served_names(settings) == ["org/some-model"]
+    path, extra = asyncio.run(model_source.resolve_model(settings))
+    assert path == "org/some-model" and extra == ["--download-dir", str(tmp_path)]
+
+
+@pytest.mark.parametrize("settings_kw, env", [
+    ({"source": ModelSource.MODELSCOPE}, {}),
+    ({}, {"VLLM_USE_MODELSCOPE": "True"}),
+])
+def test_modelscope_ids_are_downloaded_with_snapshot_download(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, settings_kw: dict, env: dict
+) -> None:
+    calls = []
+
+    def fake_download(model_id: str, cache_dir: Path | None) -> str:
+        calls.append((model_id, cache_dir))
+        return str(tmp_path / "qwen")
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(model_source, "_modelscope_download", fake_download)
+    settings = WorkerSettings(model="qwen/Qwen-7B-Chat", download_dir=tmp_path, **settings_kw)
+    path, extra = asyncio.run(model_source.resolve_model(settings))
+    assert calls == [("qwen/Qwen-7B-Chat", tmp_path)]
+    assert path == str(tmp_path / "qwen") and extra == []

@@ -1,0 +1,196 @@
+"""The engine: vLLM's own OpenAI-compatible server, run as a child process pinned to a device."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import httpx
+
+logger = logging.getLogger(__name__)
+
+ENGINE_MODULE = "vllm.entrypoints.openai.api_server"
+_PR_SET_PDEATHSIG = 1
+
+
+class EngineFailed(RuntimeError):
+    """The engine exited or never became healthy; carries the end of its output."""
+
+    def __init__(self, message: str, output_tail: Sequence[str] = ()) -> None:
+        tail = "\n".join(output_tail)
+        super().__init__(f"{message}\n--- last engine output ---\n{tail}" if tail else message)
+        self.output_tail = list(output_tail)
+
+
+@dataclass
+class EngineCommand:
+    argv: list[str]
+    env: dict[str, str]
+    base_url: str  # where this host reaches the engine
+
+
+def _has_flag(args: Sequence[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in args)
+
+
+def build_engine_command(
+    *,
+    model_path: str,
+    served_names: Sequence[str],
+    host: str,
+    port: int,
+    api_key: str,
+    gpus: str | None,
+    cpus: str | None,
+    cpu_kvcache_gib: float,
+    extra_args: Sequence[str],
+    base_env: Mapping[str, str],
+    python: str = sys.executable,
+) -> EngineCommand:
+    """The engine's argv and environment, with the device pinning applied."""
+    argv = [
+        python, "-m", ENGINE_MODULE,
+        "--model", model_path,
+        "--served-model-name", *served_names,
+        "--host", host,
+        "--port", str(port),
+        "--api-key", api_key,
+        # Heartbeats read /metrics every second or two; that is not worth a log line each.
+        "--disable-uvicorn-access-log",
+    ]
+    env = dict(base_env)
+    if gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpus
+        count = len(gpus.split(","))
+        if count > 1 and not _has_flag(extra_args, "--tensor-parallel-size") and not _has_flag(
+            extra_args, "-tp"
+        ):
+            argv += ["--tensor-parallel-size", str(count)]
+    else:
+        if cpus is not None:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = cpus
+        # vLLM's CPU backend otherwise tries to reserve more memory than most machines have.
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{cpu_kvcache_gib:g}")
+    argv += list(extra_args)
+    connect_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    if ":" in connect_host and not connect_host.startswith("["):
+        connect_host = f"[{connect_host}]"
+    return EngineCommand(argv=argv, env=env, base_url=f"http://{connect_host}:{port}")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host if host not in ("0.0.0.0", "") else "", 0))
+        return int(s.getsockname()[1])
+
+
+def _die_with_parent() -> None:
+    # If the worker is killed outright, the engine must not outlive it.
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+@dataclass
+class EngineProcess:
+    command: EngineCommand
+    _proc: asyncio.subprocess.Process | None = None
+    _pump: asyncio.Task[None] | None = None
+    tail: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=60))
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.returncode is None
+
+    async def start(self) -> None:
+        self.tail.clear()
+        logger.info("starting engine argv=%s", " ".join(self._redacted_argv()))
+        self._proc = await asyncio.create_subprocess_exec(
+            *self.command.argv,
+            env=self.command.env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            # Its own process group, so stop() reaches vLLM's engine-core children too.
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+        self._pump = asyncio.create_task(self._pump_output())
+
+    def _redacted_argv(self) -> list[str]:
+        argv = list(self.command.argv)
+        if "--api-key" in argv:
+            argv[argv.index("--api-key") + 1] = "***"
+        return argv
+
+    async def _pump_output(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        out = sys.stderr
+        while True:
+            line = await self._proc.stdout.readline()
+            if not line:
+                return
+            text = line.decode(errors="replace").rstrip()
+            self.tail.append(text)
+            out.write(f"[engine] {text}\n")
+            out.flush()
+
+    async def wait(self) -> int:
+        assert self._proc is not None
+        code = await self._proc.wait()
+        if self._pump is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._pump, timeout=5)
+        return code
+
+    async def wait_healthy(self, client: httpx.AsyncClient, timeout: float) -> None:
+        """Poll /health until 200; raise EngineFailed if the engine exits or the time runs out."""
+        assert self._proc is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        url = f"{self.command.base_url}/health"
+        while True:
+            if self._proc.returncode is not None:
+                code = await self.wait()
+                raise EngineFailed(f"engine exited with code {code} before it was ready",
+                                   list(self.tail))
+            with contextlib.suppress(httpx.HTTPError):
+                response = await client.get(url, timeout=2.0)
+                if response.status_code == 200:
+                    return
+            if loop.time() > deadline:
+                await self.stop()
+                raise EngineFailed(f"engine not healthy after {timeout:.0f}s", list(self.tail))
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._proc.wait()), timeout=0.5)
+
+    async def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM the engine's process group; SIGKILL what is left after `timeout`."""
+        if self._proc is None:
+            return None
+        if self._proc.returncode is None:
+            self._signal_group(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self._proc.wait(), timeout=timeout)
+            except asyncio.TimeoutError:
+                logger.warning("engine ignored SIGTERM for %.0fs; killing it", timeout)
+        # Children may linger after the leader exits; the group goes either way.
+        self._signal_group(signal.SIGKILL)
+        return await self.wait()
+
+    def _signal_group(self, sig: int) -> None:
+        assert self._proc is not None
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._proc.pid, sig)

@@ -1,0 +1,238 @@
+"""The worker's life cycle: start the engine, register, heartbeat, restart on crash, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+
+import httpx
+import uvicorn
+
+from controller.protocol import Heartbeat, Registration, WorkerLoad, WorkerState
+from worker.app import EmbeddedServer, WorkerMetrics, create_app
+from worker.engine import EngineFailed, EngineProcess, build_engine_command, free_port
+from worker.load import parse_load
+from worker.model_source import resolve_model, served_names
+from worker.registration import ControllerClient
+from worker.settings import WorkerSettings
+
+logger = logging.getLogger(__name__)
+
+
+class Worker:
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.settings = settings
+        self.state = WorkerState.STARTING
+        self.load = WorkerLoad()
+        self.max_model_len: int | None = None
+        self.metrics = WorkerMetrics()
+        self.model_names = served_names(settings)
+        self.engine_port = settings.engine_port or free_port(settings.engine_host)
+        # A fresh key per start: the engine is useless to anyone who bypasses the gateway.
+        self.engine_api_key = secrets.token_urlsafe(32)
+        self.worker_id = settings.worker_id or f"{socket.gethostname()}-{self.engine_port}"
+        self.engine_url = ""
+        self.heartbeat_interval = 2.0
+        self._stop = asyncio.Event()
+        self._force = False
+        self._state_changed = asyncio.Event()
+        self._client: httpx.AsyncClient | None = None
+        self._controller: ControllerClient | None = None
+        self._engine: EngineProcess | None = None
+
+    # -- signals ---------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        if self._stop.is_set():
+            logger.warning("second stop signal: skipping the drain")
+            self._force = True
+        self._stop.set()
+
+    def _set_state(self, state: WorkerState) -> None:
+        if state != self.state:
+            logger.info("state worker_id=%s %s->%s", self.worker_id, self.state.value, state.value)
+            self.state = state
+            self.metrics.engine_up.set(1 if state in (WorkerState.READY, WorkerState.DRAINING)
+                                       else 0)
+            self._state_changed.set()
+
+    # -- controller ------------------------------------------------------------------------
+    def _registration(self) -> Registration:
+        return Registration(
+            worker_id=self.worker_id,
+            engine_url=self.engine_url,
+            engine_api_key=self.engine_api_key,
+            model_names=self.model_names,
+            max_model_len=self.max_model_len,
+            device=self.settings.device,
+            state=self.state,
+            load=self.load,
+        )
+
+    async def _report(self) -> None:
+        assert self._controller is not None
+        try:
+            if self._controller.registered:
+                beat = Heartbeat(state=self.state, load=self.load,
+                                 max_model_len=self.max_model_len)
+                if await self._controller.heartbeat(self.worker_id, beat):
+                    return
+                logger.info("controller forgot worker_id=%s; registering again", self.worker_id)
+            answer = await self._controller.register(self._registration())
+            self.heartbeat_interval = answer.heartbeat_interval
+        except httpx.HTTPError as exc:
+            logger.warning("controller unreachable address=%s error=%r",
+                           self._controller.address, exc)
+
+    async def _read_load(self) -> None:
+        assert self._client is not None
+        if self.state not in (WorkerState.READY, WorkerState.DRAINING):
+            return
+        try:
+            response = await self._client.get(f"{self._engine_base}/metrics", timeout=2.0)
+            response.raise_for_status()
+            self.load = parse_load(response.text)
+        except (httpx.HTTPError, ValueError) as exc:
+            logger.warning("could not read engine metrics error=%r", exc)
+
+    async def _heartbeat_forever(self) -> None:
+        while True:
+            await self._read_load()
+            await self._report()
+            # A state change is reported at once, not at the next tick.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._state_changed.wait(), self.heartbeat_interval)
+            self._state_changed.clear()
+
+    # -- engine ----------------------------------------------------------------------------
+    @property
+    def _engine_base(self) -> str:
+        assert self._engine is not None
+        return self._engine.command.base_url
+
+    async def _read_max_model_len(self) -> None:
+        assert self._client is not None
+        try:
+            response = await self._client.get(
+                f"{self._engine_base}/v1/models", timeout=5.0,
+                headers={"Authorization": f"Bearer {self.engine_api_key}"},
+            )
+            response.raise_for_status()
+            data = response.json().get("data") or [{}]
+            self.max_model_len = data[0].get("max_model_len")
+        except (httpx.HTTPError, ValueError) as exc:
+            logger.warning("could not read max_model_len error=%r", exc)
+
+    async def _start_engine(self) -> None:
+        assert self._engine is not None and self._client is not None
+        await self._engine.start()
+        await self._engine.wait_healthy(self._client, self.settings.engine_start_timeout)
+        await self._read_max_model_len()
+        self._set_state(WorkerState.READY)
+
+    async def _supervise(self) -> None:
+        """Restart the engine with backoff whenever it dies, until asked to stop."""
+        assert self._engine is not None
+        backoff = 1.0
+        while True:
+            code = await self._engine.wait()
+            self._set_state(WorkerState.UNHEALTHY)
+            self.metrics.engine_restarts.inc()
+            logger.error("engine died code=%s; restarting in %.0fs", code, backoff)
+            await asyncio.sleep(backoff)
+            try:
+                await self._start_engine()
+                backoff = 1.0
+            except EngineFailed as exc:
+                logger.error("engine restart failed: %s", exc)
+                backoff = min(backoff * 2, self.settings.restart_backoff_max)
+
+    async def _drain(self) -> None:
+        assert self._engine is not None
+        self._set_state(WorkerState.DRAINING)
+        if self._force:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.drain_timeout
+        # Gateways route on a table that is up to a sync period old: give them that long to see
+        # the draining state before judging the engine idle.
+        grace = loop.time() + min(self.heartbeat_interval, self.settings.drain_timeout)
+        while loop.time() < deadline and not self._force and self._engine.running:
+            await self._read_load()
+            if loop.time() >= grace and self.load.running + self.load.waiting == 0:
+                return
+            await asyncio.sleep(0.2)
+        logger.warning("drain ended with requests in flight running=%d waiting=%d",
+                       self.load.running, self.load.waiting)
+
+    # -- main ------------------------------------------------------------------------------
+    async def run(self) -> int:
+        model_path, extra_args = await resolve_model(self.settings)
+        command = build_engine_command(
+            model_path=model_path,
+            served_names=self.model_names,
+            host=self.settings.engine_host,
+            port=self.engine_port,
+            api_key=self.engine_api_key,
+            gpus=self.settings.gpus,
+            cpus=self.settings.cpus,
+            cpu_kvcache_gib=self.settings.cpu_kvcache_gib,
+            extra_args=[*extra_args, *self.settings.engine_args],
+            base_env=os.environ,
+        )
+        self.engine_url = (self.settings.advertise_url or command.base_url).rstrip("/")
+        self._engine = EngineProcess(command)
+        server = EmbeddedServer(uvicorn.Config(
+            create_app(self), host=self.settings.host, port=self.settings.port,
+            log_level="warning", access_log=False,
+        ))
+        async with httpx.AsyncClient() as client:
+            self._client = client
+            self._controller = ControllerClient(self.settings.controller_address, client)
+            tasks = [asyncio.create_task(server.serve()),
+                     asyncio.create_task(self._heartbeat_forever())]
+            try:
+                return await self._serve_until_stopped()
+            finally:
+                server.should_exit = True
+                for task in tasks[1:]:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _serve_until_stopped(self) -> int:
+        assert self._engine is not None and self._controller is not None
+        starting = asyncio.create_task(self._start_engine())
+        stopping = asyncio.create_task(self._stop.wait())
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, EngineFailed):
+                await starting
+            await self._shutdown()
+            return 0
+        stopping.cancel()
+        if (exc := starting.exception()) is not None:
+            logger.error("%s", exc)
+            await self._shutdown()
+            return 1
+        logger.info("ready worker_id=%s engine=%s models=%s max_model_len=%s",
+                    self.worker_id, self.engine_url, ",".join(self.model_names),
+                    self.max_model_len)
+        supervisor = asyncio.create_task(self._supervise())
+        await self._stop.wait()
+        await self._drain()
+        supervisor.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await supervisor
+        await self._shutdown()
+        return 0
+
+    async def _shutdown(self) -> None:
+        assert self._engine is not None and self._controller is not None
+        with contextlib.suppress(httpx.HTTPError):
+            await self._controller.deregister(self.worker_id)
+        await self._engine.stop()
+        logger.info("stopped worker_id=%s", self.worker_id)
