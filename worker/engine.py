@@ -147,12 +147,23 @@ class EngineProcess:
             out.write(f"[engine] {text}\n")
             out.flush()
 
-    async def wait(self) -> int:
+    async def _main_exited(self) -> int:
+        # Not Process.wait(): asyncio's wait also waits for the output pipe to close, and vLLM's
+        # engine-core processes hold it open after the API server dies.
         assert self._proc is not None
-        code = await self._proc.wait()
-        if self._pump is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._pump, timeout=5)
+        while self._proc.returncode is None:
+            await asyncio.sleep(0.2)
+        return self._proc.returncode
+
+    async def wait(self) -> int:
+        """Wait for the engine's main process to exit; its process group goes with it."""
+        assert self._proc is not None
+        code = await self._main_exited()
+        self._signal_group(signal.SIGKILL)
+        for waitable in (self._proc.wait(), self._pump):
+            if waitable is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(waitable, timeout=5)
         return code
 
     async def wait_healthy(self, client: httpx.AsyncClient, timeout: float) -> None:
@@ -173,8 +184,7 @@ class EngineProcess:
             if loop.time() > deadline:
                 await self.stop()
                 raise EngineFailed(f"engine not healthy after {timeout:.0f}s", list(self.tail))
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._proc.wait()), timeout=0.5)
+            await asyncio.sleep(0.5)
 
     async def stop(self, timeout: float = 20.0) -> int | None:
         """SIGTERM the engine's process group; SIGKILL what is left after `timeout`."""
@@ -183,11 +193,9 @@ class EngineProcess:
         if self._proc.returncode is None:
             self._signal_group(signal.SIGTERM)
             try:
-                await asyncio.wait_for(self._proc.wait(), timeout=timeout)
+                await asyncio.wait_for(self._main_exited(), timeout=timeout)
             except asyncio.TimeoutError:
                 logger.warning("engine ignored SIGTERM for %.0fs; killing it", timeout)
-        # Children may linger after the leader exits; the group goes either way.
-        self._signal_group(signal.SIGKILL)
         return await self.wait()
 
     def _signal_group(self, sig: int) -> None:

@@ -43,6 +43,7 @@ class Worker:
         self._client: httpx.AsyncClient | None = None
         self._controller: ControllerClient | None = None
         self._engine: EngineProcess | None = None
+        self._heartbeats: asyncio.Task[None] | None = None
 
     # -- signals ---------------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -192,15 +193,14 @@ class Worker:
         async with httpx.AsyncClient() as client:
             self._client = client
             self._controller = ControllerClient(self.settings.controller_address, client)
-            tasks = [asyncio.create_task(server.serve()),
-                     asyncio.create_task(self._heartbeat_forever())]
+            serving = asyncio.create_task(server.serve())
+            self._heartbeats = asyncio.create_task(self._heartbeat_forever())
             try:
                 return await self._serve_until_stopped()
             finally:
                 server.should_exit = True
-                for task in tasks[1:]:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+                self._heartbeats.cancel()
+                await asyncio.gather(serving, self._heartbeats, return_exceptions=True)
 
     async def _serve_until_stopped(self) -> int:
         assert self._engine is not None and self._controller is not None
@@ -232,6 +232,11 @@ class Worker:
 
     async def _shutdown(self) -> None:
         assert self._engine is not None and self._controller is not None
+        # A heartbeat after the deregistration would register the worker again.
+        if self._heartbeats is not None:
+            self._heartbeats.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeats
         with contextlib.suppress(httpx.HTTPError):
             await self._controller.deregister(self.worker_id)
         await self._engine.stop()

@@ -58,6 +58,7 @@ class Stack:
     controller_port: int = field(default_factory=free_port)
     gateway_port: int = field(default_factory=free_port)
     services: dict[str, Service] = field(default_factory=dict)
+    worker_ports: dict[str, int] = field(default_factory=dict)
 
     @property
     def controller_url(self) -> str:
@@ -95,8 +96,10 @@ class Stack:
 
     def start_worker(self, name: str = "worker", cpus: str = "0", model: Path | None = None,
                      extra: list[str] | None = None) -> Service:
+        self.worker_ports[name] = free_port()
         return self._spawn(name, [
             "-m", "worker", "--model", str(model or self.model_path),
+            "--port", str(self.worker_ports[name]),
             "--model-name", MODEL_NAME, "--controller-address", self.controller_url,
             "--cpus", cpus, "--worker-id", name, "--drain-timeout", "20",
             "--enforce-eager", "--max-model-len", "4096", *(extra or []),

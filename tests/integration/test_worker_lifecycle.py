@@ -1,0 +1,100 @@
+"""A worker's life with a real engine: crash and restart, drain on SIGTERM, a model that fails.
+
+These tests stop and start the session's worker; each leaves it serving again.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tests.integration.harness import API_KEY, MODEL_NAME, Stack
+
+pytestmark = pytest.mark.integration
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+CHAT = {"model": MODEL_NAME, "max_tokens": 5,
+        "messages": [{"role": "user", "content": "What is the capital of France?"}]}
+
+
+def chat(stack: Stack) -> httpx.Response:
+    return httpx.post(f"{stack.gateway_url}/v1/chat/completions", json=CHAT, headers=AUTH,
+                      timeout=60)
+
+
+def engine_running(stack: Stack, worker_id: str = "worker") -> int:
+    url = stack.worker_record(worker_id)["engine_url"].rstrip("/")
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("vllm:num_requests_running")))
+
+
+def test_crashed_engine_is_reported_unhealthy_and_restarted(stack: Stack) -> None:
+    worker = psutil.Process(stack.services["worker"].proc.pid)
+    (engine,) = worker.children()
+    doomed = [engine, *engine.children(recursive=True)]
+    engine.kill()
+    stack.wait_worker_state("worker", "unhealthy", timeout=15)
+    # The engine's own children go with it, before the new engine starts beside them.
+    psutil.wait_procs(doomed, timeout=15)
+    assert not [p for p in doomed if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    stack.wait_worker_state("worker", "ready", timeout=300)
+    stack.wait_for(lambda: chat(stack).status_code == 200, "chat after the restart", 30)
+    metrics = httpx.get(f"http://127.0.0.1:{stack.worker_ports['worker']}/metrics").text
+    assert "fleet_worker_engine_restarts_total 1.0" in metrics
+    assert "fleet_worker_engine_up 1.0" in metrics
+
+
+def test_sigterm_drains_then_503_until_a_worker_is_back(stack: Stack) -> None:
+    body = {"model": MODEL_NAME, "prompt": "Once upon a time", "max_tokens": 200,
+            "ignore_eos": True, "stream": True}
+    finished: list[dict] = []
+
+    def stream() -> None:
+        with httpx.stream("POST", f"{stack.gateway_url}/v1/completions", json=body,
+                          headers=AUTH, timeout=120) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    event = json.loads(line[6:])
+                    if event["choices"] and event["choices"][0]["finish_reason"]:
+                        finished.append(event)
+
+    client = threading.Thread(target=stream)
+    client.start()
+    stack.wait_for(lambda: engine_running(stack) == 1, "the engine to run the stream", 30)
+    stack.services["worker"].proc.send_signal(signal.SIGTERM)
+    stack.wait_worker_state("worker", "draining", timeout=10)
+    # While draining, the worker takes no new requests.
+    stack.wait_for(lambda: chat(stack).status_code == 503, "503 while draining", 10)
+    client.join(timeout=120)
+    assert finished and finished[0]["choices"][0]["finish_reason"] == "length"
+    assert stack.stop("worker", timeout=60) == 0
+    assert stack.worker_record("worker") is None
+    response = chat(stack)
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "no_worker_available"
+    assert MODEL_NAME in response.json()["error"]["message"]
+
+    stack.start_worker("worker", cpus="0")
+    stack.wait_routable(timeout=300)
+    reply = chat(stack)
+    assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"]
+
+
+def test_engine_that_cannot_load_its_model_fails_the_worker(stack: Stack, tmp_path: Path) -> None:
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    service = stack.start_worker("broken", cpus="1", model=broken)
+    code = service.proc.wait(timeout=180)
+    stack.services.pop("broken")
+    log = service.tail(400)
+    assert code == 1
+    assert "engine exited with code" in log
+    assert "no-such-architecture" in log  # the engine's own words reach the user
+    assert stack.worker_record("broken") is None
