@@ -149,9 +149,10 @@ class EngineProcess:
 
     async def _main_exited(self) -> int:
         # Not Process.wait(): asyncio's wait also waits for the output pipe to close, and vLLM's
-        # engine-core processes hold it open after the API server dies.
+        # engine-core processes hold it open after the API server dies. The child watcher sets
+        # returncode without an awaitable of its own, hence the poll.
         assert self._proc is not None
-        while self._proc.returncode is None:
+        while self._proc.returncode is None:  # noqa: ASYNC110
             await asyncio.sleep(0.2)
         return self._proc.returncode
 
