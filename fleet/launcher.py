@@ -58,6 +58,17 @@ def _core_range(cores: Sequence[int]) -> str:
     return ",".join(map(str, cores))
 
 
+def parse_cores(spec: str) -> list[int]:
+    """'0-2,5' -> [0, 1, 2, 5]."""
+    cores: set[int] = set()
+    for part in spec.split(","):
+        first, _, last = part.strip().partition("-")
+        if not first.isdigit() or (last and not last.isdigit()):
+            raise ValueError(f"bad core list {spec!r}; expected e.g. 0-3 or 0,2")
+        cores.update(range(int(first), int(last or first) + 1))
+    return sorted(cores)
+
+
 def split_cores(cores: Sequence[int], workers: int) -> list[str]:
     """Share the cores out among CPU workers, as contiguous sets: [0,1,2,3], 2 -> ['0-1', '2-3']."""
     cores = sorted(cores)
@@ -145,6 +156,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-name", help="Name to serve the model as.")
     parser.add_argument("--cpu-workers", type=int, default=1,
                         help="CPU workers when no GPU is visible (default 1).")
+    parser.add_argument("--cpus", help="CPU cores to share out among CPU workers, e.g. 0 or 0-3 "
+                        "(default: every core this process may use).")
     parser.add_argument("--gpus-per-worker", type=int, default=1,
                         help="GPUs per worker, tensor parallel inside it (default 1).")
     parser.add_argument("--host", default="127.0.0.1", help="Bind address of every service.")
@@ -173,7 +186,7 @@ def plan(args: argparse.Namespace, engine_args: list[str], model: str) -> list[S
             services.append(Service(f"worker-{i}", [*worker_common, "--gpus", group, *engine_args],
                                     env={"NCCL_NVLS_ENABLE": "0"}))
     else:
-        cores = sorted(os.sched_getaffinity(0))
+        cores = parse_cores(args.cpus) if args.cpus else sorted(os.sched_getaffinity(0))
         extra = [] if "--enforce-eager" in engine_args else ["--enforce-eager"]
         for i, cpus in enumerate(split_cores(cores, args.cpu_workers)):
             services.append(Service(f"worker-{i}",
@@ -196,7 +209,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = str(ensure_demo_model())
         model_name = model_name or DEMO_MODEL_NAME
         args.model_name = model_name
-    services = plan(args, engine_args, model)
+    try:
+        services = plan(args, engine_args, model)
+    except ValueError as exc:
+        print(f"fleet up: {exc}", file=sys.stderr)
+        return 2
     stack = Stack(services)
 
     def _on_signal(signum: int, _frame: object) -> None:

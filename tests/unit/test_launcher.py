@@ -2,7 +2,7 @@
 
 import pytest
 
-from fleet.launcher import group_gpus, split_cores, visible_gpus
+from fleet.launcher import group_gpus, parse_cores, split_cores, visible_gpus
 
 
 def test_visible_gpus_follow_cuda_visible_devices() -> None:
@@ -39,3 +39,10 @@ def test_split_cores(cores: list[int], n: int, expected: list[str]) -> None:
 def test_more_cpu_workers_than_cores_is_refused() -> None:
     with pytest.raises(ValueError, match="at least 3 cores"):
         split_cores([0, 1], 3)
+
+
+def test_parse_cores() -> None:
+    assert parse_cores("0-2,5") == [0, 1, 2, 5]
+    assert parse_cores("1") == [1]
+    with pytest.raises(ValueError):
+        parse_cores("a-b")
