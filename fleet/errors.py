@@ -86,6 +86,12 @@ class BadGatewayError(FleetError):
     code = "upstream_error"
 
 
+class GatewayTimeoutError(FleetError):
+    status_code = 504
+    type = "server_error"
+    code = "upstream_timeout"
+
+
 def error_response(exc: FleetError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
 

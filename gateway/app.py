@@ -13,16 +13,21 @@ from typing import Any
 import aiohttp
 import pydantic_core
 from fastapi import FastAPI, Request
+from prometheus_client import generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 from starlette.responses import Response
 
 from fleet.errors import (
     ErrorResponse,
+    FleetError,
     InvalidRequestError,
     install_error_handlers,
     validation_error,
 )
 from gateway.auth import ApiKeys
+from gateway.breaker import Breakers
+from gateway.metrics import GatewayMetrics
 from gateway.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -31,8 +36,8 @@ from gateway.protocol import (
     TableHealth,
 )
 from gateway.proxy import Proxy
-from gateway.routing import LeastLoad
-from gateway.routing_table import RoutingTable
+from gateway.routing import POLICIES, CacheAware, RouteRequest, RoutingPolicy
+from gateway.routing_table import Limits, RoutingTable
 from gateway.settings import GatewaySettings
 
 logger = logging.getLogger(__name__)
@@ -43,6 +48,7 @@ _ERRORS: dict[int | str, dict[str, object]] = {
         (400, "Malformed request"),
         (401, "Missing or invalid API key"),
         (404, "Unknown model"),
+        (429, "Every worker is busy and the queue is full"),
         (503, "No worker available for the model"),
     ]
 }
@@ -63,9 +69,28 @@ def _parse(body: bytes, schema: type[BaseModel]) -> BaseModel:
         raise validation_error(exc) from None
 
 
+def _policy(name: str, settings: GatewaySettings) -> RoutingPolicy:
+    if name == CacheAware.name:
+        return CacheAware(match_threshold=settings.cache_match_threshold,
+                          balance_abs=settings.balance_abs, balance_rel=settings.balance_rel)
+    return POLICIES[name]()
+
+
+def build_table(settings: GatewaySettings) -> RoutingTable:
+    return RoutingTable(
+        _policy(settings.routing, settings),
+        overrides={m: _policy(p, settings) for m, p in settings.routing_overrides.items()},
+        breakers=Breakers(threshold=settings.breaker_threshold,
+                          cooldown=settings.breaker_cooldown),
+        limits=Limits(max_inflight_per_worker=settings.max_inflight_per_worker,
+                      queue_size=settings.queue_size, queue_timeout=settings.queue_timeout),
+    )
+
+
 def create_app(settings: GatewaySettings) -> FastAPI:
     keys = ApiKeys(settings.load_keys())
-    table = RoutingTable(LeastLoad())
+    table = build_table(settings)
+    metrics = GatewayMetrics(table)
     if not keys.enabled:
         logger.warning("no API keys configured: the gateway accepts every client")
 
@@ -74,14 +99,15 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
         async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
             app.state.proxy = Proxy(
-                session, table,
+                session, table, metrics,
                 max_attempts=settings.max_attempts,
                 connect_timeout=settings.connect_timeout,
                 read_timeout=settings.read_timeout,
+                retry_backoff=settings.retry_backoff,
             )
-            sync = asyncio.create_task(
-                table.sync_forever(session, settings.controller_address, settings.sync_interval)
-            )
+            sync = asyncio.create_task(table.sync_forever(
+                session, settings.controller_addresses, settings.sync_interval
+            ))
             try:
                 yield
             finally:
@@ -91,6 +117,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     app = FastAPI(title="llm-fleet gateway", version="0.1.0", lifespan=lifespan)
     app.state.table = table
+    app.state.metrics = metrics
     app.state.settings = settings
     install_error_handlers(app)
 
@@ -107,16 +134,37 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             )
         return body
 
+    def _model_label(model: str) -> str:
+        # Client-chosen names would make the label set unbounded.
+        return model if table.snapshot is not None and model in table.snapshot.models \
+            else "unknown"
+
     async def _generate(request: Request, path: str, schema: type[BaseModel]) -> Response:
-        keys.check(request.headers.get("authorization"))
-        body = await _read_body(request)
-        parsed = _parse(body, schema)
-        assert isinstance(parsed, ChatCompletionRequest | CompletionRequest)
-        request_id = request.headers.get("x-request-id") or f"fleet-{uuid.uuid4().hex}"
-        proxy: Proxy = request.app.state.proxy
-        return await proxy.forward(
-            request, path, body, parsed.model, bool(parsed.stream), request_id[:128]
-        )
+        started = time.monotonic()
+        request_id = (request.headers.get("x-request-id") or f"fleet-{uuid.uuid4().hex}")[:128]
+        model, policy = "unknown", "-"
+        try:
+            keys.check(request.headers.get("authorization"))
+            body = await _read_body(request)
+            parsed = _parse(body, schema)
+            assert isinstance(parsed, ChatCompletionRequest | CompletionRequest)
+            model, policy = _model_label(parsed.model), table.policy_for(parsed.model).name
+            route = RouteRequest(
+                model=parsed.model,
+                session=request.headers.get(settings.session_header) or parsed.user,
+                render_prompt=parsed.prompt_text,
+            )
+            proxy: Proxy = request.app.state.proxy
+            response = await proxy.forward(request, path, body, route, bool(parsed.stream),
+                                           request_id, started)
+        except FleetError as exc:
+            metrics.requests.labels(model, str(exc.status_code), policy).inc()
+            exc.headers.setdefault("X-Request-Id", request_id)
+            logger.info("refused request_id=%s model=%s status=%d code=%s", request_id, model,
+                        exc.status_code, exc.code)
+            raise
+        metrics.requests.labels(model, str(response.status_code), policy).inc()
+        return response
 
     @app.post("/v1/chat/completions", responses=_ERRORS,
               openapi_extra=_body_schema(ChatCompletionRequest))
@@ -136,6 +184,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             lens = [w.max_model_len for w in workers if w.max_model_len]
             cards.append(ModelCard(id=name, created=created, max_model_len=min(lens, default=None)))
         return ModelList(data=cards)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health", response_model=TableHealth)
     async def health() -> TableHealth:

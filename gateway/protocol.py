@@ -36,13 +36,33 @@ class _Generation(_Open):
     user: str | None = None
 
 
+def _text(content: str | list[Any] | None) -> str:
+    if isinstance(content, str):
+        return content
+    parts = content or []
+    return "".join(p.get("text", "") for p in parts if isinstance(p, dict))
+
+
 class ChatCompletionRequest(_Generation):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
 
+    def prompt_text(self) -> str:
+        """The conversation as text, in order: what prefix-aware routing matches on."""
+        return "".join(f"<{m.role}>{_text(m.content)}\n" for m in self.messages)
+
 
 class CompletionRequest(_Generation):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(min_length=1)
+
+    def prompt_text(self) -> str:
+        if isinstance(self.prompt, str):
+            return self.prompt
+        first = self.prompt[0]
+        if isinstance(first, str):
+            return first
+        tokens = first if isinstance(first, list) else self.prompt
+        return " ".join(map(str, tokens))
 
 
 class ModelCard(BaseModel):

@@ -1,7 +1,8 @@
 """Relaying one request to an engine: pick a worker, retry before the first byte, stream bytes.
 
 The client's body goes upstream as it came, and the engine's bytes come back as they arrive:
-no per-token parsing on the streaming path.
+no per-token parsing on the streaming path. Only the last few KiB of a stream are kept, to read
+the usage event if the client asked for one.
 """
 
 from __future__ import annotations
@@ -10,15 +11,25 @@ import asyncio
 import contextlib
 import json
 import logging
+import random
+import time
 from collections.abc import AsyncIterator, Awaitable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import aiohttp
+import pydantic_core
 from fastapi import Request
 from starlette.responses import Response, StreamingResponse
 
 from controller.protocol import WorkerRecord
-from fleet.errors import BadGatewayError, FleetError, ServiceUnavailableError
+from fleet.errors import (
+    BadGatewayError,
+    FleetError,
+    GatewayTimeoutError,
+    ServiceUnavailableError,
+)
+from gateway.metrics import GatewayMetrics
+from gateway.routing import RouteRequest
 from gateway.routing_table import RoutingTable
 
 logger = logging.getLogger(__name__)
@@ -30,8 +41,9 @@ _CONNECT_ERRORS = (
     aiohttp.ClientConnectorError,
     aiohttp.ServerDisconnectedError,
     aiohttp.ClientOSError,
-    asyncio.TimeoutError,
+    aiohttp.ConnectionTimeoutError,
 )
+_TAIL_BYTES = 4096
 
 
 class ClientGone(Exception):
@@ -67,65 +79,107 @@ def sse_error_event(message: str, code: str = "upstream_error") -> bytes:
     return f"data: {json.dumps(body)}\n\ndata: [DONE]\n\n".encode()
 
 
+def usage_from_sse_tail(tail: bytes) -> dict[str, Any] | None:
+    """The usage object of the last event that carries one, if the stream's tail has it."""
+    for event in reversed(tail.split(b"\n\n")):
+        if event.startswith(b"data: {") and b'"usage"' in event:
+            with contextlib.suppress(ValueError):
+                usage = pydantic_core.from_json(event[6:]).get("usage")
+                if usage:
+                    return usage  # type: ignore[no-any-return]
+    return None
+
+
 class Proxy:
     def __init__(
         self,
         session: aiohttp.ClientSession,
         table: RoutingTable,
+        metrics: GatewayMetrics,
         *,
         max_attempts: int,
         connect_timeout: float,
         read_timeout: float,
+        retry_backoff: float = 0.05,
+        rng: random.Random | None = None,
     ) -> None:
         self._session = session
         self._table = table
+        self._metrics = metrics
         self._max_attempts = max_attempts
+        self._retry_backoff = retry_backoff
+        self._rng = rng or random.Random()
         self._timeout = aiohttp.ClientTimeout(
             total=None, connect=connect_timeout, sock_read=read_timeout
         )
 
+    async def _backoff(self, attempt: int) -> None:
+        # Exponential with jitter, so retries of a burst do not arrive in lockstep.
+        delay = self._retry_backoff * (2 ** (attempt - 1)) * self._rng.uniform(0.5, 1.5)
+        await asyncio.sleep(min(delay, 2.0))
+
     async def forward(
-        self, request: Request, path: str, body: bytes, model: str, stream: bool,
-        request_id: str,
+        self, request: Request, path: str, body: bytes, route: RouteRequest, stream: bool,
+        request_id: str, started: float,
     ) -> Response:
+        table, model = self._table, route.model
         tried: set[str] = set()
         last_error = ""
         for attempt in range(self._max_attempts):
+            if attempt:
+                await self._backoff(attempt)
             try:
-                worker = self._table.pick(model, exclude=tried)
+                choice = await table.acquire(route, exclude=tried)
             except FleetError:
                 if not tried:
                     raise
                 break
-            tried.add(worker.worker_id)
-            self._table.inflight[worker.worker_id] += 1
+            worker = choice.worker
+            wid = worker.worker_id
+            tried.add(wid)
+            logger.debug("route request_id=%s model=%s policy=%s worker=%s attempt=%d reason=%s",
+                         request_id, model, table.policy_for(model).name, wid, attempt + 1,
+                         choice.reason)
             try:
                 upstream = await _unless_client_leaves(
                     request, self._send(worker, path, body, request_id)
                 )
             except ClientGone:
-                self._release(worker)
+                table.release(wid)
                 logger.info("client left before the first byte request_id=%s", request_id)
                 return Response(status_code=499)
+            except aiohttp.SocketTimeoutError:
+                # The engine took the request and went quiet: sending it elsewhere could run it
+                # twice, so the client hears about it.
+                table.release(wid)
+                table.breakers[wid].record_failure()
+                raise GatewayTimeoutError(
+                    f"Worker {wid} sent nothing for {self._timeout.sock_read:g}s."
+                ) from None
             except _CONNECT_ERRORS as exc:
-                self._release(worker)
-                self._table.mark_suspect(worker.worker_id)
-                last_error = f"{worker.worker_id}: {type(exc).__name__}: {exc}"
+                table.release(wid)
+                # Refused or reset: the worker is gone, whatever the controller still says.
+                table.breakers[wid].record_failure(fatal=True)
+                last_error = f"{wid}: {type(exc).__name__}: {exc}"
+                self._metrics.retries.labels(model, "connect").inc()
                 logger.warning("upstream failed request_id=%s worker=%s attempt=%d error=%s",
-                               request_id, worker.worker_id, attempt + 1, last_error)
+                               request_id, wid, attempt + 1, last_error)
                 continue
             if upstream.status in RETRY_STATUSES:
-                last_error = f"{worker.worker_id}: HTTP {upstream.status}"
                 upstream.release()
-                self._release(worker)
+                table.release(wid)
+                table.breakers[wid].record_failure()
+                last_error = f"{wid}: HTTP {upstream.status}"
+                self._metrics.retries.labels(model, str(upstream.status)).inc()
                 logger.warning("upstream refused request_id=%s worker=%s status=%d",
-                               request_id, worker.worker_id, upstream.status)
+                               request_id, wid, upstream.status)
                 continue
-            headers = {"X-Request-Id": request_id, "X-Fleet-Worker": worker.worker_id}
+            table.breakers[wid].record_success()
+            headers = {"X-Request-Id": request_id, "X-Fleet-Worker": wid}
             content_type = upstream.headers.get("Content-Type", "application/json")
             if stream and upstream.status == 200:
                 return StreamingResponse(
-                    self._relay(upstream, worker, request_id),
+                    self._relay(upstream, worker, model, request_id, started),
                     status_code=200, headers=headers, media_type=content_type,
                 )
             try:
@@ -133,12 +187,15 @@ class Proxy:
             except ClientGone:
                 return Response(status_code=499)
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                raise BadGatewayError(
-                    f"Worker {worker.worker_id} broke off its answer: {exc!r}"
-                ) from None
+                table.breakers[wid].record_failure()
+                raise BadGatewayError(f"Worker {wid} broke off its answer: {exc!r}") from None
             finally:
                 upstream.release()
-                self._release(worker)
+                table.release(wid)
+            if upstream.status == 200:
+                with contextlib.suppress(ValueError, AttributeError):
+                    self._metrics.count_usage(model, pydantic_core.from_json(payload).get("usage"))
+            self._metrics.latency.labels(model).observe(time.monotonic() - started)
             return Response(payload, status_code=upstream.status, headers=headers,
                             media_type=content_type)
         raise ServiceUnavailableError(
@@ -158,20 +215,23 @@ class Proxy:
             data=body, headers=headers, timeout=self._timeout,
         )
 
-    def _release(self, worker: WorkerRecord) -> None:
-        self._table.inflight[worker.worker_id] -= 1
-        if self._table.inflight[worker.worker_id] <= 0:
-            del self._table.inflight[worker.worker_id]
-
     async def _relay(
-        self, upstream: aiohttp.ClientResponse, worker: WorkerRecord, request_id: str
+        self, upstream: aiohttp.ClientResponse, worker: WorkerRecord, model: str,
+        request_id: str, started: float,
     ) -> AsyncIterator[bytes]:
         finished = False
+        first = True
+        tail = b""
         try:
             async for chunk in upstream.content.iter_any():
+                if first:
+                    self._metrics.ttft.labels(model).observe(time.monotonic() - started)
+                    first = False
+                tail = (tail + chunk)[-_TAIL_BYTES:]
                 yield chunk
             finished = True
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            self._table.breakers[worker.worker_id].record_failure(fatal=True)
             logger.warning("stream broke request_id=%s worker=%s error=%r",
                            request_id, worker.worker_id, exc)
             yield sse_error_event(f"The worker serving this stream failed: {exc!r}")
@@ -182,4 +242,7 @@ class Proxy:
                 upstream.release()
             else:
                 upstream.close()
-            self._release(worker)
+            self._table.release(worker.worker_id)
+            self._metrics.latency.labels(model).observe(time.monotonic() - started)
+            if finished:
+                self._metrics.count_usage(model, usage_from_sse_tail(tail))

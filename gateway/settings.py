@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -25,8 +25,43 @@ class GatewaySettings(BaseSettings):
     # can take a while before the first byte).
     read_timeout: float = Field(600.0, gt=0)
     max_attempts: int = Field(3, ge=1, le=10)
+    retry_backoff: float = Field(0.05, ge=0)
     max_body_bytes: int = Field(32 * 1024 * 1024, gt=0)
+    routing: str = "least-load"
+    routing_overrides: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    session_header: str = "X-Session-Id"
+    cache_match_threshold: float = Field(0.5, ge=0, le=1)
+    balance_abs: float = Field(8.0, ge=0)
+    balance_rel: float = Field(1.5, ge=1)
+    max_inflight_per_worker: int = Field(512, ge=0)
+    queue_size: int = Field(1024, ge=0)
+    queue_timeout: float = Field(30.0, ge=0)
+    breaker_threshold: int = Field(3, ge=1)
+    breaker_cooldown: float = Field(5.0, gt=0)
     log_level: str = "info"
+
+    @property
+    def controller_addresses(self) -> list[str]:
+        return [a.strip() for a in self.controller_address.split(",") if a.strip()]
+
+    @field_validator("routing_overrides", mode="before")
+    @classmethod
+    def _split_overrides(cls, value: object) -> object:
+        if isinstance(value, str):
+            pairs = [p.strip() for p in value.split(",") if p.strip()]
+            if any("=" not in p for p in pairs):
+                raise ValueError("expected MODEL=POLICY[,MODEL=POLICY...]")
+            return dict(p.split("=", 1) for p in pairs)
+        return value
+
+    @model_validator(mode="after")
+    def _known_policies(self) -> GatewaySettings:
+        from gateway.routing import POLICIES
+
+        for name in (self.routing, *self.routing_overrides.values()):
+            if name not in POLICIES:
+                raise ValueError(f"unknown routing policy {name!r}; one of {', '.join(POLICIES)}")
+        return self
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -52,7 +87,8 @@ class GatewaySettings(BaseSettings):
         parser.add_argument("--host", help="Bind address (default 127.0.0.1).")
         parser.add_argument("--port", type=int, help="Port (default 8000).")
         parser.add_argument(
-            "--controller-address", help="Controller URL (default http://127.0.0.1:21001)."
+            "--controller-address",
+            help="Controller URL(s), comma-separated (default http://127.0.0.1:21001).",
         )
         parser.add_argument(
             "--api-keys", help="Comma-separated API keys clients must send. None: no auth."
@@ -62,6 +98,25 @@ class GatewaySettings(BaseSettings):
             "--sync-interval", type=float,
             help="Seconds between routing-table syncs from the controller (default 1).",
         )
+        parser.add_argument(
+            "--routing", help="least-load (default), round-robin, cache-aware or session."
+        )
+        parser.add_argument(
+            "--routing-overrides", help="Per-model policies: MODEL=POLICY[,MODEL=POLICY...]."
+        )
+        parser.add_argument(
+            "--max-inflight-per-worker", type=int,
+            help="Requests in flight to one worker before new ones queue (default 512; 0: no "
+            "cap).",
+        )
+        parser.add_argument("--queue-size", type=int,
+                            help="Requests that may wait for a worker; past it: 429 (1024).")
+        parser.add_argument("--queue-timeout", type=float,
+                            help="Seconds a request may wait in the queue; then 429 (30).")
+        parser.add_argument("--breaker-threshold", type=int,
+                            help="Failures in a row that open a worker's breaker (3).")
+        parser.add_argument("--breaker-cooldown", type=float,
+                            help="Seconds before an open breaker lets one trial through (5).")
         parser.add_argument(
             "--max-attempts", type=int,
             help="Workers tried per request before the first byte (default 3).",

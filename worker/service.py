@@ -41,7 +41,7 @@ class Worker:
         self._force = False
         self._state_changed = asyncio.Event()
         self._client: httpx.AsyncClient | None = None
-        self._controller: ControllerClient | None = None
+        self._controllers: list[ControllerClient] = []
         self._engine: EngineProcess | None = None
         self._heartbeats: asyncio.Task[None] | None = None
 
@@ -73,20 +73,23 @@ class Worker:
             load=self.load,
         )
 
-    async def _report(self) -> None:
-        assert self._controller is not None
+    async def _report_to(self, controller: ControllerClient) -> None:
         try:
-            if self._controller.registered:
+            if controller.registered:
                 beat = Heartbeat(state=self.state, load=self.load,
                                  max_model_len=self.max_model_len)
-                if await self._controller.heartbeat(self.worker_id, beat):
+                if await controller.heartbeat(self.worker_id, beat):
                     return
-                logger.info("controller forgot worker_id=%s; registering again", self.worker_id)
-            answer = await self._controller.register(self._registration())
+                logger.info("controller forgot worker_id=%s address=%s; registering again",
+                            self.worker_id, controller.address)
+            answer = await controller.register(self._registration())
             self.heartbeat_interval = answer.heartbeat_interval
         except httpx.HTTPError as exc:
-            logger.warning("controller unreachable address=%s error=%r",
-                           self._controller.address, exc)
+            logger.warning("controller unreachable address=%s error=%r", controller.address, exc)
+
+    async def _report(self) -> None:
+        # Every controller holds the whole registry; one being down must not delay the others.
+        await asyncio.gather(*(self._report_to(c) for c in self._controllers))
 
     async def _read_load(self) -> None:
         assert self._client is not None
@@ -192,7 +195,8 @@ class Worker:
         ))
         async with httpx.AsyncClient() as client:
             self._client = client
-            self._controller = ControllerClient(self.settings.controller_address, client)
+            self._controllers = [ControllerClient(address, client)
+                                 for address in self.settings.controller_addresses]
             serving = asyncio.create_task(server.serve())
             self._heartbeats = asyncio.create_task(self._heartbeat_forever())
             try:
@@ -203,7 +207,7 @@ class Worker:
                 await asyncio.gather(serving, self._heartbeats, return_exceptions=True)
 
     async def _serve_until_stopped(self) -> int:
-        assert self._engine is not None and self._controller is not None
+        assert self._engine is not None
         starting = asyncio.create_task(self._start_engine())
         stopping = asyncio.create_task(self._stop.wait())
         await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -231,13 +235,14 @@ class Worker:
         return 0
 
     async def _shutdown(self) -> None:
-        assert self._engine is not None and self._controller is not None
+        assert self._engine is not None
         # A heartbeat after the deregistration would register the worker again.
         if self._heartbeats is not None:
             self._heartbeats.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._heartbeats
-        with contextlib.suppress(httpx.HTTPError):
-            await self._controller.deregister(self.worker_id)
+        for controller in self._controllers:
+            with contextlib.suppress(httpx.HTTPError):
+                await controller.deregister(self.worker_id)
         await self._engine.stop()
         logger.info("stopped worker_id=%s", self.worker_id)

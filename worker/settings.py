@@ -56,6 +56,10 @@ class WorkerSettings(BaseSettings):
         return value
 
     @property
+    def controller_addresses(self) -> list[str]:
+        return [a.strip() for a in self.controller_address.split(",") if a.strip()]
+
+    @property
     def device(self) -> str:
         if self.gpus is not None:
             return f"cuda:{self.gpus}"
@@ -81,7 +85,9 @@ class WorkerSettings(BaseSettings):
         )
         parser.add_argument("--download-dir", help="Where downloaded weights are kept.")
         parser.add_argument(
-            "--controller-address", help="Controller URL (default http://127.0.0.1:21001)."
+            "--controller-address",
+            help="Controller URL(s), comma-separated: the worker registers with each "
+            "(default http://127.0.0.1:21001).",
         )
         parser.add_argument("--host", help="Bind address of the worker's /health (127.0.0.1).")
         parser.add_argument("--port", type=int, help="Port of the worker's /health (0 = any).")

@@ -1,4 +1,4 @@
-"""Routing choices: least load, and what the table says when it cannot route."""
+"""Routing choices of every policy, and what the table does when it cannot route."""
 
 import asyncio
 import random
@@ -8,8 +8,14 @@ import pytest
 
 from controller.protocol import Snapshot, WorkerLoad, WorkerRecord, WorkerState
 from fleet.errors import NotFoundError, ServiceUnavailableError
-from gateway.routing import LeastLoad
-from gateway.routing_table import RoutingTable
+from gateway.routing import (
+    CacheAware,
+    LeastLoad,
+    RoundRobin,
+    RouteRequest,
+    SessionAffinity,
+)
+from gateway.routing_table import Limits, OverloadedError, RoutingTable
 
 
 def worker(wid: str, model: str = "m", state: WorkerState = WorkerState.READY,
@@ -21,75 +27,192 @@ def worker(wid: str, model: str = "m", state: WorkerState = WorkerState.READY,
     )
 
 
-def table(*workers: WorkerRecord, models: list[str] | None = None) -> RoutingTable:
-    t = RoutingTable(LeastLoad(random.Random(0)))
+def table(*workers: WorkerRecord, models: list[str] | None = None, **kw) -> RoutingTable:
+    t = RoutingTable(kw.pop("policy", LeastLoad(random.Random(0))), **kw)
     names = models if models is not None else sorted({m for w in workers for m in w.model_names})
     t.update(Snapshot(generation=1, heartbeat_interval=2, expiry=6, workers=list(workers),
                       models=names))
     return t
 
 
+def req(model: str = "m", prompt: str = "", session: str | None = None) -> RouteRequest:
+    return RouteRequest(model=model, session=session, render_prompt=lambda: prompt)
+
+
+# -- least-load --------------------------------------------------------------------------------
 def test_least_load_prefers_the_shorter_engine_queue() -> None:
-    busy, idle = worker("busy", running=4, waiting=2), worker("idle", running=1)
-    assert LeastLoad().choose([busy, idle], {}).worker_id == "idle"
+    busy, idle = worker("busy", waiting=6), worker("idle", waiting=1)
+    assert LeastLoad().choose(req(), [busy, idle], {}).worker.worker_id == "idle"
 
 
 def test_least_load_counts_our_own_inflight_requests() -> None:
-    a, b = worker("a", running=1), worker("b", running=1)
-    assert LeastLoad().choose([a, b], {"a": 3}).worker_id == "b"
+    a, b = worker("a"), worker("b")
+    assert LeastLoad().choose(req(), [a, b], {"a": 3}).worker.worker_id == "b"
 
 
-def test_kv_cache_use_breaks_ties() -> None:
+def test_kv_cache_pressure_counts() -> None:
     full, empty = worker("full", kv=0.9), worker("empty", kv=0.1)
-    assert LeastLoad().choose([full, empty], {}).worker_id == "empty"
+    assert LeastLoad().choose(req(), [full, empty], {}).worker.worker_id == "empty"
 
 
-def test_equal_workers_share_the_load() -> None:
-    workers = [worker("a"), worker("b"), worker("c")]
-    picks = {LeastLoad(random.Random(seed)).choose(workers, {}).worker_id for seed in range(30)}
-    assert picks == {"a", "b", "c"}
+def test_power_of_two_never_picks_the_worst_of_three() -> None:
+    workers = [worker("a", waiting=0), worker("b", waiting=5), worker("c", waiting=9)]
+    picks = {LeastLoad(random.Random(s)).choose(req(), workers, {}).worker.worker_id
+             for s in range(50)}
+    assert "c" not in picks and picks == {"a", "b"}
 
 
+# -- round-robin -------------------------------------------------------------------------------
+def test_round_robin_takes_turns_per_model() -> None:
+    rr, workers = RoundRobin(), [worker("b"), worker("a")]
+    picks = [rr.choose(req(), workers, {}).worker.worker_id for _ in range(4)]
+    assert picks == ["a", "b", "a", "b"]
+
+
+# -- cache-aware -------------------------------------------------------------------------------
+SYSTEM = "You are a helpful assistant who answers in one sentence. " * 8
+
+
+def test_cache_aware_follows_the_prefix_and_spreads_new_ones() -> None:
+    policy, workers = CacheAware(), [worker("a"), worker("b")]
+    first = policy.choose(req(prompt=SYSTEM + "Q1"), workers, {}).worker.worker_id
+    again = policy.choose(req(prompt=SYSTEM + "Q1 and a follow-up"), workers, {})
+    assert again.worker.worker_id == first and "prefix match" in again.reason
+    other = policy.choose(req(prompt="Something else entirely. " * 20), workers, {})
+    assert other.worker.worker_id != first  # the least-cached worker takes a new prefix
+
+
+def test_cache_aware_imbalance_guard_falls_back_to_least_load() -> None:
+    policy = CacheAware(balance_abs=4, balance_rel=1.5)
+    hot, cold = worker("hot"), worker("cold")
+    policy.choose(req(prompt=SYSTEM), [hot], {})  # the prefix now lives on "hot"
+    # Within the thresholds, the prefix wins over a lighter load.
+    choice = policy.choose(req(prompt=SYSTEM + "more"), [hot, cold], {"hot": 3, "cold": 0})
+    assert choice.worker.worker_id == "hot" and "prefix match" in choice.reason
+    # Past both thresholds, a hot prefix cannot pile more onto one worker.
+    choice = policy.choose(req(prompt=SYSTEM + "again"), [hot, cold], {"hot": 10, "cold": 0})
+    assert choice.worker.worker_id == "cold" and "imbalanced" in choice.reason
+    # Relative threshold: 10 against 8 is not imbalanced, whatever the absolute gap says.
+    assert not policy.imbalanced([hot, cold], {"hot": 13, "cold": 8.9})
+
+
+def test_cache_aware_threshold_needs_most_of_the_prompt() -> None:
+    policy, workers = CacheAware(match_threshold=0.9), [worker("a"), worker("b")]
+    first = policy.choose(req(prompt=SYSTEM), workers, {}).worker.worker_id
+    # Shares only the first half: below the threshold, so it goes to the least-cached worker.
+    long_tail = SYSTEM + "x" * len(SYSTEM)
+    assert policy.choose(req(prompt=long_tail), workers, {}).worker.worker_id != first
+
+
+def test_cache_aware_forgets_departed_workers() -> None:
+    policy = CacheAware()
+    policy.choose(req(prompt=SYSTEM), [worker("gone")], {})
+    policy.forget({"stays"})
+    assert "gone" not in policy._trees
+
+
+# -- session affinity --------------------------------------------------------------------------
+def test_session_sticks_to_one_worker() -> None:
+    policy = SessionAffinity()
+    workers = [worker(w) for w in "abcd"]
+    picks = {policy.choose(req(session="alice"), workers, {}).worker.worker_id for _ in range(20)}
+    assert len(picks) == 1
+
+
+def test_worker_leaving_moves_only_its_own_sessions() -> None:
+    policy = SessionAffinity()
+    workers = [worker(w) for w in "abcd"]
+    sessions = [f"user-{i}" for i in range(400)]
+    before = {s: policy.choose(req(session=s), workers, {}).worker.worker_id for s in sessions}
+    after = {s: policy.choose(req(session=s), workers[:3], {}).worker.worker_id
+             for s in sessions}
+    moved = [s for s in sessions if before[s] != after[s]]
+    assert moved and all(before[s] == "d" for s in moved)
+    assert set(before.values()) == set("abcd")  # the ring spreads sessions over all
+
+
+def test_no_session_key_means_least_load() -> None:
+    choice = SessionAffinity().choose(req(), [worker("a", waiting=5), worker("b")], {})
+    assert choice.worker.worker_id == "b" and "no session key" in choice.reason
+
+
+# -- the table ---------------------------------------------------------------------------------
 def test_table_routes_only_to_ready_workers() -> None:
     t = table(worker("draining", state=WorkerState.DRAINING), worker("ok", running=9),
               worker("sick", state=WorkerState.UNHEALTHY))
-    assert t.pick("m").worker_id == "ok"
+    assert t.choose(req()).worker.worker_id == "ok"
 
 
 def test_unknown_model_is_not_found_and_names_what_is_served() -> None:
     with pytest.raises(NotFoundError) as info:
-        table(worker("a", model="llama")).pick("gpt-9")
+        table(worker("a", model="llama")).choose(req("gpt-9"))
     assert "gpt-9" in info.value.message and "llama" in info.value.message
     assert info.value.status_code == 404
 
 
 def test_known_model_without_ready_worker_is_unavailable() -> None:
-    t = table(worker("a", state=WorkerState.STARTING))
     with pytest.raises(ServiceUnavailableError) as info:
-        t.pick("m")
+        table(worker("a", state=WorkerState.STARTING)).choose(req())
     assert "1 starting" in info.value.message
     assert info.value.headers["Retry-After"]
 
 
 def test_model_whose_workers_all_left_is_unavailable_not_unknown() -> None:
     with pytest.raises(ServiceUnavailableError):
-        table(models=["m"]).pick("m")
+        table(models=["m"]).choose(req())
 
 
-def test_suspect_worker_is_skipped_and_excluded_ones_too() -> None:
+def test_open_breaker_and_excluded_workers_are_skipped() -> None:
     t = table(worker("a"), worker("b"), worker("c"))
-    t.mark_suspect("a")
-    picks = {t.pick("m", exclude={"b"}).worker_id for _ in range(10)}
+    t.breakers["a"].record_failure(fatal=True)
+    picks = {t.choose(req(), exclude={"b"}).worker.worker_id for _ in range(10)}
     assert picks == {"c"}
     assert sorted(w.worker_id for w in t.models()["m"]) == ["b", "c"]
 
 
-def test_table_goes_stale_but_keeps_routing_when_the_controller_is_gone() -> None:
+def test_per_model_policy_override() -> None:
+    t = table(worker("a", model="m"), worker("b", model="n"), overrides={"n": RoundRobin()})
+    assert t.policy_for("n").name == "round-robin" and t.policy_for("m").name == "least-load"
+
+
+def test_full_workers_queue_then_429() -> None:
+    async def scenario() -> None:
+        t = table(worker("a"), limits=Limits(max_inflight_per_worker=1, queue_size=1,
+                                             queue_timeout=5))
+        first = await t.acquire(req())
+        waiting = asyncio.create_task(t.acquire(req()))
+        await asyncio.sleep(0)  # one loop turn: the task runs until it waits in the queue
+        assert t.queued["m"] == 1
+        with pytest.raises(OverloadedError) as info:
+            await t.acquire(req())  # the queue (of one) is full
+        assert info.value.status_code == 429 and info.value.headers["Retry-After"]
+        t.release(first.worker.worker_id)
+        second = await asyncio.wait_for(waiting, 1)
+        assert second.worker.worker_id == "a" and t.inflight["a"] == 1
+
+    asyncio.run(scenario())
+
+
+def test_queue_timeout_is_429() -> None:
+    async def scenario() -> None:
+        t = table(worker("a"), limits=Limits(max_inflight_per_worker=1, queue_size=4,
+                                             queue_timeout=0.05))
+        await t.acquire(req())
+        with pytest.raises(OverloadedError, match="Waited"):
+            await t.acquire(req())
+        assert not t.queued
+
+    asyncio.run(scenario())
+
+
+def test_table_goes_stale_but_keeps_routing_when_no_controller_answers() -> None:
     t = table(worker("a"))
 
     async def sync_against_nothing() -> None:
         async with aiohttp.ClientSession() as session:
-            task = asyncio.create_task(t.sync_forever(session, "http://127.0.0.1:9", 0.05))
+            task = asyncio.create_task(
+                t.sync_forever(session, ["http://127.0.0.1:9", "http://127.0.0.1:7"], 0.05)
+            )
             deadline = asyncio.get_running_loop().time() + 5
             while not t.stale:
                 assert asyncio.get_running_loop().time() < deadline
@@ -97,4 +220,4 @@ def test_table_goes_stale_but_keeps_routing_when_the_controller_is_gone() -> Non
             task.cancel()
 
     asyncio.run(sync_against_nothing())
-    assert t.pick("m").worker_id == "a"
+    assert t.choose(req()).worker.worker_id == "a"

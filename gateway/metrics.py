@@ -1,0 +1,81 @@
+"""The gateway's Prometheus metrics.
+
+Counters and histograms are updated on the request path; gauges that mirror the routing table
+(in-flight per worker, breaker states, queue depth) are read from it only when scraped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from gateway.routing_table import RoutingTable
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class _TableCollector(Collector):
+    def __init__(self, table: RoutingTable) -> None:
+        self._table = table
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        table = self._table
+        inflight = GaugeMetricFamily("fleet_gateway_inflight",
+                                     "Requests in flight from this gateway, per worker",
+                                     labels=["worker"])
+        for worker_id, count in table.inflight.items():
+            inflight.add_metric([worker_id], count)
+        yield inflight
+        breaker = GaugeMetricFamily("fleet_gateway_breaker_state",
+                                    "Circuit breaker per worker: 0 closed, 1 half-open, 2 open",
+                                    labels=["worker"])
+        for worker_id, state in table.breakers.states().items():
+            breaker.add_metric([worker_id], int(state))
+        yield breaker
+        queue = GaugeMetricFamily("fleet_gateway_queue_depth",
+                                  "Requests waiting for a worker under its in-flight cap",
+                                  labels=["model"])
+        for model, count in table.queued.items():
+            queue.add_metric([model], count)
+        yield queue
+        stale = GaugeMetricFamily("fleet_gateway_table_stale",
+                                  "1 while the controller cannot be reached")
+        stale.add_metric([], 1 if table.stale else 0)
+        yield stale
+
+
+class GatewayMetrics:
+    def __init__(self, table: RoutingTable) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "fleet_gateway_requests", "Requests answered, by model, status and routing policy",
+            ["model", "status", "policy"], registry=self.registry,
+        )
+        self.ttft = Histogram(
+            "fleet_gateway_ttft_seconds", "Time to the first streamed byte, from arrival",
+            ["model"], buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.latency = Histogram(
+            "fleet_gateway_request_duration_seconds", "Time from arrival to the last byte",
+            ["model"], buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.tokens = Counter(
+            "fleet_gateway_tokens", "Tokens reported in responses' usage, by kind",
+            ["model", "kind"], registry=self.registry,
+        )
+        self.retries = Counter(
+            "fleet_gateway_retries", "Requests sent again to another worker, by reason",
+            ["model", "reason"], registry=self.registry,
+        )
+        self.registry.register(_TableCollector(table))
+
+    def count_usage(self, model: str, usage: dict[str, object] | None) -> None:
+        if not usage:
+            return
+        for kind in ("prompt_tokens", "completion_tokens"):
+            value = usage.get(kind)
+            if isinstance(value, int) and value > 0:
+                self.tokens.labels(model, kind.removesuffix("_tokens")).inc(value)
