@@ -104,3 +104,6 @@ class Snapshot(BaseModel):
     expiry: float
     workers: list[WorkerRecord]
     models: list[str]
+    # True for one expiry period after the controller starts: workers are still registering
+    # again, so a worker missing from `workers` may well be alive.
+    warming_up: bool = False

@@ -32,6 +32,7 @@ class Registry:
         # How long a model whose workers are all gone is still known (503, not 404).
         self.model_memory = model_memory
         self._clock = clock
+        self._started = clock()
         self._workers: dict[str, WorkerRecord] = {}
         self._seen: dict[str, float] = {}
         self._known_models: dict[str, float] = {}
@@ -122,6 +123,7 @@ class Registry:
             expiry=self.expiry,
             workers=self.workers(),
             models=self.known_models(),
+            warming_up=self._clock() - self._started < self.expiry,
         )
 
     def count_by_state(self) -> dict[WorkerState, int]:

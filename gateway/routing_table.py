@@ -68,6 +68,15 @@ class RoutingTable:
         self._changed = asyncio.Event()
 
     def update(self, snapshot: Snapshot) -> None:
+        if snapshot.warming_up and self.snapshot is not None:
+            # A controller that just (re)started knows only the workers that have heartbeated
+            # since: keep routing to the others until they have had time to register again.
+            seen = {w.worker_id for w in snapshot.workers}
+            snapshot = snapshot.model_copy(update={
+                "workers": [*snapshot.workers,
+                            *(w for w in self.snapshot.workers if w.worker_id not in seen)],
+                "models": sorted({*snapshot.models, *self.snapshot.models}),
+            })
         by_model: dict[str, list[WorkerRecord]] = {}
         for worker in snapshot.workers:
             for name in worker.model_names:

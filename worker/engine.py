@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -19,7 +18,7 @@ import httpx
 logger = logging.getLogger(__name__)
 
 ENGINE_MODULE = "vllm.entrypoints.openai.api_server"
-_PR_SET_PDEATHSIG = 1
+GUARD_MODULE = "worker.engine_guard"
 
 
 class EngineFailed(RuntimeError):
@@ -58,6 +57,7 @@ def build_engine_command(
 ) -> EngineCommand:
     """The engine's argv and environment, with the device pinning applied."""
     argv = [
+        python, "-m", GUARD_MODULE, "--",
         python, "-m", ENGINE_MODULE,
         "--model", model_path,
         "--served-model-name", *served_names,
@@ -93,12 +93,6 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def _die_with_parent() -> None:
-    # If the worker is killed outright, the engine must not outlive it.
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
 @dataclass
 class EngineProcess:
     command: EngineCommand
@@ -123,9 +117,9 @@ class EngineProcess:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
-            # Its own process group, so stop() reaches vLLM's engine-core children too.
+            # Its own process group, so stop() reaches vLLM's engine-core children too; the
+            # guard kills that group if the worker dies.
             start_new_session=True,
-            preexec_fn=_die_with_parent,
         )
         self._pump = asyncio.create_task(self._pump_output())
 

@@ -36,7 +36,9 @@ def engine_running(stack: Stack, worker_id: str = "worker") -> int:
 
 def test_crashed_engine_is_reported_unhealthy_and_restarted(stack: Stack) -> None:
     worker = psutil.Process(stack.services["worker"].proc.pid)
-    (engine,) = worker.children()
+    (guard,) = worker.children()
+    (engine,) = guard.children()
+    assert "vllm.entrypoints" in " ".join(engine.cmdline())
     doomed = [engine, *engine.children(recursive=True)]
     engine.kill()
     stack.wait_worker_state("worker", "unhealthy", timeout=15)

@@ -101,3 +101,11 @@ def test_workers_filtered_by_model(registry: Registry) -> None:
 def test_deregister_unknown_raises(registry: Registry) -> None:
     with pytest.raises(UnknownWorker):
         registry.deregister("nobody")
+
+
+def test_snapshot_says_warming_up_for_one_expiry_after_start(
+    registry: Registry, clock: FakeClock
+) -> None:
+    assert registry.snapshot().warming_up
+    clock.now += 6.0
+    assert not registry.snapshot().warming_up

@@ -221,3 +221,13 @@ def test_table_goes_stale_but_keeps_routing_when_no_controller_answers() -> None
 
     asyncio.run(sync_against_nothing())
     assert t.choose(req()).worker.worker_id == "a"
+
+
+def test_restarted_controller_does_not_empty_the_table_while_warming_up() -> None:
+    t = table(worker("a"), worker("b"))
+    fresh = Snapshot(generation=1, heartbeat_interval=2, expiry=6, workers=[worker("b")],
+                     models=["m"], warming_up=True)
+    t.update(fresh)
+    assert sorted(w.worker_id for w in t.models()["m"]) == ["a", "b"]
+    t.update(fresh.model_copy(update={"warming_up": False, "generation": 2}))
+    assert [w.worker_id for w in t.models()["m"]] == ["b"]

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from worker import model_source
-from worker.engine import ENGINE_MODULE, build_engine_command
+from worker.engine import ENGINE_MODULE, GUARD_MODULE, build_engine_command
 from worker.load import parse_load
 from worker.settings import ModelSource, WorkerSettings
 
@@ -21,7 +21,7 @@ def command(**kw):
 
 def test_engine_is_vllms_openai_server_with_our_key_and_port() -> None:
     cmd = command()
-    assert cmd.argv[:3] == ["py", "-m", ENGINE_MODULE]
+    assert cmd.argv[:8] == ["py", "-m", GUARD_MODULE, "--", "py", "-m", ENGINE_MODULE, "--model"]
     assert cmd.argv[cmd.argv.index("--api-key") + 1] == "k"
     assert cmd.argv[cmd.argv.index("--port") + 1] == "9000"
     assert cmd.base_url == "http://127.0.0.1:9000"

@@ -1,0 +1,179 @@
+"""Routing across two real CPU workers (one core each): session affinity, overload, and
+failures under load: a controller restart and a worker killed outright.
+
+The module starts its own controller and two workers; each test starts the gateway it needs.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import json
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tests.integration.harness import API_KEY, MODEL_NAME, Stack, free_port
+
+pytestmark = pytest.mark.integration
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterator[Stack]:
+    stack = Stack(workdir=tmp_path_factory.mktemp("pair"), model_path=model_path)
+    try:
+        stack.start_controller()
+        stack.wait_for(lambda: stack.workers() is not None, "the controller", 30)
+        stack.start_worker("w0", cpus="0")
+        stack.start_worker("w1", cpus="1")
+        stack.wait_worker_state("w0", "ready", timeout=300)
+        stack.wait_worker_state("w1", "ready", timeout=300)
+        yield stack
+    finally:
+        stack.close()
+
+
+def start_gateway(stack: Stack, name: str, *flags: str) -> str:
+    port = free_port()
+    stack._spawn(name, ["-m", "gateway", "--port", str(port), "--controller-address",
+                        stack.controller_url, "--api-keys", API_KEY, "--sync-interval", "0.5",
+                        *flags])
+    url = f"http://127.0.0.1:{port}"
+
+    def two_workers() -> bool:
+        data = httpx.get(f"{url}/v1/models", headers=AUTH, timeout=5).json()
+        return bool(data["data"]) and httpx.get(f"{url}/health").json()["workers"] == 2
+
+    stack.wait_for(two_workers, f"{name} to see both workers", 30)
+    return url
+
+
+def chat(url: str, content: str = "Hi", max_tokens: int = 4, **headers: str) -> httpx.Response:
+    return httpx.post(
+        f"{url}/v1/chat/completions", timeout=120, headers={**AUTH, **headers},
+        json={"model": MODEL_NAME, "max_tokens": max_tokens,
+              "messages": [{"role": "user", "content": content}]},
+    )
+
+
+def test_session_affinity_keeps_a_session_on_one_worker(pair: Stack) -> None:
+    url = start_gateway(pair, "gw-session", "--routing", "session")
+    try:
+        alice = {chat(url, **{"X-Session-Id": "alice"}).headers["x-fleet-worker"]
+                 for _ in range(8)}
+        assert len(alice) == 1
+        spread = {chat(url, **{"X-Session-Id": f"user-{i}"}).headers["x-fleet-worker"]
+                  for i in range(16)}
+        assert spread == {"w0", "w1"}
+    finally:
+        pair.stop("gw-session")
+
+
+def test_overload_returns_429_with_retry_after(pair: Stack) -> None:
+    url = start_gateway(pair, "gw-tight", "--max-inflight-per-worker", "1", "--queue-size", "1",
+                        "--queue-timeout", "60")
+    try:
+        # Two running (one per worker), one queued, the rest refused at once.
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            futures = [pool.submit(chat, url, "Tell me a long story.", 64) for _ in range(6)]
+            results = [f.result(timeout=180) for f in futures]
+        statuses = collections.Counter(r.status_code for r in results)
+        assert statuses[200] == 3 and statuses[429] == 3, statuses
+        refused = next(r for r in results if r.status_code == 429)
+        assert int(refused.headers["retry-after"]) >= 1
+        assert refused.json()["error"]["code"] == "overloaded"
+        metrics = httpx.get(f"{url}/metrics").text
+        assert 'fleet_gateway_requests_total{model="SmolLM2-135M-Instruct",policy="least-load",' \
+               'status="429"} 3.0' in metrics
+    finally:
+        pair.stop("gw-tight")
+
+
+def _load(url: str, stop_at: float, stream: bool) -> list[str]:
+    """Requests one after another until `stop_at`; returns how each ended."""
+    outcomes = []
+    while time.monotonic() < stop_at:
+        body = {"model": MODEL_NAME, "max_tokens": 24, "stream": stream,
+                "messages": [{"role": "user", "content": "Count to ten."}]}
+        try:
+            if not stream:
+                r = httpx.post(f"{url}/v1/chat/completions", json=body, headers=AUTH, timeout=60)
+                outcomes.append("ok" if r.status_code == 200 else f"http {r.status_code}")
+                continue
+            with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, headers=AUTH,
+                              timeout=60) as r:
+                if r.status_code != 200:
+                    outcomes.append(f"http {r.status_code}")
+                    continue
+                events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+            if events[-1] != "[DONE]":
+                outcomes.append("no [DONE]")
+            elif any('"error"' in e and "choices" not in json.loads(e) for e in events[:-1]):
+                outcomes.append("error event")
+            else:
+                outcomes.append("ok")
+        except httpx.HTTPError as exc:
+            outcomes.append(f"transport {type(exc).__name__}")
+    return outcomes
+
+
+def _under_load(url: str, seconds: float, action) -> tuple[list[str], list[str]]:  # type: ignore[no-untyped-def]
+    stop_at = time.monotonic() + seconds
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        plain = [pool.submit(_load, url, stop_at, False) for _ in range(2)]
+        streams = [pool.submit(_load, url, stop_at, True) for _ in range(2)]
+        action()
+        # Each request has its own timeout, so the load ends soon after stop_at: no hang.
+        done = [f.result(timeout=seconds + 90) for f in plain + streams]
+    return [o for r in done[:2] for o in r], [o for r in done[2:] for o in r]
+
+
+def test_controller_restart_under_load_costs_no_request(pair: Stack) -> None:
+    url = start_gateway(pair, "gw-ctl")
+
+    def restart_controller() -> None:
+        time.sleep(2)  # let the load run before the fault: this is the scenario, not a sync
+        pair.stop("controller", sig=signal.SIGKILL)
+        pair.start_controller()
+        pair.wait_worker_state("w0", "ready", timeout=10)
+        pair.wait_worker_state("w1", "ready", timeout=10)
+
+    try:
+        plain, streams = _under_load(url, 12, restart_controller)
+        assert plain and set(plain) == {"ok"}, collections.Counter(plain)
+        assert streams and set(streams) == {"ok"}, collections.Counter(streams)
+    finally:
+        pair.stop("gw-ctl")
+
+
+def test_worker_killed_under_load_fails_no_plain_request(pair: Stack) -> None:
+    url = start_gateway(pair, "gw-kill")
+    victim = psutil.Process(pair.services["w1"].proc.pid)
+    family = [victim, *victim.children(recursive=True)]
+    killed_at: list[float] = []
+
+    def kill_w1() -> None:
+        time.sleep(3)  # let the load reach both workers first
+        victim.kill()
+        killed_at.append(time.monotonic())
+
+    try:
+        plain, streams = _under_load(url, 15, kill_w1)
+        assert plain and set(plain) == {"ok"}, collections.Counter(plain)
+        assert streams and set(streams) <= {"ok", "error event"}, collections.Counter(streams)
+        # The worker's engine and its children go with it.
+        gone, alive = psutil.wait_procs(family, timeout=20)
+        assert not alive, [p.cmdline() for p in alive]
+        # The gateway routes away at once; the controller drops it at its expiry (3 s here).
+        workers = [w["worker_id"] for w in pair.workers()]
+        assert workers == ["w0"]
+        assert chat(url).headers["x-fleet-worker"] == "w0"
+    finally:
+        pair.stop("gw-kill")
+        pair.services.pop("w1", None)
