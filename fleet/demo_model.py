@@ -63,8 +63,9 @@ def _gguf_path() -> Path:
 
 
 def _quiet_transformers() -> None:
-    # Its per-tensor bars and tokenizer notices would interleave with our step bar; real
-    # problems still surface as exceptions or errors.
+    # Its notices and hub bars would interleave with our step bar; real problems still surface
+    # as exceptions or errors. The GGUF dequantize bar is plain tqdm and stays: it is the
+    # progress of the slowest step.
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
