@@ -99,7 +99,7 @@ class CacheAware:
     name = "cache-aware"
 
     def __init__(
-        self, *, match_threshold: float = 0.5, balance_abs: float = 8.0,
+        self, *, match_threshold: float = 0.5, balance_abs: float = 4.0,
         balance_rel: float = 1.5, max_blocks_per_worker: int = 100_000,
         block_bytes: int = 64, rng: random.Random | None = None,
     ) -> None:
@@ -121,33 +121,45 @@ class CacheAware:
         for wid in set(self._trees) - live_worker_ids:
             del self._trees[wid]
 
-    def imbalanced(self, candidates: Sequence[WorkerRecord], inflight: Mapping[str, int]) -> bool:
-        loads = [load_score(w, inflight) for w in candidates]
-        low, high = min(loads), max(loads)
-        return high - low > self.balance_abs and high > low * self.balance_rel
+    def overloaded(self, worker: WorkerRecord, candidates: Sequence[WorkerRecord],
+                   inflight: Mapping[str, int]) -> bool:
+        """Is `worker` too far above the least-loaded candidate to be worth its cache hits?
+
+        Both thresholds must be passed: the absolute one keeps small loads from flapping, the
+        relative one scales with the load.
+        """
+        load = load_score(worker, inflight)
+        low = min(load_score(w, inflight) for w in candidates)
+        return load - low > self.balance_abs and load > low * self.balance_rel
 
     def choose(
         self, request: RouteRequest, candidates: Sequence[WorkerRecord],
         inflight: Mapping[str, int],
     ) -> Choice:
         keys = block_keys(request.prompt, self._block_bytes)
-        if self.imbalanced(candidates, inflight):
-            choice = self._fallback.choose(request, candidates, inflight)
-            choice = Choice(choice.worker, f"imbalanced, least-load: {choice.reason}")
+        matches = {w.worker_id: self._tree(w.worker_id).match(keys) for w in candidates}
+        best = max(matches.values())
+        ratio = best / len(keys) if keys else 0.0
+        if ratio >= self.match_threshold:
+            tied = [w for w in candidates if matches[w.worker_id] == best]
+            worker = min(tied, key=lambda w: load_score(w, inflight))
+            choice = Choice(worker, f"prefix match {ratio:.2f}")
+            if self.overloaded(worker, candidates, inflight):
+                fallback = self._fallback.choose(request, candidates, inflight)
+                choice = Choice(fallback.worker, f"prefix match {ratio:.2f} on "
+                                f"{worker.worker_id}, but imbalanced: least-load "
+                                f"{fallback.reason}")
         else:
-            matches = {w.worker_id: self._tree(w.worker_id).match(keys) for w in candidates}
-            best = max(matches.values())
-            ratio = best / len(keys) if keys else 0.0
-            if ratio >= self.match_threshold:
-                tied = [w for w in candidates if matches[w.worker_id] == best]
-                worker = min(tied, key=lambda w: load_score(w, inflight))
-                choice = Choice(worker, f"prefix match {ratio:.2f}")
-            else:
-                # No worker holds enough of it: the least-cached worker has the most room.
-                worker = min(candidates, key=lambda w: (self._tree(w.worker_id).size,
-                                                        load_score(w, inflight)))
-                choice = Choice(worker, f"prefix match {ratio:.2f} < "
-                                        f"{self.match_threshold}, least cached")
+            # No worker holds enough of it: the least-cached worker has the most room, unless
+            # it is the busy one.
+            worker = min(candidates, key=lambda w: (self._tree(w.worker_id).size,
+                                                    load_score(w, inflight)))
+            choice = Choice(worker, f"prefix match {ratio:.2f} < {self.match_threshold}, "
+                                    "least cached")
+            if self.overloaded(worker, candidates, inflight):
+                fallback = self._fallback.choose(request, candidates, inflight)
+                choice = Choice(fallback.worker, f"least cached {worker.worker_id} is busy: "
+                                f"least-load {fallback.reason}")
         self._tree(choice.worker.worker_id).insert(keys)
         return choice
 

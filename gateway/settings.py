@@ -31,7 +31,7 @@ class GatewaySettings(BaseSettings):
     routing_overrides: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
     session_header: str = "X-Session-Id"
     cache_match_threshold: float = Field(0.5, ge=0, le=1)
-    balance_abs: float = Field(8.0, ge=0)
+    balance_abs: float = Field(4.0, ge=0)
     balance_rel: float = Field(1.5, ge=1)
     max_inflight_per_worker: int = Field(512, ge=0)
     queue_size: int = Field(1024, ge=0)

@@ -50,7 +50,7 @@ def build_engine_command(
     api_key: str,
     gpus: str | None,
     cpus: str | None,
-    cpu_kvcache_gib: float,
+    cpu_kvcache_gib: int,
     extra_args: Sequence[str],
     base_env: Mapping[str, str],
     python: str = sys.executable,
@@ -79,7 +79,7 @@ def build_engine_command(
         if cpus is not None:
             env["VLLM_CPU_OMP_THREADS_BIND"] = cpus
         # vLLM's CPU backend otherwise tries to reserve more memory than most machines have.
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{cpu_kvcache_gib:g}")
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kvcache_gib))
     argv += list(extra_args)
     connect_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
     if ":" in connect_host and not connect_host.startswith("["):

@@ -37,7 +37,8 @@ class WorkerSettings(BaseSettings):
     worker_id: str | None = None
     gpus: str | None = None
     cpus: str | None = None
-    cpu_kvcache_gib: float = Field(1.0, gt=0)
+    # vLLM reads VLLM_CPU_KVCACHE_SPACE as a whole number of GiB.
+    cpu_kvcache_gib: int = Field(1, ge=1)
     drain_timeout: float = Field(30.0, ge=0)
     engine_start_timeout: float = Field(900.0, gt=0)
     restart_backoff_max: float = Field(30.0, gt=0)
@@ -103,7 +104,7 @@ class WorkerSettings(BaseSettings):
         )
         device.add_argument("--cpus", help="CPU cores the engine's threads bind to, e.g. 0 or 0-3.")
         parser.add_argument(
-            "--cpu-kvcache-gib", type=float,
+            "--cpu-kvcache-gib", type=int,
             help="KV-cache size on CPU in GiB, unless VLLM_CPU_KVCACHE_SPACE is set (default 1).",
         )
         parser.add_argument(

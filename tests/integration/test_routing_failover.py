@@ -156,12 +156,10 @@ def test_worker_killed_under_load_fails_no_plain_request(pair: Stack) -> None:
     url = start_gateway(pair, "gw-kill")
     victim = psutil.Process(pair.services["w1"].proc.pid)
     family = [victim, *victim.children(recursive=True)]
-    killed_at: list[float] = []
 
     def kill_w1() -> None:
         time.sleep(3)  # let the load reach both workers first
         victim.kill()
-        killed_at.append(time.monotonic())
 
     try:
         plain, streams = _under_load(url, 15, kill_w1)
@@ -170,7 +168,13 @@ def test_worker_killed_under_load_fails_no_plain_request(pair: Stack) -> None:
         # The worker's engine and its children go with it.
         gone, alive = psutil.wait_procs(family, timeout=20)
         assert not alive, [p.cmdline() for p in alive]
-        # The gateway routes away at once; the controller drops it at its expiry (3 s here).
+        # The first refused connection opens w1's breaker: after that, w1 gets a request only as
+        # a half-open trial every cool-down (5 s), until the controller drops it at its expiry.
+        retries = sum(float(line.rsplit(" ", 1)[1])
+                      for line in httpx.get(f"{url}/metrics").text.splitlines()
+                      if line.startswith("fleet_gateway_retries_total"))
+        assert 1 <= retries <= 6
+        # The controller drops it at its expiry (3 s here).
         workers = [w["worker_id"] for w in pair.workers()]
         assert workers == ["w0"]
         assert chat(url).headers["x-fleet-worker"] == "w0"

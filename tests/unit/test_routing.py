@@ -92,8 +92,9 @@ def test_cache_aware_imbalance_guard_falls_back_to_least_load() -> None:
     # Past both thresholds, a hot prefix cannot pile more onto one worker.
     choice = policy.choose(req(prompt=SYSTEM + "again"), [hot, cold], {"hot": 10, "cold": 0})
     assert choice.worker.worker_id == "cold" and "imbalanced" in choice.reason
-    # Relative threshold: 10 against 8 is not imbalanced, whatever the absolute gap says.
-    assert not policy.imbalanced([hot, cold], {"hot": 13, "cold": 8.9})
+    # Both thresholds must be passed: 13 against 8.9 is a gap of 4.1 but a ratio under 1.5.
+    assert not policy.overloaded(hot, [hot, cold], {"hot": 13, "cold": 8.9})
+    assert policy.overloaded(hot, [hot, cold], {"hot": 14, "cold": 8.9})
 
 
 def test_cache_aware_threshold_needs_most_of_the_prompt() -> None:

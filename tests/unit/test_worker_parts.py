@@ -13,7 +13,7 @@ from worker.settings import ModelSource, WorkerSettings
 
 def command(**kw):
     args = dict(model_path="/m", served_names=["m"], host="127.0.0.1", port=9000,
-                api_key="k", gpus=None, cpus=None, cpu_kvcache_gib=1.0, extra_args=[],
+                api_key="k", gpus=None, cpus=None, cpu_kvcache_gib=1, extra_args=[],
                 base_env={"PATH": "/bin"}, python="py")
     args.update(kw)
     return build_engine_command(**args)
@@ -47,9 +47,9 @@ def test_explicit_tensor_parallel_size_is_kept() -> None:
 
 
 def test_cpu_cores_bind_threads_and_size_the_kv_cache() -> None:
-    cmd = command(cpus="0-1", cpu_kvcache_gib=2.5)
+    cmd = command(cpus="0-1", cpu_kvcache_gib=2)
     assert cmd.env["VLLM_CPU_OMP_THREADS_BIND"] == "0-1"
-    assert cmd.env["VLLM_CPU_KVCACHE_SPACE"] == "2.5"
+    assert cmd.env["VLLM_CPU_KVCACHE_SPACE"] == "2"
     assert "CUDA_VISIBLE_DEVICES" not in cmd.env
 
 
