@@ -133,9 +133,10 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=24)
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--kv-blocks", type=int, default=96,
+    p.add_argument("--kv-blocks", type=int, default=160,
                    help="each engine's KV-cache blocks of 128 tokens (vLLM's "
-                   "--num-gpu-blocks-override); the default holds about 2/3 of the prefixes")
+                   "--num-gpu-blocks-override); the default fits the running requests and "
+                   "about half of the prefixes")
     p.add_argument("--smoke", action="store_true", help="tiny workload: checks that it runs")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     p.add_argument("--label", default="cpu")
