@@ -63,7 +63,8 @@ def build_engine_command(
         "--served-model-name", *served_names,
         "--host", host,
         "--port", str(port),
-        "--api-key", api_key,
+        # One token: a key starting with "-" would otherwise read as a flag.
+        f"--api-key={api_key}",
         # Heartbeats read /metrics every second or two; that is not worth a log line each.
         "--disable-uvicorn-access-log",
     ]
@@ -124,10 +125,7 @@ class EngineProcess:
         self._pump = asyncio.create_task(self._pump_output())
 
     def _redacted_argv(self) -> list[str]:
-        argv = list(self.command.argv)
-        if "--api-key" in argv:
-            argv[argv.index("--api-key") + 1] = "***"
-        return argv
+        return ["--api-key=***" if a.startswith("--api-key=") else a for a in self.command.argv]
 
     async def _pump_output(self) -> None:
         assert self._proc is not None and self._proc.stdout is not None

@@ -22,7 +22,7 @@ def command(**kw):
 def test_engine_is_vllms_openai_server_with_our_key_and_port() -> None:
     cmd = command()
     assert cmd.argv[:8] == ["py", "-m", GUARD_MODULE, "--", "py", "-m", ENGINE_MODULE, "--model"]
-    assert cmd.argv[cmd.argv.index("--api-key") + 1] == "k"
+    assert "--api-key=k" in cmd.argv
     assert cmd.argv[cmd.argv.index("--port") + 1] == "9000"
     assert cmd.base_url == "http://127.0.0.1:9000"
 
@@ -139,3 +139,7 @@ def test_modelscope_ids_are_downloaded_with_snapshot_download(
     path, extra = asyncio.run(model_source.resolve_model(settings))
     assert calls == [("qwen/Qwen-7B-Chat", tmp_path)]
     assert path == str(tmp_path / "qwen") and extra == []
+
+
+def test_a_key_that_starts_with_a_dash_stays_one_argument() -> None:
+    assert "--api-key=-abc" in command(api_key="-abc").argv
