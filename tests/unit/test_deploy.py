@@ -1,0 +1,523 @@
+"""deploy/: the Kubernetes overlays render, validate and say what they should; the systemd units
+verify and keep their hardening and drain times.
+
+Offline and fast: `kubectl kustomize` renders locally, kubernetes-validate carries its schemas,
+and `systemd-analyze verify` reads unit files without a running systemd.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import inspect
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from controller.settings import ControllerSettings
+from gateway.settings import GatewaySettings
+from worker.engine import EngineProcess
+from worker.settings import WorkerSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S = ROOT / "deploy" / "k8s"
+SYSTEMD = ROOT / "deploy" / "systemd"
+OVERLAYS = ["cpu-demo", "gpu", "gpu-tp"]
+# The Kubernetes release the manifests are checked against (kubernetes-validate's schemas).
+KUBERNETES_VERSION = "1.32.0"
+NAMESPACE = "llm-fleet"
+FLEET_IMAGE = "ghcr.io/llm-fleet/fleet:0.1.0"
+WORKER_IMAGE = {"cpu-demo": "ghcr.io/llm-fleet/worker:0.1.0-cpu",
+                "gpu": "ghcr.io/llm-fleet/worker:0.1.0",
+                "gpu-tp": "ghcr.io/llm-fleet/worker:0.1.0"}
+GPUS_PER_WORKER = {"cpu-demo": None, "gpu": 1, "gpu-tp": 2}
+WORKLOADS = ("Deployment", "StatefulSet")
+# How long the worker gives its engine to exit after the drain, before SIGKILL.
+ENGINE_STOP_TIMEOUT = inspect.signature(EngineProcess.stop).parameters["timeout"].default
+SECRET_ENV = re.compile(r"(TOKEN|KEY|SECRET|PASSWORD)", re.IGNORECASE)
+
+Doc = dict[str, Any]
+
+
+# -- Kubernetes ---------------------------------------------------------------------------------
+def _kubectl() -> str:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed: cannot render the kustomize overlays")
+    return kubectl
+
+
+@functools.cache
+def _render(overlay: str) -> tuple[Doc, ...]:
+    result = subprocess.run(
+        [_kubectl(), "kustomize", str(K8S / "overlays" / overlay)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return tuple(d for d in yaml.safe_load_all(result.stdout) if d)
+
+
+def _docs(overlay: str, kind: str | None = None) -> list[Doc]:
+    return [d for d in _render(overlay) if kind is None or d["kind"] == kind]
+
+
+def _one(overlay: str, kind: str, name: str) -> Doc:
+    found = [d for d in _docs(overlay, kind) if d["metadata"]["name"] == name]
+    assert len(found) == 1, f"{overlay}: expected one {kind} {name}, found {len(found)}"
+    return found[0]
+
+
+def _containers(workload: Doc, init: bool = True) -> list[Doc]:
+    spec = workload["spec"]["template"]["spec"]
+    return [*(spec.get("initContainers", []) if init else []), *spec["containers"]]
+
+
+def _container(workload: Doc, name: str) -> Doc:
+    (container,) = [c for c in workload["spec"]["template"]["spec"]["containers"]
+                    if c["name"] == name]
+    return container
+
+
+def _flags(args: list[str]) -> dict[str, str]:
+    """`--name=value` and `--name value` alike; a bare `--flag` maps to ''."""
+    flags: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--"):
+            if "=" in arg:
+                name, value = arg.split("=", 1)
+            elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+                name, value = arg, args[i + 1]
+                i += 1
+            else:
+                name, value = arg, ""
+            flags[name] = value
+        i += 1
+    return flags
+
+
+def _env(container: Doc) -> dict[str, Doc]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def _port(container: Doc, port: int | str) -> int:
+    if isinstance(port, int):
+        return port
+    (number,) = [p["containerPort"] for p in container["ports"] if p.get("name") == port]
+    return int(number)
+
+
+def _worker(overlay: str) -> tuple[Doc, Doc, dict[str, str]]:
+    statefulset = _one(overlay, "StatefulSet", "fleet-worker")
+    container = _container(statefulset, "worker")
+    return statefulset, container, _flags(container["args"])
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_rendered_object_is_valid_kubernetes(overlay: str) -> None:
+    docs = _docs(overlay)
+    kinds = {d["kind"] for d in docs}
+    assert {"Namespace", "Secret", "Deployment", "StatefulSet", "Service",
+            "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy"} <= kinds
+    for doc in docs:
+        # strict: an unknown field (a typo such as `periodSecond`) fails too.
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_everything_is_in_the_namespace_and_labelled(overlay: str) -> None:
+    for doc in _docs(overlay):
+        meta = doc["metadata"]
+        assert meta["labels"]["app.kubernetes.io/part-of"] == "llm-fleet", meta["name"]
+        if doc["kind"] != "Namespace":
+            assert meta["namespace"] == NAMESPACE, f"{doc['kind']} {meta['name']}"
+    for workload in [*_docs(overlay, "Deployment"), *_docs(overlay, "StatefulSet")]:
+        pod_labels = workload["spec"]["template"]["metadata"]["labels"]
+        assert pod_labels["app.kubernetes.io/part-of"] == "llm-fleet"
+        selector = workload["spec"]["selector"]["matchLabels"]
+        assert selector.items() <= pod_labels.items()
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_images(overlay: str) -> None:
+    for name in ("fleet-controller", "fleet-gateway", "fleet-webui"):
+        for container in _containers(_one(overlay, "Deployment", name)):
+            assert container["image"] == FLEET_IMAGE
+    for container in _containers(_one(overlay, "StatefulSet", "fleet-worker")):
+        assert container["image"] == WORKER_IMAGE[overlay]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_gpu_requests_match_the_gpus_flag(overlay: str) -> None:
+    _, worker, flags = _worker(overlay)
+    gpus = GPUS_PER_WORKER[overlay]
+    resources = worker["resources"]
+    if gpus is None:
+        assert "--gpus" not in flags and flags["--cpus"]
+        assert "--enforce-eager" in flags
+        assert _env(worker)["VLLM_CPU_KVCACHE_SPACE"]["value"]
+        # Nothing in the CPU demo may wait for a GPU node.
+        for workload in [*_docs(overlay, "Deployment"), *_docs(overlay, "StatefulSet")]:
+            for container in _containers(workload):
+                for section in ("requests", "limits"):
+                    assert "nvidia.com/gpu" not in container["resources"].get(section, {})
+    else:
+        assert resources["requests"]["nvidia.com/gpu"] == gpus
+        assert resources["limits"]["nvidia.com/gpu"] == gpus
+        assert len(flags["--gpus"].split(",")) == gpus
+        assert "--cpus" not in flags
+
+
+def test_gpu_overlays_serve_a_hugging_face_model_into_the_cache_volume() -> None:
+    for overlay in ("gpu", "gpu-tp"):
+        statefulset, _, flags = _worker(overlay)
+        assert flags["--model"].startswith("Qwen/")
+        assert flags["--download-dir"].startswith("/models/")
+        assert statefulset["spec"]["replicas"] >= 1
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_worker_probes_hit_its_own_health_port(overlay: str) -> None:
+    _, worker, flags = _worker(overlay)
+    health_port = int(flags["--port"])
+    assert health_port != int(flags["--engine-port"])
+    for probe_name in ("startupProbe", "readinessProbe", "livenessProbe"):
+        probe = worker[probe_name]
+        assert probe["httpGet"]["path"] == "/health", probe_name
+        assert _port(worker, probe["httpGet"]["port"]) == health_port, probe_name
+    # A model may load (or download) for up to --engine-start-timeout, and a crashed engine is
+    # restarted by the worker itself: neither may be cut short by the kubelet.
+    start_timeout = float(flags["--engine-start-timeout"])
+    for probe_name in ("startupProbe", "livenessProbe"):
+        probe = worker[probe_name]
+        assert probe["periodSeconds"] * probe["failureThreshold"] > start_timeout, probe_name
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_worker_engine_is_reachable_from_other_pods(overlay: str) -> None:
+    _, worker, flags = _worker(overlay)
+    engine_port = int(flags["--engine-port"])
+    assert flags["--engine-host"] == "0.0.0.0"
+    assert flags["--host"] == "0.0.0.0"
+    assert flags["--advertise-url"] == f"http://$(POD_IP):{engine_port}"
+    assert flags["--worker-id"] == "$(POD_NAME)"
+    assert flags["--controller-address"] == "http://fleet-controller:21001"
+    env = _env(worker)
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert _port(worker, "engine") == engine_port
+    # Only gateways may talk to engines.
+    policy = _one(overlay, "NetworkPolicy", "fleet-worker")
+    engine_rules = [r for r in policy["spec"]["ingress"]
+                    if any(p["port"] in ("engine", engine_port) for p in r.get("ports", []))]
+    assert engine_rules and all(
+        r["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "fleet-gateway"}}}]
+        for r in engine_rules
+    )
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_worker_is_one_pod_per_device_with_a_stable_name(overlay: str) -> None:
+    statefulset, _, _ = _worker(overlay)
+    service = _one(overlay, "Service", statefulset["spec"]["serviceName"])
+    assert service["spec"]["clusterIP"] == "None"
+    pdb = _one(overlay, "PodDisruptionBudget", "fleet-worker")
+    assert pdb["spec"]["maxUnavailable"] == 1
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_worker_grace_period_outlasts_the_drain(overlay: str) -> None:
+    statefulset, worker, flags = _worker(overlay)
+    spec = statefulset["spec"]["template"]["spec"]
+    drain = float(flags["--drain-timeout"])
+    assert spec["terminationGracePeriodSeconds"] > drain + ENGINE_STOP_TIMEOUT
+    # The drain is the worker's own SIGTERM handling; a preStop hook would only delay it.
+    assert "preStop" not in worker.get("lifecycle", {})
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_models_live_on_the_cache_volume(overlay: str) -> None:
+    statefulset, worker, flags = _worker(overlay)
+    (claim,) = statefulset["spec"]["volumeClaimTemplates"]
+    mounts = {m["name"]: m["mountPath"] for m in worker["volumeMounts"]}
+    assert mounts[claim["metadata"]["name"]] == "/models"
+    assert _env(worker)["FLEET_MODELS_DIR"]["value"] == "/models"
+    assert claim["spec"]["resources"]["requests"]["storage"]
+
+
+def test_cpu_demo_prepares_the_demo_model_before_the_worker_starts() -> None:
+    statefulset, worker, flags = _worker("cpu-demo")
+    (init,) = statefulset["spec"]["template"]["spec"]["initContainers"]
+    assert init["command"] == ["fleet", "demo-model"]
+    models_dir = _env(init)["FLEET_MODELS_DIR"]["value"]
+    assert {"name": "models", "mountPath": models_dir} in init["volumeMounts"]
+    assert flags["--model"] == f"{models_dir}/SmolLM2-135M-Instruct"
+    assert flags["--model-name"] == "SmolLM2-135M-Instruct"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_secrets_are_referenced_never_inlined(overlay: str) -> None:
+    secrets = {d["metadata"]["name"]: d for d in _docs(overlay, "Secret")}
+    values = [base64.b64decode(v).decode() for s in secrets.values()
+              for v in s.get("data", {}).values()]
+    # Every single key or token, not only whole files: a file of keys is checked line by line.
+    needles = {line.strip() for v in values for line in v.splitlines()
+               if line.strip() and not line.startswith("#")}
+    assert needles
+    for workload in [*_docs(overlay, "Deployment"), *_docs(overlay, "StatefulSet")]:
+        dumped = json.dumps(workload)
+        for needle in needles:
+            assert needle not in dumped, f"a secret value is inlined in {workload['kind']}"
+        for container in _containers(workload):
+            assert not any(a.startswith(("--api-key", "--token")) for a in
+                           [*container.get("args", []), *container.get("command", [])])
+            for name, var in _env(container).items():
+                if SECRET_ENV.search(name) and not name.endswith("_FILE"):
+                    ref = var["valueFrom"]["secretKeyRef"]
+                    assert "value" not in var
+                    assert ref["key"] in secrets[ref["name"]]["data"], name
+        for volume in workload["spec"]["template"]["spec"].get("volumes", []):
+            if "secret" in volume:
+                assert volume["secret"]["secretName"] in secrets
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_cluster_token_reaches_controller_workers_and_gateways(overlay: str) -> None:
+    for kind, name, container in [("Deployment", "fleet-controller", "controller"),
+                                  ("Deployment", "fleet-gateway", "gateway"),
+                                  ("StatefulSet", "fleet-worker", "worker")]:
+        env = _env(_container(_one(overlay, kind, name), container))
+        ref = env["FLEET_CLUSTER_TOKEN"]["valueFrom"]["secretKeyRef"]
+        assert ref["name"].startswith("fleet-cluster-token")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_gateway_reads_its_keys_from_a_mounted_secret(overlay: str) -> None:
+    deployment = _one(overlay, "Deployment", "fleet-gateway")
+    gateway = _container(deployment, "gateway")
+    keys_file = Path(_env(gateway)["FLEET_GATEWAY_API_KEYS_FILE"]["value"])
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    (mount,) = [m for m in gateway["volumeMounts"] if m["mountPath"] == str(keys_file.parent)]
+    secret = _one(overlay, "Secret", volumes[mount["name"]]["secret"]["secretName"])
+    assert keys_file.name in secret["data"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_gateway_runs_two_replicas_with_autoscaler_and_disruption_budget(overlay: str) -> None:
+    deployment = _one(overlay, "Deployment", "fleet-gateway")
+    assert deployment["spec"]["replicas"] == 2
+    hpa = _one(overlay, "HorizontalPodAutoscaler", "fleet-gateway")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1", "kind": "Deployment", "name": "fleet-gateway"}
+    assert hpa["spec"]["minReplicas"] == 2 < hpa["spec"]["maxReplicas"]
+    assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["cpu"]
+    pdb = _one(overlay, "PodDisruptionBudget", "fleet-gateway")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert pdb["spec"]["minAvailable"] >= 1
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_services_select_their_pods_on_the_right_ports(overlay: str) -> None:
+    expected = {"fleet-controller": 21001, "fleet-gateway": 8000, "fleet-webui": 7860}
+    for name, port in expected.items():
+        service = _one(overlay, "Service", name)
+        deployment = _one(overlay, "Deployment", name)
+        pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert service["spec"]["selector"].items() <= pod_labels.items()
+        (service_port,) = service["spec"]["ports"]
+        assert service_port["port"] == port
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        assert _port(container, service_port["targetPort"]) == port
+        assert int(_flags(container["args"])["--port"]) == port
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_webui_talks_to_the_gateway_with_a_key_from_a_secret(overlay: str) -> None:
+    webui = _container(_one(overlay, "Deployment", "fleet-webui"), "webui")
+    assert _flags(webui["args"])["--gateway-url"] == "http://fleet-gateway:8000"
+    assert "secretKeyRef" in _env(webui)["FLEET_WEBUI_API_KEY"]["valueFrom"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_container_has_requests_and_limits(overlay: str) -> None:
+    for workload in [*_docs(overlay, "Deployment"), *_docs(overlay, "StatefulSet")]:
+        for container in _containers(workload):
+            for section in ("requests", "limits"):
+                assert {"cpu", "memory"} <= container["resources"][section].keys(), (
+                    f"{workload['metadata']['name']}/{container['name']} {section}")
+
+
+# -- systemd ------------------------------------------------------------------------------------
+UNITS = ["fleet-controller.service", "fleet-gateway.service", "fleet-webui.service",
+         "fleet-worker@.service"]
+FLEET_BIN = "/opt/llm-fleet/.venv/bin/fleet"
+ENV_FILE = "/etc/llm-fleet/fleet.env"
+
+Unit = dict[str, dict[str, list[str]]]
+
+
+def _parse_unit(path: Path) -> Unit:
+    """Sections of key -> every value, in order (systemd allows repeated keys)."""
+    unit: Unit = {}
+    section: dict[str, list[str]] | None = None
+    pending = ""
+    for raw in path.read_text().splitlines():
+        line = pending + raw.strip()
+        pending = ""
+        if line.endswith("\\"):
+            pending = line[:-1] + " "
+            continue
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            section = unit.setdefault(line[1:-1], {})
+            continue
+        assert section is not None, f"{path.name}: {line!r} outside a section"
+        key, value = line.split("=", 1)
+        section.setdefault(key.strip(), []).append(value.strip())
+    return unit
+
+
+def _service(name: str) -> dict[str, list[str]]:
+    return _parse_unit(SYSTEMD / name)["Service"]
+
+
+def _last(service: dict[str, list[str]], key: str) -> str:
+    return service[key][-1]
+
+
+def _seconds(value: str) -> float:
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(s|sec|min|m)?", value)
+    assert match, value
+    number = float(match[1])
+    return number * 60 if match[2] in ("min", "m") else number
+
+
+def _env_file(path: Path) -> dict[str, str]:
+    env = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            env[key] = value
+    return env
+
+
+@pytest.mark.parametrize("name", UNITS)
+def test_unit_restarts_on_failure_and_is_hardened(name: str) -> None:
+    service = _service(name)
+    assert _last(service, "Restart") == "on-failure"
+    assert _seconds(_last(service, "RestartSec")) > 0
+    assert _last(service, "User") == "fleet"
+    assert _last(service, "NoNewPrivileges") == "yes"
+    assert _last(service, "ProtectSystem") == "strict"
+    assert _last(service, "ProtectHome") == "yes"
+    assert _last(service, "PrivateTmp") == "yes"
+    assert ENV_FILE in service["EnvironmentFile"]
+    command = _last(service, "ExecStart").split()
+    service_name = re.match(r"fleet-(\w+)", name)
+    assert service_name and command[:2] == [FLEET_BIN, service_name[1]]
+
+
+def test_worker_unit_runs_on_the_gpu_named_by_its_instance() -> None:
+    service = _service("fleet-worker@.service")
+    flags = _flags(_last(service, "ExecStart").split()[2:])
+    assert flags["--gpus"] == "%i"
+    assert "PrivateDevices" not in service  # it would hide /dev/nvidia*
+    assert "/etc/llm-fleet/worker-%i.env" in [f.lstrip("-") for f in service["EnvironmentFile"]]
+
+
+def test_worker_unit_stops_by_draining() -> None:
+    service = _service("fleet-worker@.service")
+    flags = _flags(_last(service, "ExecStart").split()[2:])
+    assert _last(service, "KillSignal") == "SIGTERM"
+    # SIGTERM to the worker alone: the default (control-group) would stop the engine at once
+    # and cut the requests the drain is meant to finish.
+    assert _last(service, "KillMode") == "mixed"
+    drain = float(flags["--drain-timeout"])
+    assert _seconds(_last(service, "TimeoutStopSec")) > drain + ENGINE_STOP_TIMEOUT
+
+
+def _worker_instance_env(index: int) -> dict[str, str]:
+    service = _service("fleet-worker@.service")
+    env = dict(v.split("=", 1) for v in service["Environment"])
+    return {k: v.replace("%i", str(index)).replace("%H", "host") for k, v in env.items()}
+
+
+def test_worker_ports_and_ids_follow_from_the_gpu_index() -> None:
+    seen: set[int] = set()
+    for index in range(10):
+        env = _worker_instance_env(index)
+        settings = WorkerSettings(
+            model="m",
+            port=int(env["FLEET_WORKER_PORT"]),
+            engine_port=int(env["FLEET_WORKER_ENGINE_PORT"]),
+            worker_id=env["FLEET_WORKER_WORKER_ID"],
+        )
+        ports = {settings.port, settings.engine_port}
+        assert len(ports) == 2 and not ports & seen
+        assert not ports & {21001, 8000, 7860}
+        assert settings.worker_id == f"host-gpu{index}"
+        seen |= ports
+
+
+def test_env_example_sets_only_settings_that_exist() -> None:
+    from webui.settings import WebUISettings
+
+    fields = {
+        "FLEET_CONTROLLER_": ControllerSettings.model_fields,
+        "FLEET_WORKER_": WorkerSettings.model_fields,
+        "FLEET_GATEWAY_": GatewaySettings.model_fields,
+        "FLEET_WEBUI_": WebUISettings.model_fields,
+    }
+    env = _env_file(SYSTEMD / "fleet.env.example")
+    for key in env:
+        prefix = next((p for p in fields if key.startswith(p)), None)
+        if prefix is not None:
+            assert key[len(prefix):].lower() in fields[prefix], f"{key} is no setting"
+    # Per-worker values would give every worker the same port or id.
+    assert not {"FLEET_WORKER_PORT", "FLEET_WORKER_ENGINE_PORT", "FLEET_WORKER_WORKER_ID",
+                "FLEET_WORKER_GPUS"} & env.keys()
+    assert "FLEET_CLUSTER_TOKEN" in env
+
+
+def test_model_cache_is_writable_by_the_worker_unit() -> None:
+    writable = [Path(p.lstrip("-")) for v in _service("fleet-worker@.service")["ReadWritePaths"]
+                for p in v.split()]
+    env = _env_file(SYSTEMD / "fleet.env.example")
+    for key in ("FLEET_MODELS_DIR", "FLEET_WORKER_DOWNLOAD_DIR", "HF_HOME"):
+        path = Path(env[key])
+        assert any(path.is_relative_to(w) for w in writable), f"{key}={path} is read-only"
+
+
+def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    # verify checks that ExecStart's binary exists; this machine has no /opt/llm-fleet, so the
+    # copies point at an executable that does. Everything else is verified as written.
+    fleet = Path(sys.executable).with_name("fleet")
+    stand_in = str(fleet) if fleet.exists() else shutil.which("true")
+    assert stand_in
+    for name in UNITS:
+        text = (SYSTEMD / name).read_text()
+        assert FLEET_BIN in text
+        (tmp_path / name).write_text(text.replace(FLEET_BIN, stand_in))
+    # A template is verified through an instance of it.
+    targets = [str(tmp_path / n.replace("@.", "@0.")) for n in UNITS]
+    result = subprocess.run([analyze, "verify", "--man=no", *targets],
+                            capture_output=True, text=True, timeout=60)
+    ours = [line for line in (result.stdout + result.stderr).splitlines()
+            if str(tmp_path) in line or any(n.split("@")[0] in line for n in UNITS)]
+    assert result.returncode == 0 and not ours, result.stdout + result.stderr
