@@ -9,7 +9,7 @@ ENGINE ?= $(shell if nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then echo gpu; 
 STAMP := $(VENV)/.installed-$(ENGINE)
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: setup model run test test-unit lint clean
+.PHONY: setup model browser run test test-unit lint clean
 
 setup: $(STAMP)
 
@@ -30,7 +30,11 @@ model: setup
 run: model
 	$(BIN)/fleet up $(ARGS)
 
-test: model
+# Debian's chromium for the browser tests in tests/e2e (playwright never downloads one).
+browser:
+	@command -v chromium >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium)
+
+test: model browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-unit: setup

@@ -10,7 +10,8 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "controller": ("controller.__main__", "run the controller (worker registry)"),
     "worker": ("worker.__main__", "run one vLLM engine as a worker"),
     "gateway": ("gateway.__main__", "run the OpenAI-compatible gateway"),
-    "up": ("fleet.launcher", "run the whole stack: controller, workers, gateway"),
+    "webui": ("webui.__main__", "run the Gradio chat UI"),
+    "up": ("fleet.launcher", "run the whole stack: controller, workers, gateway, web UI"),
     "test-message": ("worker.test_message", "send a test message to a worker of a model"),
     "demo-model": ("fleet.demo_model", "prepare the demo model (SmolLM2-135M-Instruct)"),
 }

@@ -1,7 +1,7 @@
 """`fleet up`: the whole stack on one machine, supervised, stopped as one by Ctrl-C.
 
 Starts the controller, one worker per visible GPU (or N CPU workers, each pinned to its own
-cores) and the gateway, as child processes. Nothing it started outlives it.
+cores), the gateway and the chat web UI, as child processes. Nothing it started outlives it.
 """
 
 from __future__ import annotations
@@ -163,12 +163,20 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="Bind address of every service.")
     parser.add_argument("--controller-port", type=int, default=21001)
     parser.add_argument("--gateway-port", type=int, default=8000)
+    parser.add_argument("--webui-port", type=int, default=7860,
+                        help="Port of the chat web UI (default 7860).")
+    parser.add_argument("--no-webui", action="store_true", help="Do not start the web UI.")
     parser.add_argument("--api-keys", help="Comma-separated client API keys for the gateway.")
     parser.add_argument("--startup-timeout", type=float, default=900.0,
                         help="Seconds to wait for the model to be served (default 900).")
     parser.add_argument("--drain-timeout", type=float, default=30.0,
                         help="Seconds workers get to finish requests on Ctrl-C (default 30).")
     return parser
+
+
+def _reachable(host: str) -> str:
+    """The address to connect to a service bound to `host`."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::") else host
 
 
 def plan(args: argparse.Namespace, engine_args: list[str], model: str) -> list[Service]:
@@ -196,6 +204,14 @@ def plan(args: argparse.Namespace, engine_args: list[str], model: str) -> list[S
     if args.api_keys:
         gateway += ["--api-keys", args.api_keys]
     services.append(Service("gateway", gateway))
+    if not args.no_webui:
+        gateway_url = f"http://{_reachable(args.host)}:{args.gateway_port}"
+        # The key travels in the environment, where `ps` does not show it.
+        key = {"FLEET_WEBUI_API_KEY": args.api_keys.split(",")[0].strip()} \
+            if args.api_keys else {}
+        services.append(Service("webui", [py, "-m", "webui", "--host", args.host, "--port",
+                                          str(args.webui_port), "--gateway-url", gateway_url],
+                                env=key))
     return services
 
 
@@ -220,9 +236,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _on_signal)
-    host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    host = _reachable(args.host)
     controller_url = f"http://{host}:{args.controller_port}"
     gateway_url = f"http://{host}:{args.gateway_port}"
+    webui_url = None if args.no_webui else f"http://{host}:{args.webui_port}"
     try:
         with httpx.Client(timeout=3.0) as http:
             stack.start(services[0])
@@ -233,18 +250,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                 stack.start(service)
             headers = {"Authorization": f"Bearer {args.api_keys.split(',')[0]}"} \
                 if args.api_keys else {}
-            workers = len(services) - 2
+            workers = sum(s.name.startswith("worker-") for s in services)
             deadline = time.monotonic() + args.startup_timeout
 
             def _all_ready() -> bool:
                 listed = http.get(f"{controller_url}/workers").json()["workers"]
                 return sum(w["state"] == "ready" for w in listed) >= workers and http.get(
-                    f"{gateway_url}/v1/models", headers=headers).json()["data"] != []
+                    f"{gateway_url}/v1/models", headers=headers).json()["data"] != [] and (
+                    webui_url is None or http.get(f"{webui_url}/health").is_success)
 
             _wait_until(_all_ready, deadline, stack, f"{workers} worker(s) to be ready")
+        webui_line = f"  web UI:      {webui_url}\n" if webui_url else ""
         print(
             f"\nllm-fleet is up: model '{model_name or model}' on {workers} worker(s).\n"
             f"  OpenAI API:  {gateway_url}/v1\n"
+            f"{webui_line}"
             f"  controller:  {controller_url}\n"
             f"  try:  curl {gateway_url}/v1/models\n"
             f"Press Ctrl-C to stop.\n",

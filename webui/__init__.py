@@ -1,1 +1,1 @@
-"""The Gradio chat front end (to come): it uses the gateway like any OpenAI client."""
+"""The Gradio chat front end: it uses the gateway like any OpenAI client."""

@@ -21,12 +21,13 @@ pytestmark = pytest.mark.integration
 def test_fleet_up_serves_the_demo_model_and_ctrl_c_leaves_nothing_behind(
     tmp_path: Path, model_path: Path
 ) -> None:
-    controller_port, gateway_port = free_port(), free_port()
+    controller_port, gateway_port, webui_port = free_port(), free_port(), free_port()
     log = tmp_path / "up.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "fleet.cli", "up", "--controller-port", str(controller_port),
-             "--gateway-port", str(gateway_port), "--api-keys", "k1,k2",
+             "--gateway-port", str(gateway_port), "--webui-port", str(webui_port),
+             "--api-keys", "k1,k2",
              "--max-model-len", "2048"],
             stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
@@ -37,9 +38,12 @@ def test_fleet_up_serves_the_demo_model_and_ctrl_c_leaves_nothing_behind(
         harness.wait_for(lambda: "llm-fleet is up" in log.read_text(), "fleet up", 300)
         text = log.read_text()
         assert f"http://127.0.0.1:{gateway_port}/v1" in text
+        assert f"web UI:      http://127.0.0.1:{webui_port}" in text
+        assert httpx.get(f"http://127.0.0.1:{webui_port}/health", timeout=10).is_success
         started = psutil.Process(proc.pid).children(recursive=True)
         names = " ".join(" ".join(p.cmdline()) for p in started)
-        for part in ("-m controller", "-m worker", "-m gateway", "vllm.entrypoints.openai"):
+        for part in ("-m controller", "-m worker", "-m gateway", "-m webui",
+                     "vllm.entrypoints.openai"):
             assert part in names
         # The unknown flag reached the engine.
         models = httpx.get(f"http://127.0.0.1:{gateway_port}/v1/models",
