@@ -25,7 +25,6 @@ from worker.engine import EngineProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
-SYSTEMD = ROOT / "deploy" / "systemd"
 OVERLAYS = ["cpu-demo", "gpu", "gpu-tp"]
 # The Kubernetes release the manifests are checked against (kubernetes-validate's schemas).
 KUBERNETES_VERSION = "1.32.0"
@@ -35,7 +34,6 @@ WORKER_IMAGE = {"cpu-demo": "ghcr.io/llm-fleet/worker:0.1.0-cpu",
                 "gpu": "ghcr.io/llm-fleet/worker:0.1.0",
                 "gpu-tp": "ghcr.io/llm-fleet/worker:0.1.0"}
 GPUS_PER_WORKER = {"cpu-demo": None, "gpu": 1, "gpu-tp": 2}
-WORKLOADS = ("Deployment", "StatefulSet")
 # How long the worker gives its engine to exit after the drain, before SIGKILL.
 ENGINE_STOP_TIMEOUT = inspect.signature(EngineProcess.stop).parameters["timeout"].default
 SECRET_ENV = re.compile(r"(TOKEN|KEY|SECRET|PASSWORD)", re.IGNORECASE)
