@@ -152,7 +152,6 @@ def main() -> None:
     results: dict[str, Any] = {}
     try:
         stack.start_controller()
-        stack.wait_for(lambda: stack.workers() is not None, "the controller", 30)
         for i in range(2):
             stack.start_worker(f"w{i}", cpus=str(i),
                                extra=["--num-gpu-blocks-override", str(args.kv_blocks)])

@@ -70,11 +70,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UIStack]:
     stack = UIStack(workdir=tmp_path_factory.mktemp("e2e-stack"),
                     model_path=ensure_demo_model(progress=False))
     try:
-        stack.start_controller()
-        stack.wait_for(lambda: stack.workers() is not None, "the controller", 30)
-        stack.start_gateway()
-        stack.start_worker("worker", cpus="0")
-        stack.wait_routable(timeout=300)
+        stack.start_serving()
         yield stack
     finally:
         stack.close()

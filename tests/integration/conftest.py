@@ -21,11 +21,7 @@ def model_path() -> Path:
 def stack(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterator[Stack]:
     stack = Stack(workdir=tmp_path_factory.mktemp("stack"), model_path=model_path)
     try:
-        stack.start_controller()
-        stack.wait_for(lambda: stack.workers() is not None, "the controller", 30)
-        stack.start_gateway()
-        stack.start_worker("worker", cpus="0")
-        stack.wait_routable(timeout=300)
+        stack.start_serving()
         yield stack
     finally:
         stack.close()

@@ -82,10 +82,21 @@ class Stack:
         return service
 
     def start_controller(self) -> Service:
-        return self._spawn("controller", [
+        """Start the controller and wait until it answers."""
+        service = self._spawn("controller", [
             "-m", "controller", "--port", str(self.controller_port),
             "--heartbeat-interval", "1", "--expiry", "3",
         ])
+        self.wait_for(lambda: self.workers() is not None, "the controller", 30,
+                      watch=["controller"])
+        return service
+
+    def start_serving(self) -> None:
+        """Controller, gateway and one worker ("worker", core 0), until the model is routable."""
+        self.start_controller()
+        self.start_gateway()
+        self.start_worker("worker", cpus="0")
+        self.wait_routable(timeout=300)
 
     def start_gateway(self) -> Service:
         return self._spawn("gateway", [

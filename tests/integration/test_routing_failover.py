@@ -29,7 +29,6 @@ def pair(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterator
     stack = Stack(workdir=tmp_path_factory.mktemp("pair"), model_path=model_path)
     try:
         stack.start_controller()
-        stack.wait_for(lambda: stack.workers() is not None, "the controller", 30)
         stack.start_worker("w0", cpus="0")
         stack.start_worker("w1", cpus="1")
         stack.wait_worker_state("w0", "ready", timeout=300)
