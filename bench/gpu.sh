@@ -1,27 +1,52 @@
 #!/usr/bin/env bash
-# Issue 7, part 1, as one command on the lent GPU machine: the stack against the bare engine.
+# Issue 7's GPU measurements, one command per phase on the lent GPU machine (each under the
+# device's 10-minute limit), results and logs written to OUT:
 #
-# Starts `fleet up` (one worker on the GPU, engine args below), then runs vLLM's serving
-# benchmark against the worker's engine directly and through the gateway, A-B-B-A, via
-# bench/serve_bench.py. Writes the result JSON and the logs to OUT.
+#   bash bench/gpu.sh serve   MODEL_DIR OUT [serve_bench flags]    # the stack against the bare engine
+#   bash bench/gpu.sh routing MODEL_DIR OUT [routing_bench flags]  # two engines on one GPU
 #
-#   bash bench/gpu.sh MODEL_DIR OUT [extra serve_bench flags, e.g. --smoke]
+# serve: `fleet up` with one worker on the GPU, then vLLM's serving benchmark (random 512 in,
+#   256 out, 512 prompts, concurrency 256, ignore-eos, chat) against the worker's engine directly
+#   and through the gateway, A-B-B-A (bench/serve_bench.py).
+# routing: two workers on GPU 0 with 0.40 of its memory each, the shared-prefix multi-turn load
+#   through our cache-aware and round-robin gateways and vLLM's router (cache_aware) over the same
+#   engines (bench/routing_bench.py). 48 system prompts of ~4,050 tokens are ~1.4x one engine's
+#   cache, so where a prefix goes matters.
 #
 # MODEL_DIR holds a config and tokenizer (bench/dummy_model.py makes a Llama-3-8B shape);
-# weights are dummy. Also runs on CPU with --smoke, which is how it is tested before GPU time.
+# weights are dummy. Both phases also run on CPU with --smoke, which is how they are tested
+# before GPU time.
 set -euo pipefail
-model=$1
-out=$2
-shift 2
+phase=$1
+model=$2
+out=$3
+shift 3
 mkdir -p "$out"
 export VLLM_USE_FLASHINFER_SAMPLER=0 NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
   python3 -c 'import vllm, torch; print("vllm", vllm.__version__, "torch", torch.__version__)'
 } > "$out/machine.txt" 2>&1
-python3 bench/serve_bench.py --start --label "${LABEL:-gpu}" --out "$out" \
-  --gateway-url http://127.0.0.1:18000 --controller-url http://127.0.0.1:18001 \
-  --model-name llama-8b-dummy --tokenizer "$model" \
-  --up-args "--model $model --model-name llama-8b-dummy --startup-timeout 480 \
+case $phase in
+serve)
+  python3 bench/serve_bench.py --start --label "${LABEL:-gpu}" --out "$out" \
+    --gateway-url http://127.0.0.1:18000 --controller-url http://127.0.0.1:18001 \
+    --model-name llama-8b-dummy --tokenizer "$model" \
+    --up-args "--model $model --model-name llama-8b-dummy --startup-timeout 480 --no-webui \
 --load-format dummy --max-model-len 4096 ${UP_ARGS:-}" \
-  --endpoint chat --input-len 512 --output-len 256 --num-prompts 512 --max-concurrency 256 \
-  "$@"
+    --endpoint chat --input-len 512 --output-len 256 --num-prompts 512 --max-concurrency 256 \
+    "$@"
+  ;;
+routing)
+  python3 bench/routing_bench.py --label "${LABEL:-gpu}" --out "$out" \
+    --model "$model" --model-name llama-8b-dummy --devices gpus=0,gpus=0 --sequential-start \
+    --kv-blocks 0 --vllm-router-python "${VLLM_ROUTER_PYTHON:-python3}" \
+    --worker-args "--load-format dummy --gpu-memory-utilization 0.40 --enforce-eager \
+--max-model-len 8192 ${WORKER_ARGS:-}" \
+    --groups 48 --system-words 3500 --conversations 192 --turns 3 --max-tokens 32 \
+    --concurrency 32 "$@"
+  ;;
+*)
+  echo "usage: bash bench/gpu.sh serve|routing MODEL_DIR OUT [flags]" >&2
+  exit 2
+  ;;
+esac

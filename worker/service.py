@@ -33,7 +33,7 @@ class Worker:
         self.model_names = served_names(settings)
         self.engine_port = settings.engine_port or free_port(settings.engine_host)
         # A fresh key per start: the engine is useless to anyone who bypasses the gateway.
-        self.engine_api_key = secrets.token_urlsafe(32)
+        self.engine_api_key = settings.engine_api_key or secrets.token_urlsafe(32)
         self.worker_id = settings.worker_id or f"{socket.gethostname()}-{self.engine_port}"
         self.engine_url = ""
         self.heartbeat_interval = 2.0

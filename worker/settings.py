@@ -43,6 +43,10 @@ class WorkerSettings(BaseSettings):
     engine_start_timeout: float = Field(900.0, gt=0)
     restart_backoff_max: float = Field(30.0, gt=0)
     log_level: str = "info"
+    # Environment only (FLEET_WORKER_ENGINE_API_KEY), so it never shows in `ps`. Unset: a fresh
+    # random key per start. Set it where something besides the gateway must reach the engine
+    # with a known key, such as another router in a side-by-side benchmark.
+    engine_api_key: str | None = Field(None, min_length=16)
     engine_args: list[str] = Field(default_factory=list)
 
     @field_validator("gpus", "cpus")

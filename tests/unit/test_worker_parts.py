@@ -143,3 +143,18 @@ def test_modelscope_ids_are_downloaded_with_snapshot_download(
 
 def test_a_key_that_starts_with_a_dash_stays_one_argument() -> None:
     assert "--api-key=-abc" in command(api_key="-abc").argv
+
+
+def test_engine_key_is_fresh_per_worker_unless_set_in_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from worker.service import Worker
+
+    first = Worker(WorkerSettings.from_cli(["--model", "m"]))
+    second = Worker(WorkerSettings.from_cli(["--model", "m"]))
+    assert first.engine_api_key != second.engine_api_key
+    monkeypatch.setenv("FLEET_WORKER_ENGINE_API_KEY", "k" * 32)
+    assert Worker(WorkerSettings.from_cli(["--model", "m"])).engine_api_key == "k" * 32
+    monkeypatch.setenv("FLEET_WORKER_ENGINE_API_KEY", "short")
+    with pytest.raises(ValueError):
+        WorkerSettings.from_cli(["--model", "m"])
