@@ -12,8 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Open(BaseModel):
-    # Fields we do not check are the engine's business, not ours.
-    model_config = ConfigDict(extra="allow")
+    # Fields we do not check are the engine's business, not ours. The ones we check are
+    # strict, so "5" is not a number here even if the engine would take it.
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(_Open):
@@ -39,8 +40,8 @@ class _Generation(_Open):
 def _text(content: str | list[Any] | None) -> str:
     if isinstance(content, str):
         return content
-    parts = content or []
-    return "".join(p.get("text", "") for p in parts if isinstance(p, dict))
+    texts = (p.get("text") for p in content or [] if isinstance(p, dict))
+    return "".join(t for t in texts if isinstance(t, str))
 
 
 class ChatCompletionRequest(_Generation):
@@ -51,9 +52,18 @@ class ChatCompletionRequest(_Generation):
         """The conversation as text, in order: what prefix-aware routing matches on."""
         return "".join(f"<{m.role}>{_text(m.content)}\n" for m in self.messages)
 
+    def output_limit(self) -> tuple[str, int | None]:
+        """The field that bounds the answer's length, and its value."""
+        if self.max_completion_tokens is not None:
+            return "max_completion_tokens", self.max_completion_tokens
+        return "max_tokens", self.max_tokens
+
 
 class CompletionRequest(_Generation):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(min_length=1)
+
+    def output_limit(self) -> tuple[str, int | None]:
+        return "max_tokens", self.max_tokens
 
     def prompt_text(self) -> str:
         if isinstance(self.prompt, str):
