@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -20,9 +19,9 @@ from starlette.responses import Response
 
 from fleet.errors import ErrorResponse, FleetError, PermissionDeniedError, install_error_handlers
 from gateway import validation
-from gateway.auth import ANONYMOUS, Authenticator, Caller
+from gateway.auth import ANONYMOUS, Authenticator
 from gateway.breaker import Breakers
-from gateway.limits import KeyLimiter, ask_for_usage, total_tokens
+from gateway.limits import KeyLimiter, ask_for_usage, usage_charger
 from gateway.metrics import GatewayMetrics
 from gateway.protocol import (
     ChatCompletionRequest,
@@ -31,7 +30,7 @@ from gateway.protocol import (
     ModelList,
     TableHealth,
 )
-from gateway.proxy import Proxy, UsageHook
+from gateway.proxy import Proxy
 from gateway.routing import POLICIES, CacheAware, RouteRequest, RoutingPolicy
 from gateway.routing_table import Limits, RoutingTable
 from gateway.settings import GatewaySettings
@@ -67,21 +66,6 @@ def build_table(settings: GatewaySettings) -> RoutingTable:
         limits=Limits(max_inflight_per_worker=settings.max_inflight_per_worker,
                       queue_size=settings.queue_size, queue_timeout=settings.queue_timeout),
     )
-
-
-def _usage_charger(limiter: KeyLimiter, caller: Caller, request: validation.GenerationRequest,
-                   max_model_len: int | None) -> UsageHook:
-    def charge(usage: dict[str, Any] | None) -> None:
-        tokens = total_tokens(usage)
-        if tokens is None:
-            # No usage (a stream cut off): charge what the request could have cost, so that
-            # leaving a stream just before its end is no way around the limit.
-            _, out_tokens = request.output_limit()
-            prompt = math.ceil(len(request.prompt_text()) / 4)
-            tokens = prompt + (out_tokens or max_model_len or 1024)
-        limiter.charge(caller, tokens)
-
-    return charge
 
 
 def create_app(settings: GatewaySettings) -> FastAPI:
@@ -157,7 +141,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                 options = parsed.stream_options
                 if parsed.stream and not (options and options.include_usage):
                     body = ask_for_usage(body)
-                on_usage = _usage_charger(limiter, caller, parsed, max_model_len)
+                on_usage = usage_charger(limiter, caller, parsed, max_model_len)
             route = RouteRequest(
                 model=parsed.model,
                 session=request.headers.get(settings.session_header) or parsed.user,

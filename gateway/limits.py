@@ -23,6 +23,7 @@ import pydantic_core
 
 from fleet.errors import RateLimitError
 from gateway.auth import Caller
+from gateway.protocol import ChatCompletionRequest, CompletionRequest
 
 PERIOD = 60.0
 
@@ -133,6 +134,24 @@ def total_tokens(usage: dict[str, Any] | None) -> int | None:
     parts = [usage.get(k) for k in ("prompt_tokens", "completion_tokens")]
     counted = [p for p in parts if isinstance(p, int) and p >= 0]
     return sum(counted) if counted else None
+
+
+def usage_charger(limiter: KeyLimiter, caller: Caller,
+                  request: ChatCompletionRequest | CompletionRequest,
+                  max_model_len: int | None) -> Callable[[dict[str, Any] | None], None]:
+    """The proxy's usage hook for one request: charges the tokens its response used."""
+
+    def charge(usage: dict[str, Any] | None) -> None:
+        tokens = total_tokens(usage)
+        if tokens is None:
+            # No usage (a stream cut off): charge what the request could have cost, so that
+            # leaving a stream just before its end is no way around the limit.
+            _, out_tokens = request.output_limit()
+            prompt = math.ceil(len(request.prompt_text()) / 4)
+            tokens = prompt + (out_tokens or max_model_len or 1024)
+        limiter.charge(caller, tokens)
+
+    return charge
 
 
 def ask_for_usage(body: bytes) -> bytes:

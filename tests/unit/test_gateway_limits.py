@@ -9,7 +9,14 @@ import pytest
 from fleet.errors import RateLimitError
 from gateway.auth import Caller
 from gateway.keys import KeyEntry
-from gateway.limits import KeyLimiter, SlidingWindow, ask_for_usage, total_tokens
+from gateway.limits import (
+    KeyLimiter,
+    SlidingWindow,
+    ask_for_usage,
+    total_tokens,
+    usage_charger,
+)
+from gateway.protocol import ChatCompletionRequest
 
 
 class Clock:
@@ -144,3 +151,19 @@ def test_ask_for_usage_turns_include_usage_on_and_keeps_the_rest() -> None:
                     "stream_options": {"x": 1, "include_usage": True}}
     assert json.loads(ask_for_usage(b'{"stream": true}'))["stream_options"] == {
         "include_usage": True}
+
+
+def test_usage_charger_charges_reported_usage_or_the_most_a_cut_off_request_could_cost() -> None:
+    limiter = KeyLimiter(Clock())
+    key = caller(tpm=10_000)
+    request = ChatCompletionRequest.model_validate(
+        {"model": "m", "max_tokens": 50, "messages": [{"role": "user", "content": "x" * 391}]})
+    charge = usage_charger(limiter, key, request, max_model_len=4096)
+    charge({"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7})
+    assert limiter.usage("k") == (0, 7)
+    charge(None)  # "<user>" + 391 characters + "\n" is 398: 100 prompt tokens at 4 a token
+    assert limiter.usage("k") == (0, 7 + 100 + 50)
+    unbounded = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    usage_charger(limiter, key, unbounded, max_model_len=4096)(None)
+    assert limiter.usage("k")[1] == 157 + 3 + 4096
