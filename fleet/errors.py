@@ -121,8 +121,10 @@ def validation_error(exc: ValidationError | RequestValidationError) -> InvalidRe
     first = errors[0]
     loc = []
     for part in first.get("loc", ()):
-        if isinstance(part, str) and (part in _UNION_TAGS or "[" in part):
-            break  # pydantic names the member of a union it tried; the field ends before
+        if isinstance(part, str) and (part in _UNION_TAGS or "[" in part or "-" in part):
+            # pydantic names the member of a union it tried ("str", "list[int]",
+            # "constrained-str"): the field's path ends before it.
+            break
         if part != "body":
             loc.append(str(part))
     param = ".".join(loc) or None
@@ -147,7 +149,9 @@ async def _http_handler(request: Request, exc: Exception) -> JSONResponse:
     if exc.status_code == 404:
         err: FleetError = NotFoundError(f"No route {request.method} {request.url.path}.")
     elif exc.status_code == 405:
-        err = InvalidRequestError(f"Method {request.method} is not allowed on {request.url.path}.")
+        # Starlette names the allowed methods in `Allow`, which RFC 9110 requires on a 405.
+        err = InvalidRequestError(f"Method {request.method} is not allowed on {request.url.path}.",
+                                  code="method_not_allowed", headers=exc.headers)
         err.status_code = 405
     else:
         err = FleetError(str(exc.detail))

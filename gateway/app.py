@@ -48,6 +48,14 @@ _ERRORS: dict[int | str, dict[str, object]] = {
         (503, "No worker available for the model"),
     ]
 }
+_SSE_EVENT = {"type": "object", "required": ["data"], "properties": {
+    "data": {"type": "string", "description": "A chunk as JSON, or [DONE] at the end."}}}
+# The engine's answer, relayed: a JSON object, or server-sent events for `"stream": true`.
+_GENERATED: dict[int | str, dict[str, object]] = {
+    200: {"description": "The engine's answer",
+          "content": {"application/json": {}, "text/event-stream": {"schema": _SSE_EVENT}}},
+    **_ERRORS,
+}
 
 
 def _policy(name: str, settings: GatewaySettings) -> RoutingPolicy:
@@ -159,12 +167,13 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         metrics.requests.labels(model, str(response.status_code), policy).inc()
         return response
 
-    @app.post("/v1/chat/completions", responses=_ERRORS,
+    @app.post("/v1/chat/completions", responses=_GENERATED,
               openapi_extra=_body_schema(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
         return await _generate(request, "/v1/chat/completions", ChatCompletionRequest)
 
-    @app.post("/v1/completions", responses=_ERRORS, openapi_extra=_body_schema(CompletionRequest))
+    @app.post("/v1/completions", responses=_GENERATED,
+              openapi_extra=_body_schema(CompletionRequest))
     async def completions(request: Request) -> Response:
         return await _generate(request, "/v1/completions", CompletionRequest)
 
@@ -194,7 +203,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         return TableHealth(controller=controller, table_age_s=age, workers=workers,
                            models=sorted(table.models()))
 
-    _add_body_schemas(app, [ChatCompletionRequest, CompletionRequest])
+    _add_body_schemas(app, [ChatCompletionRequest, CompletionRequest], limits)
     return app
 
 
@@ -210,8 +219,10 @@ def _body_schema(model: type[BaseModel]) -> dict[str, object]:
                                        "content": {"application/json": {"schema": schema}}}}
 
 
-def _add_body_schemas(app: FastAPI, models: list[type[BaseModel]]) -> None:
-    """Put the request models that handlers parse themselves into the OpenAPI components."""
+def _add_body_schemas(app: FastAPI, models: list[type[BaseModel]],
+                      limits: validation.InputLimits) -> None:
+    """Put the request models that handlers parse themselves into the OpenAPI components,
+    with this gateway's limits."""
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -223,6 +234,7 @@ def _add_body_schemas(app: FastAPI, models: list[type[BaseModel]]) -> None:
             components = spec["components"].setdefault("schemas", {})
             for model in models:
                 schema = model.model_json_schema(ref_template=_REF)
+                validation.describe_limits(schema, limits)
                 components.update(schema.pop("$defs", {}))
                 components[model.__name__] = schema
             app.openapi_schema = spec

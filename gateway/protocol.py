@@ -6,9 +6,11 @@ the engine (vLLM's own OpenAI server) owns the full schema.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from fleet.json_types import JsonInt, PositiveInt
 
 
 class _Open(BaseModel):
@@ -30,8 +32,8 @@ class _Generation(_Open):
     model: str = Field(min_length=1, max_length=256)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    n: int | None = Field(None, ge=1)
+    max_tokens: PositiveInt | None = None
+    n: PositiveInt | None = None
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
     user: str | None = None
@@ -45,8 +47,13 @@ def _text(content: str | list[Any] | None) -> str:
 
 
 class ChatCompletionRequest(_Generation):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "model": "SmolLM2-135M-Instruct", "max_tokens": 16,
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+    }]})
+
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: PositiveInt | None = None
 
     def prompt_text(self) -> str:
         """The conversation as text, in order: what prefix-aware routing matches on."""
@@ -60,7 +67,14 @@ class ChatCompletionRequest(_Generation):
 
 
 class CompletionRequest(_Generation):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(min_length=1)
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "model": "SmolLM2-135M-Instruct", "prompt": "The capital of France is", "max_tokens": 8,
+    }]})
+
+    # One text, several texts, one prompt as token ids, or several: none of them empty.
+    prompt: (Annotated[str, Field(min_length=1)] | Annotated[list[str], Field(min_length=1)]
+             | Annotated[list[JsonInt], Field(min_length=1)]
+             | Annotated[list[list[JsonInt]], Field(min_length=1)])
 
     def output_limit(self) -> tuple[str, int | None]:
         return "max_tokens", self.max_tokens

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import pydantic_core
 from fastapi import Request
@@ -149,3 +151,30 @@ def check_limits(request: GenerationRequest, limits: InputLimits,
         _refuse(out_param, f"'{out_param}' is {out_tokens}; with the prompt (at least "
                 f"{prompt_tokens} tokens) that passes the model's context of {max_model_len} "
                 "tokens.", "context_length_exceeded")
+
+
+def _set_in(field: dict[str, Any] | None, keyword: str, value: int,
+            member: Callable[[dict[str, Any]], bool]) -> None:
+    if field is None:
+        return
+    for schema in field.get("anyOf", [field]):
+        if member(schema):
+            schema[keyword] = value
+
+
+def describe_limits(schema: dict[str, Any], limits: InputLimits) -> None:
+    """Write this gateway's limits into a request model's JSON schema, for its OpenAPI spec."""
+    props = schema.get("properties", {})
+
+    def is_int(s: dict[str, Any]) -> bool:
+        return s.get("type") == "integer"
+
+    def is_batch(s: dict[str, Any]) -> bool:
+        return s.get("type") == "array" and s.get("items", {}).get("type") in ("string", "array")
+
+    for name in ("max_tokens", "max_completion_tokens"):
+        _set_in(props.get(name), "maximum", limits.max_tokens, is_int)
+    _set_in(props.get("n"), "maximum", limits.max_n, is_int)
+    _set_in(props.get("messages"), "maxItems", limits.max_messages,
+            lambda s: s.get("type") == "array")
+    _set_in(props.get("prompt"), "maxItems", limits.max_messages, is_batch)

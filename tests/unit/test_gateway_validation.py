@@ -89,7 +89,7 @@ def chat(**extra: object) -> dict:
     (chat(max_tokens=50, messages=[{"role": "user", "content": "x" * 600}]), "max_tokens",
      "context_length_exceeded"),
     (chat(max_tokens="5"), "max_tokens", None),
-    (chat(max_tokens=5.0), "max_tokens", None),
+    (chat(max_tokens=5.5), "max_tokens", None),
     (chat(n=True), "n", None),
     (chat(temperature="hot"), "temperature", None),
     (chat(model=["m"]), "model", None),
@@ -116,6 +116,12 @@ def test_chat_over_a_limit_or_mistyped_is_400_naming_the_field(
 ])
 def test_completion_limits(client: TestClient, body: dict, param: str) -> None:
     assert error_of(post(client, body, path="/v1/completions"), 400)["param"] == param
+
+
+def test_whole_floats_are_integers_as_in_json_schema(client: TestClient) -> None:
+    assert error_of(post(client, chat(max_tokens=5.0, n=1.0)), 503)
+    response = post(client, {"model": "m", "prompt": [1.0, 2]}, path="/v1/completions")
+    assert error_of(response, 503)
 
 
 def test_prompts_as_token_ids_within_the_context_pass(client: TestClient) -> None:
@@ -228,3 +234,17 @@ def test_check_limits_without_a_known_context_checks_the_rest() -> None:
     completion = parse(b'{"model": "m", "prompt": "hi", "max_tokens": 10}', CompletionRequest)
     assert isinstance(completion, CompletionRequest)
     check_limits(completion, limits, max_model_len=None)
+
+
+def test_the_spec_describes_bodies_limits_and_bearer_auth(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    chat_op = spec["paths"]["/v1/chat/completions"]["post"]
+    assert chat_op["security"] == [{"bearer": []}]
+    assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    assert set(chat_op["responses"]["200"]["content"]) == {"application/json",
+                                                           "text/event-stream"}
+    assert {"400", "401", "403", "404", "429", "503"} <= set(chat_op["responses"])
+    props = spec["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+    assert props["messages"]["maxItems"] == 3 and props["messages"]["minItems"] == 1
+    assert props["n"]["anyOf"][0]["maximum"] == 2
+    assert props["max_tokens"]["anyOf"][0] == {"type": "integer", "minimum": 1, "maximum": 50}
