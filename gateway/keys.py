@@ -2,7 +2,7 @@
 
 The file is YAML (or JSON, by a `.json` suffix), one mapping from `sha256:<hex>` to an entry:
 
-    "sha256:9f86d081884c...": {name: alice, models: [SmolLM2-135M-Instruct], rpm: 60, tpm: 20000}
+    "sha256:5e1f0a9c2b7d...": {name: alice, models: [SmolLM2-135M-Instruct], rpm: 60, tpm: 20000}
 
 Keys are never stored in clear. A key is 256 random bits made by `new_key`, so a plain SHA-256
 of it cannot be reversed or guessed; a slow password hash (bcrypt, argon2) exists for

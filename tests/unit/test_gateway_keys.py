@@ -251,3 +251,13 @@ def test_authenticate_does_not_touch_the_file(tmp_path: Path,
     for _ in range(1000):
         auth.authenticate(bearer(key))
     assert calls == []
+
+
+def test_the_gateway_does_not_start_on_a_broken_keys_file(tmp_path: Path) -> None:
+    path = tmp_path / "keys.yaml"
+    path.write_text('"sk-in-clear": {name: a}\n')
+    result = subprocess.run([sys.executable, "-m", "gateway", "--keys-file", str(path)],
+                            capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert result.returncode == 2 and "sha256" in result.stderr
+    assert "Traceback" not in result.stderr and "sk-in-clear" not in result.stderr
