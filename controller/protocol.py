@@ -5,10 +5,12 @@ Workers and gateways import these; nobody else declares them.
 
 from __future__ import annotations
 
-import re
 from enum import Enum
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator
+
+from fleet.json_types import NonNegativeInt, PositiveInt
 
 WORKER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$"
 MODEL_NAME_PATTERN = r"^[^\s/][^\s]{0,255}$"
@@ -24,10 +26,11 @@ class WorkerState(str, Enum):
 class WorkerLoad(BaseModel):
     """What the worker last read from its engine's /metrics."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Strict: a load of "0.5" or true is a bug in the sender, not a number.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    running: int = Field(0, ge=0, description="Requests the engine is running.")
-    waiting: int = Field(0, ge=0, description="Requests queued in the engine.")
+    running: NonNegativeInt = Field(0, description="Requests the engine is running.")
+    waiting: NonNegativeInt = Field(0, description="Requests queued in the engine.")
     kv_cache_usage: float = Field(0.0, ge=0.0, le=1.0, description="KV-cache use, 0..1.")
 
 
@@ -39,16 +42,16 @@ class WorkerInfo(BaseModel):
     worker_id: str = Field(pattern=WORKER_ID_PATTERN)
     engine_url: HttpUrl = Field(description="Base URL of the engine's OpenAI server.")
     engine_api_key: str | None = Field(None, max_length=512)
-    model_names: list[str] = Field(min_length=1, max_length=64)
-    max_model_len: int | None = Field(None, ge=1)
+    # The pattern sits on the items, so the OpenAPI spec says what a model name may be.
+    model_names: list[Annotated[str, Field(pattern=MODEL_NAME_PATTERN)]] = Field(
+        min_length=1, max_length=64, json_schema_extra={"uniqueItems": True}
+    )
+    max_model_len: PositiveInt | None = None
     device: str = Field("cpu", max_length=256, description="e.g. 'cuda:0', 'cuda:0,1', 'cpu:0-1'.")
 
     @field_validator("model_names")
     @classmethod
-    def _names_are_clean(cls, names: list[str]) -> list[str]:
-        for name in names:
-            if not re.match(MODEL_NAME_PATTERN, name):
-                raise ValueError(f"bad model name {name!r}")
+    def _names_are_unique(cls, names: list[str]) -> list[str]:
         if len(set(names)) != len(names):
             raise ValueError("model names repeat")
         return names
@@ -65,7 +68,7 @@ class Heartbeat(BaseModel):
     state: WorkerState
     load: WorkerLoad = Field(default_factory=WorkerLoad)
     # Facts that become known only once the engine is up.
-    max_model_len: int | None = Field(None, ge=1)
+    max_model_len: PositiveInt | None = None
 
 
 class RegisterResponse(BaseModel):

@@ -11,6 +11,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "worker": ("worker.__main__", "run one vLLM engine as a worker"),
     "gateway": ("gateway.__main__", "run the OpenAI-compatible gateway"),
     "webui": ("webui.__main__", "run the Gradio chat UI"),
+    "keys": ("gateway.keys_cli", "make client keys for the gateway's keys file, or list them"),
     "up": ("fleet.launcher", "run the whole stack: controller, workers, gateway, web UI"),
     "test-message": ("worker.test_message", "send a test message to a worker of a model"),
     "demo-model": ("fleet.demo_model", "prepare the demo model (SmolLM2-135M-Instruct)"),

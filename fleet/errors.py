@@ -68,6 +68,20 @@ class AuthenticationError(FleetError):
     code = "invalid_api_key"
 
 
+class PermissionDeniedError(FleetError):
+    status_code = 403
+    type = "permission_error"
+    code = "model_not_allowed"
+
+
+class RateLimitError(FleetError):
+    """A client key over its requests- or tokens-per-minute limit; carries Retry-After."""
+
+    status_code = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
 class NotFoundError(FleetError):
     status_code = 404
     type = "invalid_request_error"
@@ -96,13 +110,23 @@ def error_response(exc: FleetError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
 
 
+_UNION_TAGS = frozenset({"str", "int", "float", "bool", "none", "dict", "list"})
+
+
 def validation_error(exc: ValidationError | RequestValidationError) -> InvalidRequestError:
     """The first pydantic error, phrased for a person, naming the offending field."""
     errors = exc.errors()
     if not errors:
         return InvalidRequestError("The request body is invalid.")
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    loc = []
+    for part in first.get("loc", ()):
+        if isinstance(part, str) and (part in _UNION_TAGS or "[" in part or "-" in part):
+            # pydantic names the member of a union it tried ("str", "list[int]",
+            # "constrained-str"): the field's path ends before it.
+            break
+        if part != "body":
+            loc.append(str(part))
     param = ".".join(loc) or None
     msg = first.get("msg", "invalid value")
     where = f"'{param}': " if param else ""
@@ -125,7 +149,9 @@ async def _http_handler(request: Request, exc: Exception) -> JSONResponse:
     if exc.status_code == 404:
         err: FleetError = NotFoundError(f"No route {request.method} {request.url.path}.")
     elif exc.status_code == 405:
-        err = InvalidRequestError(f"Method {request.method} is not allowed on {request.url.path}.")
+        # Starlette names the allowed methods in `Allow`, which RFC 9110 requires on a 405.
+        err = InvalidRequestError(f"Method {request.method} is not allowed on {request.url.path}.",
+                                  code="method_not_allowed", headers=exc.headers)
         err.status_code = 405
     else:
         err = FleetError(str(exc.detail))

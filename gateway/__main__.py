@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from fleet.logs import setup_logging
 from gateway.app import create_app
+from gateway.keys import KeysFileError
 from gateway.settings import GatewaySettings
 
 
@@ -18,7 +19,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = GatewaySettings.from_cli(argv)
         setup_logging(settings.log_level, "gateway")
         app = create_app(settings)
-    except (ValidationError, OSError) as exc:
+    except (ValidationError, OSError, KeysFileError) as exc:
         print(f"fleet gateway: invalid settings: {exc}", file=sys.stderr)
         return 2
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,

@@ -11,22 +11,17 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-import pydantic_core
 from fastapi import FastAPI, Request
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from starlette.responses import Response
 
-from fleet.errors import (
-    ErrorResponse,
-    FleetError,
-    InvalidRequestError,
-    install_error_handlers,
-    validation_error,
-)
-from gateway.auth import ApiKeys
+from fleet.errors import ErrorResponse, FleetError, PermissionDeniedError, install_error_handlers
+from gateway import validation
+from gateway.auth import ANONYMOUS, Authenticator
 from gateway.breaker import Breakers
+from gateway.limits import KeyLimiter, ask_for_usage, usage_charger
 from gateway.metrics import GatewayMetrics
 from gateway.protocol import (
     ChatCompletionRequest,
@@ -47,26 +42,20 @@ _ERRORS: dict[int | str, dict[str, object]] = {
     for code, text in [
         (400, "Malformed request"),
         (401, "Missing or invalid API key"),
+        (403, "The API key may not use this model"),
         (404, "Unknown model"),
-        (429, "Every worker is busy and the queue is full"),
+        (429, "The API key is over a limit, or every worker is busy and the queue is full"),
         (503, "No worker available for the model"),
     ]
 }
-
-
-def _parse(body: bytes, schema: type[BaseModel]) -> BaseModel:
-    if not body:
-        raise InvalidRequestError("The request body is empty; expected a JSON object.")
-    try:
-        data = pydantic_core.from_json(body)
-    except ValueError as exc:
-        raise InvalidRequestError(f"The request body is not valid JSON: {exc}.") from None
-    if not isinstance(data, dict):
-        raise InvalidRequestError("The request body must be a JSON object.")
-    try:
-        return schema.model_validate(data)
-    except ValidationError as exc:
-        raise validation_error(exc) from None
+_SSE_EVENT = {"type": "object", "required": ["data"], "properties": {
+    "data": {"type": "string", "description": "A chunk as JSON, or [DONE] at the end."}}}
+# The engine's answer, relayed: a JSON object, or server-sent events for `"stream": true`.
+_GENERATED: dict[int | str, dict[str, object]] = {
+    200: {"description": "The engine's answer",
+          "content": {"application/json": {}, "text/event-stream": {"schema": _SSE_EVENT}}},
+    **_ERRORS,
+}
 
 
 def _policy(name: str, settings: GatewaySettings) -> RoutingPolicy:
@@ -88,10 +77,12 @@ def build_table(settings: GatewaySettings) -> RoutingTable:
 
 
 def create_app(settings: GatewaySettings) -> FastAPI:
-    keys = ApiKeys(settings.load_keys())
+    auth = Authenticator(settings.load_keys(), settings.keys_file)
+    limiter = KeyLimiter()
+    limits = settings.input_limits()
     table = build_table(settings)
     metrics = GatewayMetrics(table)
-    if not keys.enabled:
+    if not auth.enabled:
         logger.warning("no API keys configured: the gateway accepts every client")
 
     @contextlib.asynccontextmanager
@@ -105,34 +96,28 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                 read_timeout=settings.read_timeout,
                 retry_backoff=settings.retry_backoff,
             )
-            sync = asyncio.create_task(table.sync_forever(
+            tasks = [asyncio.create_task(table.sync_forever(
                 session, settings.controller_addresses, settings.sync_interval
-            ))
+            ))]
+            if auth.keys_file is not None:
+                tasks.append(asyncio.create_task(
+                    auth.watch_forever(settings.keys_reload_interval, limiter.forget)
+                ))
             try:
                 yield
             finally:
-                sync.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await sync
+                for task in tasks:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
 
     app = FastAPI(title="llm-fleet gateway", version="0.1.0", lifespan=lifespan)
     app.state.table = table
     app.state.metrics = metrics
     app.state.settings = settings
+    app.state.auth = auth
+    app.state.limiter = limiter
     install_error_handlers(app)
-
-    async def _read_body(request: Request) -> bytes:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
-            raise InvalidRequestError(
-                f"The request body is larger than {settings.max_body_bytes} bytes."
-            )
-        body = await request.body()
-        if len(body) > settings.max_body_bytes:
-            raise InvalidRequestError(
-                f"The request body is larger than {settings.max_body_bytes} bytes."
-            )
-        return body
 
     def _model_label(model: str) -> str:
         # Client-chosen names would make the label set unbounded.
@@ -141,14 +126,30 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     async def _generate(request: Request, path: str, schema: type[BaseModel]) -> Response:
         started = time.monotonic()
-        request_id = (request.headers.get("x-request-id") or f"fleet-{uuid.uuid4().hex}")[:128]
-        model, policy = "unknown", "-"
+        request_id = f"fleet-{uuid.uuid4().hex}"
+        model, policy, caller = "unknown", "-", ANONYMOUS
         try:
-            keys.check(request.headers.get("authorization"))
-            body = await _read_body(request)
-            parsed = _parse(body, schema)
+            request_id = validation.request_id(request.headers.get("x-request-id")) \
+                or request_id
+            caller = auth.authenticate(request.headers.get("authorization"))
+            validation.check_headers(request, limits, settings.session_header)
+            body = await validation.read_body(request, limits.max_body_bytes)
+            parsed = validation.parse(body, schema)
             assert isinstance(parsed, ChatCompletionRequest | CompletionRequest)
+            if not caller.entry.allows(parsed.model):
+                raise PermissionDeniedError(
+                    f"This API key may not use model '{parsed.model}'.", param="model"
+                )
             model, policy = _model_label(parsed.model), table.policy_for(parsed.model).name
+            max_model_len = table.max_model_len(parsed.model)
+            validation.check_limits(parsed, limits, max_model_len)
+            limiter.admit(caller)
+            on_usage = None
+            if caller.entry.tpm is not None:
+                options = parsed.stream_options
+                if parsed.stream and not (options and options.include_usage):
+                    body = ask_for_usage(body)
+                on_usage = usage_charger(limiter, caller, parsed, max_model_len)
             route = RouteRequest(
                 model=parsed.model,
                 session=request.headers.get(settings.session_header) or parsed.user,
@@ -156,33 +157,35 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             )
             proxy: Proxy = request.app.state.proxy
             response = await proxy.forward(request, path, body, route, bool(parsed.stream),
-                                           request_id, started)
+                                           request_id, started, on_usage)
         except FleetError as exc:
             metrics.requests.labels(model, str(exc.status_code), policy).inc()
             exc.headers.setdefault("X-Request-Id", request_id)
-            logger.info("refused request_id=%s model=%s status=%d code=%s", request_id, model,
-                        exc.status_code, exc.code)
+            logger.info("refused request_id=%s key=%s model=%s status=%d code=%s", request_id,
+                        caller.name, model, exc.status_code, exc.code)
             raise
         metrics.requests.labels(model, str(response.status_code), policy).inc()
         return response
 
-    @app.post("/v1/chat/completions", responses=_ERRORS,
+    @app.post("/v1/chat/completions", responses=_GENERATED,
               openapi_extra=_body_schema(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
         return await _generate(request, "/v1/chat/completions", ChatCompletionRequest)
 
-    @app.post("/v1/completions", responses=_ERRORS, openapi_extra=_body_schema(CompletionRequest))
+    @app.post("/v1/completions", responses=_GENERATED,
+              openapi_extra=_body_schema(CompletionRequest))
     async def completions(request: Request) -> Response:
         return await _generate(request, "/v1/completions", CompletionRequest)
 
-    @app.get("/v1/models", response_model=ModelList, responses=_ERRORS)
+    @app.get("/v1/models", response_model=ModelList, responses=_ERRORS,
+             openapi_extra=_BEARER)
     async def list_models(request: Request) -> ModelList:
-        keys.check(request.headers.get("authorization"))
+        caller = auth.authenticate(request.headers.get("authorization"))
         created = int(time.time())
-        cards = []
-        for name, workers in sorted(table.models().items()):
-            lens = [w.max_model_len for w in workers if w.max_model_len]
-            cards.append(ModelCard(id=name, created=created, max_model_len=min(lens, default=None)))
+        cards = [
+            ModelCard(id=name, created=created, max_model_len=table.max_model_len(name))
+            for name in sorted(table.models()) if caller.entry.allows(name)
+        ]
         return ModelList(data=cards)
 
     @app.get("/metrics", include_in_schema=False)
@@ -200,29 +203,38 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         return TableHealth(controller=controller, table_age_s=age, workers=workers,
                            models=sorted(table.models()))
 
-    _add_body_schemas(app, [ChatCompletionRequest, CompletionRequest])
+    _add_body_schemas(app, [ChatCompletionRequest, CompletionRequest], limits)
     return app
 
 
 _REF = "#/components/schemas/{model}"
+# Handlers check the key themselves (gateway/auth.py); the spec still says a bearer key is needed.
+_BEARER: dict[str, Any] = {"security": [{"bearer": []}]}
 
 
 def _body_schema(model: type[BaseModel]) -> dict[str, object]:
     # Handlers read raw bytes (they are relayed unchanged); the docs still show the schema.
     schema = {"$ref": _REF.format(model=model.__name__)}
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+    return {**_BEARER, "requestBody": {"required": True,
+                                       "content": {"application/json": {"schema": schema}}}}
 
 
-def _add_body_schemas(app: FastAPI, models: list[type[BaseModel]]) -> None:
-    """Put the request models that handlers parse themselves into the OpenAPI components."""
+def _add_body_schemas(app: FastAPI, models: list[type[BaseModel]],
+                      limits: validation.InputLimits) -> None:
+    """Put the request models that handlers parse themselves into the OpenAPI components,
+    with this gateway's limits."""
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             spec = build()
-            components = spec.setdefault("components", {}).setdefault("schemas", {})
+            spec.setdefault("components", {})["securitySchemes"] = {
+                "bearer": {"type": "http", "scheme": "bearer"}
+            }
+            components = spec["components"].setdefault("schemas", {})
             for model in models:
                 schema = model.model_json_schema(ref_template=_REF)
+                validation.describe_limits(schema, limits)
                 components.update(schema.pop("$defs", {}))
                 components[model.__name__] = schema
             app.openapi_schema = spec

@@ -6,14 +6,17 @@ the engine (vLLM's own OpenAI server) owns the full schema.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from fleet.json_types import JsonInt, PositiveInt
+
 
 class _Open(BaseModel):
-    # Fields we do not check are the engine's business, not ours.
-    model_config = ConfigDict(extra="allow")
+    # Fields we do not check are the engine's business, not ours. The ones we check are
+    # strict, so "5" is not a number here even if the engine would take it.
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(_Open):
@@ -29,8 +32,8 @@ class _Generation(_Open):
     model: str = Field(min_length=1, max_length=256)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    n: int | None = Field(None, ge=1)
+    max_tokens: PositiveInt | None = None
+    n: PositiveInt | None = None
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
     user: str | None = None
@@ -39,21 +42,42 @@ class _Generation(_Open):
 def _text(content: str | list[Any] | None) -> str:
     if isinstance(content, str):
         return content
-    parts = content or []
-    return "".join(p.get("text", "") for p in parts if isinstance(p, dict))
+    texts = (p.get("text") for p in content or [] if isinstance(p, dict))
+    return "".join(t for t in texts if isinstance(t, str))
 
 
 class ChatCompletionRequest(_Generation):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "model": "SmolLM2-135M-Instruct", "max_tokens": 16,
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+    }]})
+
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: PositiveInt | None = None
 
     def prompt_text(self) -> str:
         """The conversation as text, in order: what prefix-aware routing matches on."""
         return "".join(f"<{m.role}>{_text(m.content)}\n" for m in self.messages)
 
+    def output_limit(self) -> tuple[str, int | None]:
+        """The field that bounds the answer's length, and its value."""
+        if self.max_completion_tokens is not None:
+            return "max_completion_tokens", self.max_completion_tokens
+        return "max_tokens", self.max_tokens
+
 
 class CompletionRequest(_Generation):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(min_length=1)
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "model": "SmolLM2-135M-Instruct", "prompt": "The capital of France is", "max_tokens": 8,
+    }]})
+
+    # One text, several texts, one prompt as token ids, or several: none of them empty.
+    prompt: (Annotated[str, Field(min_length=1)] | Annotated[list[str], Field(min_length=1)]
+             | Annotated[list[JsonInt], Field(min_length=1)]
+             | Annotated[list[list[JsonInt]], Field(min_length=1)])
+
+    def output_limit(self) -> tuple[str, int | None]:
+        return "max_tokens", self.max_tokens
 
     def prompt_text(self) -> str:
         if isinstance(self.prompt, str):

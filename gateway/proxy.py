@@ -13,7 +13,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import aiohttp
@@ -35,6 +35,8 @@ from gateway.routing_table import RoutingTable
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# Told the usage of a response when it ends: None when it had none (a stream cut off).
+UsageHook = Callable[[dict[str, Any] | None], None]
 RETRY_STATUSES = frozenset({502, 503, 504})
 # What a failure before the first byte looks like: the worker is gone, not the request bad.
 _CONNECT_ERRORS = (
@@ -120,7 +122,7 @@ class Proxy:
 
     async def forward(
         self, request: Request, path: str, body: bytes, route: RouteRequest, stream: bool,
-        request_id: str, started: float,
+        request_id: str, started: float, on_usage: UsageHook | None = None,
     ) -> Response:
         table, model = self._table, route.model
         tried: set[str] = set()
@@ -179,7 +181,7 @@ class Proxy:
             content_type = upstream.headers.get("Content-Type", "application/json")
             if stream and upstream.status == 200:
                 return StreamingResponse(
-                    self._relay(upstream, worker, model, request_id, started),
+                    self._relay(upstream, worker, model, request_id, started, on_usage),
                     status_code=200, headers=headers, media_type=content_type,
                 )
             try:
@@ -193,8 +195,12 @@ class Proxy:
                 upstream.release()
                 table.release(wid)
             if upstream.status == 200:
+                usage = None
                 with contextlib.suppress(ValueError, AttributeError):
-                    self._metrics.count_usage(model, pydantic_core.from_json(payload).get("usage"))
+                    usage = pydantic_core.from_json(payload).get("usage")
+                    self._metrics.count_usage(model, usage)
+                if on_usage is not None:
+                    on_usage(usage)
             self._metrics.latency.labels(model).observe(time.monotonic() - started)
             return Response(payload, status_code=upstream.status, headers=headers,
                             media_type=content_type)
@@ -217,7 +223,7 @@ class Proxy:
 
     async def _relay(
         self, upstream: aiohttp.ClientResponse, worker: WorkerRecord, model: str,
-        request_id: str, started: float,
+        request_id: str, started: float, on_usage: UsageHook | None = None,
     ) -> AsyncIterator[bytes]:
         finished = False
         first = True
@@ -244,5 +250,7 @@ class Proxy:
                 upstream.close()
             self._table.release(worker.worker_id)
             self._metrics.latency.labels(model).observe(time.monotonic() - started)
-            if finished:
-                self._metrics.count_usage(model, usage_from_sse_tail(tail))
+            usage = usage_from_sse_tail(tail) if finished else None
+            self._metrics.count_usage(model, usage)
+            if on_usage is not None:
+                on_usage(usage)

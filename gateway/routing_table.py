@@ -111,6 +111,11 @@ class RoutingTable:
                 out[name] = routable
         return out
 
+    def max_model_len(self, model: str) -> int | None:
+        """The smallest context any worker of the model reported, if any did."""
+        lens = [w.max_model_len for w in self._by_model.get(model, ()) if w.max_model_len]
+        return min(lens, default=None)
+
     def candidates(self, model: str, exclude: set[str] | None = None) -> list[WorkerRecord]:
         """Routable workers for `model`; raises 404 for an unknown model, 503 for none ready."""
         exclude = exclude or set()

@@ -10,6 +10,8 @@ from typing import Annotated
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from gateway.validation import InputLimits
+
 
 class GatewaySettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FLEET_GATEWAY_")
@@ -19,6 +21,10 @@ class GatewaySettings(BaseSettings):
     controller_address: str = "http://127.0.0.1:21001"
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     api_keys_file: Path | None = None
+    # YAML/JSON keys with names, models and limits (gateway/keys.py), checked for changes
+    # every keys_reload_interval seconds off the request path.
+    keys_file: Path | None = None
+    keys_reload_interval: float = Field(1.0, gt=0)
     sync_interval: float = Field(1.0, gt=0)
     connect_timeout: float = Field(5.0, gt=0)
     # Longest silence allowed between two bytes from an engine (prefill of a long prompt on CPU
@@ -27,6 +33,10 @@ class GatewaySettings(BaseSettings):
     max_attempts: int = Field(3, ge=1, le=10)
     retry_backoff: float = Field(0.05, ge=0)
     max_body_bytes: int = Field(32 * 1024 * 1024, gt=0)
+    max_messages: int = Field(1024, ge=1)
+    max_n: int = Field(16, ge=1)
+    max_tokens_limit: int = Field(65536, ge=1)
+    prompt_chars_per_token: float = Field(10.0, gt=0)
     routing: str = "least-load"
     routing_overrides: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
     session_header: str = "X-Session-Id"
@@ -79,6 +89,13 @@ class GatewaySettings(BaseSettings):
                     keys.add(line)
         return keys
 
+    def input_limits(self) -> InputLimits:
+        return InputLimits(
+            max_body_bytes=self.max_body_bytes, max_messages=self.max_messages,
+            max_n=self.max_n, max_tokens=self.max_tokens_limit,
+            prompt_chars_per_token=self.prompt_chars_per_token,
+        )
+
     @classmethod
     def from_cli(cls, argv: Sequence[str] | None = None) -> GatewaySettings:
         parser = argparse.ArgumentParser(
@@ -94,6 +111,19 @@ class GatewaySettings(BaseSettings):
             "--api-keys", help="Comma-separated API keys clients must send. None: no auth."
         )
         parser.add_argument("--api-keys-file", help="File with one API key per line.")
+        parser.add_argument(
+            "--keys-file",
+            help="YAML or JSON keys file with names, models and limits ('fleet keys create'); "
+            "reloaded when it changes.",
+        )
+        parser.add_argument("--max-body-bytes", type=int,
+                            help="Largest request body, in bytes (default 33554432).")
+        parser.add_argument("--max-messages", type=int,
+                            help="Most messages in a chat, or prompts in a completion (1024).")
+        parser.add_argument("--max-n", type=int, help="Largest 'n' (default 16).")
+        parser.add_argument("--max-tokens-limit", type=int,
+                            help="Largest 'max_tokens' (default 65536); the model's context "
+                            "bounds it too.")
         parser.add_argument(
             "--sync-interval", type=float,
             help="Seconds between routing-table syncs from the controller (default 1).",

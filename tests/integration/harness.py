@@ -98,11 +98,21 @@ class Stack:
         self.start_worker("worker", cpus="0")
         self.wait_routable(timeout=300)
 
-    def start_gateway(self) -> Service:
-        return self._spawn("gateway", [
-            "-m", "gateway", "--port", str(self.gateway_port),
+    def start_gateway(self, name: str = "gateway", port: int | None = None,
+                      extra: list[str] | None = None) -> Service:
+        return self._spawn(name, [
+            "-m", "gateway", "--port", str(port or self.gateway_port),
             "--controller-address", self.controller_url, "--api-keys", API_KEY,
-            "--sync-interval", "0.5",
+            "--sync-interval", "0.5", *(extra or []),
+        ])
+
+    def start_fake_engine(self, name: str = "fake", model: str = MODEL_NAME) -> Service:
+        """A fake engine registered as a worker (tests/integration/fake_engine.py), for tests
+        whose subject is the gateway."""
+        self.worker_ports[name] = free_port()
+        return self._spawn(name, [
+            "-m", "tests.integration.fake_engine", "--port", str(self.worker_ports[name]),
+            "--controller-address", self.controller_url, "--model", model, "--worker-id", name,
         ])
 
     def start_worker(self, name: str = "worker", cpus: str = "0", model: Path | None = None,
@@ -148,11 +158,12 @@ class Stack:
 
         self.wait_for(check, f"{worker_id} to be {state}", timeout)
 
-    def wait_routable(self, timeout: float = 300) -> None:
+    def wait_routable(self, timeout: float = 300, gateway_url: str | None = None) -> None:
         headers = {"Authorization": f"Bearer {API_KEY}"}
+        url = gateway_url or self.gateway_url
 
         def check() -> bool:
-            data = httpx.get(f"{self.gateway_url}/v1/models", headers=headers, timeout=5).json()
+            data = httpx.get(f"{url}/v1/models", headers=headers, timeout=5).json()
             return any(m["id"] == MODEL_NAME for m in data["data"])
 
         self.wait_for(check, "the gateway to route the demo model", timeout)

@@ -94,11 +94,22 @@ def test_malformed_body_is_400(client: openai.OpenAI) -> None:
     assert info.value.body["param"] == "messages"
 
 
-def test_engine_side_rejection_comes_back_as_the_engines_400(client: openai.OpenAI) -> None:
-    # Only the engine knows the context length: its own OpenAI error is relayed unchanged.
+def test_max_tokens_past_the_context_is_refused_by_the_gateway(client: openai.OpenAI) -> None:
+    # The worker registered the engine's context (4096): no engine work for a sure failure.
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model=MODEL_NAME, messages=FRANCE, max_tokens=100_000)
-    assert "4096" in str(info.value)
+        client.chat.completions.create(model=MODEL_NAME, messages=FRANCE, max_tokens=4096)
+    assert info.value.body["param"] == "max_tokens"
+    assert info.value.body["code"] == "context_length_exceeded" and "4096" in str(info.value)
+
+
+def test_engine_side_rejection_comes_back_as_the_engines_400(client: openai.OpenAI) -> None:
+    # The gateway does not tokenize: ~4,500 tokens in 27,000 characters pass its cheap bound
+    # (10 characters a token); the engine's exact check refuses them, and its error is relayed
+    # unchanged.
+    long = [{"role": "user", "content": "hello " * 4500}]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL_NAME, messages=long, max_tokens=5)
+    assert "4096" in str(info.value) and info.value.body.get("code") != "context_length_exceeded"
 
 
 def _engine_running(stack: Stack) -> int:

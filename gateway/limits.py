@@ -1,0 +1,167 @@
+"""Requests- and tokens-per-minute limits per client key, held in this gateway process.
+
+Each key has a sliding one-minute window per limit, in one-second buckets (so at most 60 of
+them, whatever the traffic). A request is admitted while both windows are under their limits,
+and counts one request at once; its tokens are charged when its response ends, from the
+engine's `usage`. Requests already running when the token window fills are not stopped, so a
+burst of concurrent requests can overshoot the tokens-per-minute limit by what they use.
+
+Hand-written rather than taken from a rate-limit library: those refuse a hit that would exceed
+the limit, while token charges arrive after the fact and must always be recorded.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pydantic_core
+
+from fleet.errors import RateLimitError
+from gateway.auth import Caller
+from gateway.protocol import ChatCompletionRequest, CompletionRequest
+
+PERIOD = 60.0
+
+
+class SlidingWindow:
+    """Amounts added over the last `period` seconds, in `bucket`-second slots."""
+
+    def __init__(self, period: float = PERIOD, bucket: float = 1.0) -> None:
+        self.period = period
+        self.bucket = bucket
+        self._slots: collections.deque[list[float]] = collections.deque()  # [start, amount]
+        self._total = 0.0
+
+    def _expire(self, now: float) -> None:
+        slots = self._slots
+        while slots and slots[0][0] + self.period <= now:
+            self._total -= slots.popleft()[1]
+
+    def used(self, now: float) -> float:
+        self._expire(now)
+        return self._total
+
+    def add(self, amount: float, now: float) -> None:
+        self._expire(now)
+        start = math.floor(now / self.bucket) * self.bucket
+        if self._slots and self._slots[-1][0] == start:
+            self._slots[-1][1] += amount
+        else:
+            self._slots.append([start, amount])
+        self._total += amount
+
+    def retry_after(self, limit: float, now: float) -> float:
+        """Seconds until the window holds less than `limit` (0 if it does now)."""
+        self._expire(now)
+        excess = self._total - limit
+        for start, amount in self._slots:
+            if excess < 0:
+                break
+            excess -= amount
+            if excess < 0:
+                return max(start + self.period - now, 0.0)
+        return 0.0
+
+
+@dataclass
+class _KeyWindows:
+    requests: SlidingWindow = field(default_factory=SlidingWindow)
+    tokens: SlidingWindow = field(default_factory=SlidingWindow)
+
+
+class KeyLimiter:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._windows: dict[str, _KeyWindows] = {}
+
+    def admit(self, caller: Caller) -> None:
+        """Count one request against the caller's key; raise RateLimitError (429) if over."""
+        rpm, tpm = caller.entry.rpm, caller.entry.tpm
+        if rpm is None and tpm is None:
+            return
+        now = self._clock()
+        windows = self._windows.setdefault(caller.key_id, _KeyWindows())
+        if rpm is not None and windows.requests.used(now) >= rpm:
+            wait = windows.requests.retry_after(rpm, now)
+            raise _over(f"{rpm} requests per minute", wait)
+        if tpm is not None and windows.tokens.used(now) >= tpm:
+            wait = windows.tokens.retry_after(tpm, now)
+            raise _over(f"{tpm} tokens per minute", wait)
+        windows.requests.add(1, now)
+
+    def charge(self, caller: Caller, tokens: int) -> None:
+        """Record tokens a response of the caller used (only keys with a tokens limit)."""
+        if caller.entry.tpm is None or tokens <= 0:
+            return
+        now = self._clock()
+        self._windows.setdefault(caller.key_id, _KeyWindows()).tokens.add(tokens, now)
+
+    def usage(self, key_id: str) -> tuple[float, float]:
+        """Requests and tokens in the key's current window (for tests and debugging)."""
+        windows = self._windows.get(key_id)
+        if windows is None:
+            return 0.0, 0.0
+        now = self._clock()
+        return windows.requests.used(now), windows.tokens.used(now)
+
+    def forget(self, live: Iterable[str]) -> None:
+        """Drop the windows of keys that left the keys file."""
+        keep = set(live)
+        for key_id in [k for k in self._windows if k not in keep]:
+            del self._windows[key_id]
+
+
+def _over(what: str, wait: float) -> RateLimitError:
+    seconds = max(1, math.ceil(wait))
+    return RateLimitError(
+        f"This API key is over its limit of {what}. Retry in {seconds} s.",
+        headers={"Retry-After": str(seconds)},
+    )
+
+
+def total_tokens(usage: dict[str, Any] | None) -> int | None:
+    """Tokens an OpenAI `usage` object reports, or None when there is none."""
+    if not isinstance(usage, dict):
+        return None
+    total = usage.get("total_tokens")
+    if isinstance(total, int) and total >= 0:
+        return total
+    parts = [usage.get(k) for k in ("prompt_tokens", "completion_tokens")]
+    counted = [p for p in parts if isinstance(p, int) and p >= 0]
+    return sum(counted) if counted else None
+
+
+def usage_charger(limiter: KeyLimiter, caller: Caller,
+                  request: ChatCompletionRequest | CompletionRequest,
+                  max_model_len: int | None) -> Callable[[dict[str, Any] | None], None]:
+    """The proxy's usage hook for one request: charges the tokens its response used."""
+
+    def charge(usage: dict[str, Any] | None) -> None:
+        tokens = total_tokens(usage)
+        if tokens is None:
+            # No usage (a stream cut off): charge what the request could have cost, so that
+            # leaving a stream just before its end is no way around the limit.
+            _, out_tokens = request.output_limit()
+            prompt = math.ceil(len(request.prompt_text()) / 4)
+            tokens = prompt + (out_tokens or max_model_len or 1024)
+        limiter.charge(caller, tokens)
+
+    return charge
+
+
+def ask_for_usage(body: bytes) -> bytes:
+    """The request body with `stream_options.include_usage` on, so a stream reports its tokens.
+
+    Only for streams of keys with a tokens limit that did not ask for usage themselves: the
+    client then gets one more chunk, with `usage` and empty `choices`, before `[DONE]`.
+    """
+    data = pydantic_core.from_json(body)
+    options = data.get("stream_options")
+    data["stream_options"] = {**(options if isinstance(options, dict) else {}),
+                              "include_usage": True}
+    return pydantic_core.to_json(data)

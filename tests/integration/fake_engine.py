@@ -1,0 +1,123 @@
+"""A fake OpenAI engine that registers itself as a worker: for tests whose subject is the gateway.
+
+`python -m tests.integration.fake_engine --port P --controller-address URL --model NAME`.
+It answers chat and completion requests at once with a fixed few words, streamed or not, with
+`usage` as vLLM counts it here: prompt tokens = characters / 4 + 1, completion tokens =
+`max_tokens` (default 8), capped at 8 words. It counts the requests it got at `GET /stats`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Sequence
+
+import httpx
+from aiohttp import web
+
+from controller.protocol import Heartbeat, Registration, WorkerState
+from worker.registration import ControllerClient
+
+MAX_MODEL_LEN = 2048
+WORDS = ["fake", " words", " from", " a", " fake", " engine", " for", " tests"]
+
+
+def _usage(body: dict) -> dict[str, int]:
+    text = json.dumps(body.get("messages") or body.get("prompt") or "")
+    completion = body.get("max_tokens") or body.get("max_completion_tokens") or len(WORDS)
+    prompt = len(text) // 4 + 1
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+
+
+def _choice(chat: bool, text: str, stream: bool, finish: str | None) -> dict:
+    if not chat:
+        return {"index": 0, "text": text, "finish_reason": finish}
+    key = "delta" if stream else "message"
+    return {"index": 0, key: {"role": "assistant", "content": text}, "finish_reason": finish}
+
+
+async def _generate(request: web.Request) -> web.StreamResponse:
+    request.app["requests"] += 1
+    body = await request.json()
+    chat = request.path.endswith("/chat/completions")
+    kind = "chat.completion" if chat else "text_completion"
+    base = {"id": "fake-1", "created": int(time.time()), "model": body.get("model")}
+    words = WORDS[: min(len(WORDS), body.get("max_tokens") or len(WORDS))]
+    if not body.get("stream"):
+        return web.json_response({**base, "object": kind, "usage": _usage(body),
+                                  "choices": [_choice(chat, "".join(words), False, "stop")]})
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    chunk_kind = "chat.completion.chunk" if chat else "text_completion"
+    for i, word in enumerate(words):
+        finish = "stop" if i == len(words) - 1 else None
+        event = {**base, "object": chunk_kind, "choices": [_choice(chat, word, True, finish)]}
+        await response.write(f"data: {json.dumps(event)}\n\n".encode())
+    if (body.get("stream_options") or {}).get("include_usage"):
+        event = {**base, "object": chunk_kind, "choices": [], "usage": _usage(body)}
+        await response.write(f"data: {json.dumps(event)}\n\n".encode())
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+async def _models(request: web.Request) -> web.Response:
+    return web.json_response({"object": "list", "data": [
+        {"id": request.app["model"], "object": "model", "max_model_len": MAX_MODEL_LEN}]})
+
+
+async def _stats(request: web.Request) -> web.Response:
+    return web.json_response({"requests": request.app["requests"]})
+
+
+async def _ok(_: web.Request) -> web.Response:
+    return web.json_response({})
+
+
+async def _register_forever(args: argparse.Namespace) -> None:
+    registration = Registration(
+        worker_id=args.worker_id, engine_url=f"http://127.0.0.1:{args.port}",
+        model_names=[args.model], max_model_len=MAX_MODEL_LEN, state=WorkerState.READY,
+    )
+    async with httpx.AsyncClient() as http:
+        controller = ControllerClient(args.controller_address, http)
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if not controller.registered:
+                    await controller.register(registration)
+                else:
+                    await controller.heartbeat(args.worker_id,
+                                               Heartbeat(state=WorkerState.READY))
+            await asyncio.sleep(0.5)
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    app = web.Application()
+    app["model"], app["requests"] = args.model, 0
+    app.router.add_post("/v1/chat/completions", _generate)
+    app.router.add_post("/v1/completions", _generate)
+    app.router.add_get("/v1/models", _models)
+    app.router.add_get("/stats", _stats)
+    app.router.add_get("/health", _ok)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", args.port).start()
+    await _register_forever(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--controller-address", required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--worker-id", default="fake")
+    asyncio.run(_serve(parser.parse_args(argv)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
