@@ -12,7 +12,7 @@ from pathlib import Path
 
 PEERS = {
     "vllm-router": ["vllm-router==0.1.17"],
-    "litellm": ["litellm[proxy]==1.110.2"],
+    "litellm": ["litellm[proxy]==1.80.17"],
 }
 DEFAULT_DIR = Path(__file__).resolve().parents[1] / ".venv-peers"
 

@@ -3,7 +3,9 @@
 `python -m tests.integration.fake_engine --port P --controller-address URL --model NAME`.
 It answers chat and completion requests at once with a fixed few words, streamed or not, with
 `usage` as vLLM counts it here: prompt tokens = characters / 4 + 1, completion tokens =
-`max_tokens` (default 8), capped at 8 words. It counts the requests it got at `GET /stats`.
+`max_tokens` (default `--chunks`, 8), capped at `--chunks` words. `--interval-ms` paces the
+streamed chunks, as an engine paces its tokens. It counts the requests it got at `GET /stats`.
+The benchmarks of the gateway's own cost (bench/overhead_bench.py) use it as the backend.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ MAX_MODEL_LEN = 2048
 WORDS = ["fake", " words", " from", " a", " fake", " engine", " for", " tests"]
 
 
-def _usage(body: dict) -> dict[str, int]:
+def _usage(body: dict, chunks: int) -> dict[str, int]:
     text = json.dumps(body.get("messages") or body.get("prompt") or "")
-    completion = body.get("max_tokens") or body.get("max_completion_tokens") or len(WORDS)
+    completion = body.get("max_tokens") or body.get("max_completion_tokens") or chunks
     prompt = len(text) // 4 + 1
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion}
@@ -46,9 +48,11 @@ async def _generate(request: web.Request) -> web.StreamResponse:
     chat = request.path.endswith("/chat/completions")
     kind = "chat.completion" if chat else "text_completion"
     base = {"id": "fake-1", "created": int(time.time()), "model": body.get("model")}
-    words = WORDS[: min(len(WORDS), body.get("max_tokens") or len(WORDS))]
+    chunks = request.app["chunks"]
+    words = [WORDS[i % len(WORDS)] for i in range(min(chunks, body.get("max_tokens") or chunks))]
+    interval = request.app["interval"]
     if not body.get("stream"):
-        return web.json_response({**base, "object": kind, "usage": _usage(body),
+        return web.json_response({**base, "object": kind, "usage": _usage(body, chunks),
                                   "choices": [_choice(chat, "".join(words), False, "stop")]})
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await response.prepare(request)
@@ -57,8 +61,10 @@ async def _generate(request: web.Request) -> web.StreamResponse:
         finish = "stop" if i == len(words) - 1 else None
         event = {**base, "object": chunk_kind, "choices": [_choice(chat, word, True, finish)]}
         await response.write(f"data: {json.dumps(event)}\n\n".encode())
+        if interval and finish is None:
+            await asyncio.sleep(interval)
     if (body.get("stream_options") or {}).get("include_usage"):
-        event = {**base, "object": chunk_kind, "choices": [], "usage": _usage(body)}
+        event = {**base, "object": chunk_kind, "choices": [], "usage": _usage(body, chunks)}
         await response.write(f"data: {json.dumps(event)}\n\n".encode())
     await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
@@ -98,6 +104,7 @@ async def _register_forever(args: argparse.Namespace) -> None:
 async def _serve(args: argparse.Namespace) -> None:
     app = web.Application()
     app["model"], app["requests"] = args.model, 0
+    app["chunks"], app["interval"] = args.chunks, args.interval_ms / 1000
     app.router.add_post("/v1/chat/completions", _generate)
     app.router.add_post("/v1/completions", _generate)
     app.router.add_get("/v1/models", _models)
@@ -115,6 +122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--controller-address", required=True)
     parser.add_argument("--model", required=True)
     parser.add_argument("--worker-id", default="fake")
+    parser.add_argument("--chunks", type=int, default=len(WORDS),
+                        help="content chunks per streamed answer (default 8)")
+    parser.add_argument("--interval-ms", type=float, default=0.0,
+                        help="pause between streamed chunks (default 0)")
     asyncio.run(_serve(parser.parse_args(argv)))
     return 0
 
