@@ -42,6 +42,13 @@ class WorkerInfo(BaseModel):
     model_names: list[str] = Field(min_length=1, max_length=64)
     max_model_len: int | None = Field(None, ge=1)
     device: str = Field("cpu", max_length=256, description="e.g. 'cuda:0', 'cuda:0,1', 'cpu:0-1'.")
+    # Optional, so that workers from before this field still register.
+    chat_template: str | None = Field(
+        None, max_length=4096,
+        description="The chat template the engine renders with: 'model' (the tokenizer's own), "
+        "'chatml' (the built-in fallback for tokenizers without one) or 'file:PATH' "
+        "(--chat-template). None: not reported.",
+    )
 
     @field_validator("model_names")
     @classmethod

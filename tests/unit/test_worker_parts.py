@@ -143,3 +143,18 @@ def test_modelscope_ids_are_downloaded_with_snapshot_download(
 
 def test_a_key_that_starts_with_a_dash_stays_one_argument() -> None:
     assert "--api-key=-abc" in command(api_key="-abc").argv
+
+
+def test_chat_template_is_the_workers_flag_not_the_engines() -> None:
+    settings = WorkerSettings.from_cli(["--model", "m", "--chat-template", "chatml",
+                                        "--max-model-len", "8"])
+    assert settings.chat_template == "chatml"
+    assert settings.engine_args == ["--max-model-len", "8"]
+
+
+def test_a_missing_template_file_stops_the_worker(tmp_path: Path) -> None:
+    from worker.service import Worker
+
+    worker = Worker(WorkerSettings(model="m", chat_template=str(tmp_path / "none.jinja")))
+    with pytest.raises(FileNotFoundError, match="none.jinja"):
+        asyncio.run(worker._template_files("m", tmp_path))
