@@ -12,6 +12,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "gateway": ("gateway.__main__", "run the OpenAI-compatible gateway"),
     "webui": ("webui.__main__", "run the Gradio chat UI"),
     "up": ("fleet.launcher", "run the whole stack: controller, workers, gateway, web UI"),
+    "chat": ("fleet.chat_cli", "chat with a model in the terminal, through the gateway"),
     "test-message": ("worker.test_message", "send a test message to a worker of a model"),
     "demo-model": ("fleet.demo_model", "prepare the demo model (SmolLM2-135M-Instruct)"),
 }
