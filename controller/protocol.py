@@ -48,6 +48,13 @@ class WorkerInfo(BaseModel):
     )
     max_model_len: PositiveInt | None = None
     device: str = Field("cpu", max_length=256, description="e.g. 'cuda:0', 'cuda:0,1', 'cpu:0-1'.")
+    # Optional, so that workers from before this field still register.
+    chat_template: str | None = Field(
+        None, max_length=4096,
+        description="The chat template the engine renders with: 'model' (the tokenizer's own), "
+        "'chatml' (the built-in fallback for tokenizers without one) or 'file:PATH' "
+        "(--chat-template). None: not reported.",
+    )
 
     @field_validator("model_names")
     @classmethod

@@ -13,6 +13,8 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "webui": ("webui.__main__", "run the Gradio chat UI"),
     "keys": ("gateway.keys_cli", "make client keys for the gateway's keys file, or list them"),
     "up": ("fleet.launcher", "run the whole stack: controller, workers, gateway, web UI"),
+    "chat": ("fleet.chat_cli", "chat with a model in the terminal, through the gateway"),
+    "batch": ("fleet.batch.cli", "run a file of requests through the gateway (or offline)"),
     "test-message": ("worker.test_message", "send a test message to a worker of a model"),
     "demo-model": ("fleet.demo_model", "prepare the demo model (SmolLM2-135M-Instruct)"),
 }

@@ -7,12 +7,16 @@ import contextlib
 import logging
 import os
 import secrets
+import shutil
 import socket
+import tempfile
+from pathlib import Path
 
 import httpx
 import uvicorn
 
 from controller.protocol import Heartbeat, Registration, WorkerLoad, WorkerState
+from fleet.chat_template import CHATML, EngineTemplateFiles, plan_template, write_engine_files
 from worker.app import EmbeddedServer, WorkerMetrics, create_app
 from worker.engine import EngineFailed, EngineProcess, build_engine_command, free_port
 from worker.load import parse_load
@@ -36,6 +40,7 @@ class Worker:
         self.engine_api_key = settings.engine_api_key or secrets.token_urlsafe(32)
         self.worker_id = settings.worker_id or f"{socket.gethostname()}-{self.engine_port}"
         self.engine_url = ""
+        self.chat_template: str | None = None
         self.heartbeat_interval = 2.0
         self._stop = asyncio.Event()
         self._force = False
@@ -69,6 +74,7 @@ class Worker:
             model_names=self.model_names,
             max_model_len=self.max_model_len,
             device=self.settings.device,
+            chat_template=self.chat_template,
             state=self.state,
             load=self.load,
         )
@@ -173,8 +179,34 @@ class Worker:
                        self.load.running, self.load.waiting)
 
     # -- main ------------------------------------------------------------------------------
+    async def _template_files(self, model_path: str, workdir: Path) -> EngineTemplateFiles:
+        """Choose the chat template (the tokenizer's, ChatML or --chat-template) and write the
+        files that give it and its stop tokens to the engine."""
+        override, engine_args = self.settings.chat_template, self.settings.engine_args
+        try:
+            plan = await asyncio.to_thread(plan_template, model_path, override, engine_args)
+        except Exception as exc:
+            if override not in (None, CHATML):
+                raise  # a --chat-template file that is not there: the worker exits
+            # A tokenizer that cannot be loaded: the engine will say why, more clearly.
+            logger.warning("could not inspect the tokenizer model=%s error=%r", model_path, exc)
+            return EngineTemplateFiles()
+        self.chat_template = plan.label
+        logger.info("chat template model=%s template=%s stop_token_ids=%s", model_path,
+                    plan.label, list(plan.stop_token_ids))
+        return await asyncio.to_thread(write_engine_files, plan, model_path, workdir,
+                                       engine_args)
+
     async def run(self) -> int:
         model_path, extra_args = await resolve_model(self.settings)
+        workdir = Path(tempfile.mkdtemp(prefix="fleet-worker-"))
+        try:
+            template = await self._template_files(model_path, workdir)
+            return await self._run(model_path, [*extra_args, *template.engine_args()])
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    async def _run(self, model_path: str, extra_args: list[str]) -> int:
         command = build_engine_command(
             model_path=model_path,
             served_names=self.model_names,

@@ -42,6 +42,8 @@ class WorkerSettings(BaseSettings):
     drain_timeout: float = Field(30.0, ge=0)
     engine_start_timeout: float = Field(900.0, gt=0)
     restart_backoff_max: float = Field(30.0, gt=0)
+    # A template file, or "chatml" for the built-in one; None: the tokenizer's own, else ChatML.
+    chat_template: str | None = None
     log_level: str = "info"
     # Environment only (FLEET_WORKER_ENGINE_API_KEY), so it never shows in `ps`. Unset: a fresh
     # random key per start. Set it where something besides the gateway must reach the engine
@@ -118,6 +120,11 @@ class WorkerSettings(BaseSettings):
         parser.add_argument(
             "--engine-start-timeout", type=float,
             help="Seconds the engine may take to become healthy (default 900).",
+        )
+        parser.add_argument(
+            "--chat-template",
+            help="Jinja chat template file, or 'chatml' for the built-in ChatML template "
+            "(default: the tokenizer's own; ChatML with its stop tokens if it has none).",
         )
         parser.add_argument("--log-level", help="debug, info, warning or error (default info).")
         args, engine_args = parser.parse_known_args(argv)

@@ -116,12 +116,12 @@ class Stack:
         ])
 
     def start_worker(self, name: str = "worker", cpus: str = "0", model: Path | None = None,
-                     extra: list[str] | None = None) -> Service:
+                     extra: list[str] | None = None, model_name: str = MODEL_NAME) -> Service:
         self.worker_ports[name] = free_port()
         return self._spawn(name, [
             "-m", "worker", "--model", str(model or self.model_path),
             "--port", str(self.worker_ports[name]),
-            "--model-name", MODEL_NAME, "--controller-address", self.controller_url,
+            "--model-name", model_name, "--controller-address", self.controller_url,
             "--cpus", cpus, "--worker-id", name, "--drain-timeout", "20",
             "--enforce-eager", "--max-model-len", "4096", *(extra or []),
         ])

@@ -87,3 +87,11 @@ def test_metrics_count_workers_by_state(client: TestClient) -> None:
     client.post("/workers/w1/heartbeat", json={"state": "ready"})
     text = client.get("/metrics").text
     assert 'fleet_controller_workers{model="m",state="ready"} 1.0' in text
+
+
+def test_the_chat_template_is_recorded_and_optional_for_older_workers(client: TestClient) -> None:
+    client.post("/workers/register", json=REG)
+    client.post("/workers/register", json={**REG, "worker_id": "w2", "chat_template": "chatml"})
+    templates = {w["worker_id"]: w["chat_template"] for w in client.get("/workers").json()[
+        "workers"]}
+    assert templates == {"w1": None, "w2": "chatml"}

@@ -158,3 +158,18 @@ def test_engine_key_is_fresh_per_worker_unless_set_in_the_environment(
     monkeypatch.setenv("FLEET_WORKER_ENGINE_API_KEY", "short")
     with pytest.raises(ValueError):
         WorkerSettings.from_cli(["--model", "m"])
+
+
+def test_chat_template_is_the_workers_flag_not_the_engines() -> None:
+    settings = WorkerSettings.from_cli(["--model", "m", "--chat-template", "chatml",
+                                        "--max-model-len", "8"])
+    assert settings.chat_template == "chatml"
+    assert settings.engine_args == ["--max-model-len", "8"]
+
+
+def test_a_missing_template_file_stops_the_worker(tmp_path: Path) -> None:
+    from worker.service import Worker
+
+    worker = Worker(WorkerSettings(model="m", chat_template=str(tmp_path / "none.jinja")))
+    with pytest.raises(FileNotFoundError, match="none.jinja"):
+        asyncio.run(worker._template_files("m", tmp_path))

@@ -1,0 +1,65 @@
+"""Where the client commands (`fleet chat`, `fleet batch`) find the gateway.
+
+CLI flags over FLEET_CLIENT_* environment variables over defaults. The key is better set as
+FLEET_CLIENT_API_KEY: flags show in `ps`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from fleet.client.chat import api_base
+
+
+class ClientSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FLEET_CLIENT_")
+
+    gateway_url: str = "http://127.0.0.1:8000"
+    # A SecretStr prints as '**********', so the key stays out of reprs and logs.
+    api_key: SecretStr | None = None
+    timeout: float = Field(600.0, gt=0)
+
+    @field_validator("gateway_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("expected an http:// or https:// URL")
+        return value.rstrip("/")
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @property
+    def api_base(self) -> str:
+        return api_base(self.gateway_url)
+
+    @property
+    def key(self) -> str | None:
+        return self.api_key.get_secret_value() if self.api_key else None
+
+
+def add_client_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gateway-url", help="The gateway, with or without /v1 (default "
+                        "http://127.0.0.1:8000; env FLEET_CLIENT_GATEWAY_URL).")
+    parser.add_argument("--api-key", help="API key for the gateway (better: set "
+                        "FLEET_CLIENT_API_KEY, which stays out of the process list).")
+    parser.add_argument("--timeout", type=float,
+                        help="Longest wait for the gateway, in seconds (default 600).")
+
+
+def json_object(text: str) -> dict[str, Any]:
+    """An argparse type: a JSON object, e.g. --extra-body '{"top_k": 20}'."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object, e.g. '{\"top_k\": 20}'")
+    return value
