@@ -140,7 +140,8 @@ def _parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--policies", default="cache-aware,vllm-router:cache_aware,round-robin",
-                   help="ours by name, or vllm-router:POLICY for vLLM's router")
+                   help="ours by name (NAME@SETTING=VALUE@... sets gateway settings, e.g. "
+                   "cache-aware@balance_abs=32), or vllm-router:POLICY for vLLM's router")
     p.add_argument("--groups", type=int, default=16)
     p.add_argument("--conversations", type=int, default=32)
     p.add_argument("--turns", type=int, default=4)
@@ -216,9 +217,13 @@ def start_router(stack: Stack, policy: str, args: argparse.Namespace) -> tuple[s
                                          headers={"Authorization": f"Bearer {key}"}
                                          ).status_code == 200, policy, 120)
         return url, key
+    # `cache-aware@balance_abs=32`: a gateway setting (FLEET_GATEWAY_*) for this policy's gateway.
+    name, *settings = policy.split("@")
+    env = {f"FLEET_GATEWAY_{k.upper()}": v
+           for k, v in (item.split("=", 1) for item in settings)}
     stack._spawn(f"gw-{policy}", [
         "-m", "gateway", "--port", str(port), "--controller-address", stack.controller_url,
-        "--api-keys", API_KEY, "--routing", policy, "--sync-interval", "0.5"])
+        "--api-keys", API_KEY, "--routing", name, "--sync-interval", "0.5"], env=env)
     workers = len(args.devices.split(","))
     stack.wait_for(lambda: httpx.get(f"{url}/health").json()["workers"] == workers,
                    f"gateway {policy}", 30)
