@@ -66,8 +66,9 @@ async def _one(session: Any, url: str, body: bytes, headers: dict[str, str], chu
                     if ttft is None:
                         ttft = time.perf_counter() - started
                     buffer += data
-                content = buffer.count(b'"content":"') - buffer.count(b'"content":""')
-                return ttft, content >= chunks and buffer.rstrip().endswith(b"data: [DONE]")
+                # Every chunk is one event; proxies may re-encode them, but not merge them.
+                events = buffer.count(b"data:") - 1
+                return ttft, events >= chunks and buffer.rstrip().endswith(b"[DONE]")
     except (OSError, TimeoutError, asyncio.TimeoutError, Exception):  # noqa: BLE001
         return ttft, False
 

@@ -99,7 +99,7 @@ class CacheAware:
     name = "cache-aware"
 
     def __init__(
-        self, *, match_threshold: float = 0.5, balance_abs: float = 4.0,
+        self, *, match_threshold: float = 0.5, balance_abs: float = 16.0,
         balance_rel: float = 1.5, max_blocks_per_worker: int = 100_000,
         block_bytes: int = 64, rng: random.Random | None = None,
     ) -> None:
