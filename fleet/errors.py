@@ -68,6 +68,12 @@ class AuthenticationError(FleetError):
     code = "invalid_api_key"
 
 
+class PermissionDeniedError(FleetError):
+    status_code = 403
+    type = "permission_error"
+    code = "model_not_allowed"
+
+
 class NotFoundError(FleetError):
     status_code = 404
     type = "invalid_request_error"
