@@ -17,7 +17,7 @@ from worker.app import EmbeddedServer, WorkerMetrics, create_app
 from worker.engine import EngineFailed, EngineProcess, build_engine_command, free_port
 from worker.load import parse_load
 from worker.model_source import resolve_model, served_names
-from worker.registration import ControllerClient
+from worker.registration import ControllerClient, ControllerRefused
 from worker.settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ class Worker:
         self._state_changed = asyncio.Event()
         self._client: httpx.AsyncClient | None = None
         self._controllers: list[ControllerClient] = []
+        self._refused_by: set[str] = set()  # controllers whose refusal was logged already
         self._engine: EngineProcess | None = None
         self._heartbeats: asyncio.Task[None] | None = None
 
@@ -84,6 +85,13 @@ class Worker:
                             self.worker_id, controller.address)
             answer = await controller.register(self._registration())
             self.heartbeat_interval = answer.heartbeat_interval
+            self._refused_by.discard(controller.address)
+        except ControllerRefused as exc:
+            # A wrong token is a set-up error: say so once, loudly, and keep trying (the
+            # controller may be restarted with the right token).
+            if controller.address not in self._refused_by:
+                self._refused_by.add(controller.address)
+                logger.error("%s", exc)
         except httpx.HTTPError as exc:
             logger.warning("controller unreachable address=%s error=%r", controller.address, exc)
 
@@ -186,17 +194,23 @@ class Worker:
             cpu_kvcache_gib=self.settings.cpu_kvcache_gib,
             extra_args=[*extra_args, *self.settings.engine_args],
             base_env=os.environ,
+            **self.settings.uvicorn_ssl(),
         )
         self.engine_url = (self.settings.advertise_url or command.base_url).rstrip("/")
         self._engine = EngineProcess(command)
         server = EmbeddedServer(uvicorn.Config(
             create_app(self), host=self.settings.host, port=self.settings.port,
-            log_level="warning", access_log=False,
+            log_level="warning", access_log=False, **self.settings.uvicorn_ssl(),
         ))
-        async with httpx.AsyncClient() as client:
+        token = self.settings.cluster_token
+        # One client for the controllers and the engine, verifying both against the given CA.
+        async with httpx.AsyncClient(verify=self.settings.ssl_context()) as client:
             self._client = client
-            self._controllers = [ControllerClient(address, client)
-                                 for address in self.settings.controller_addresses]
+            self._controllers = [
+                ControllerClient(address, client,
+                                 token=token.get_secret_value() if token else None)
+                for address in self.settings.controller_addresses
+            ]
             serving = asyncio.create_task(server.serve())
             self._heartbeats = asyncio.create_task(self._heartbeat_forever())
             try:
