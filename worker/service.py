@@ -40,7 +40,7 @@ class Worker:
         self._stop = asyncio.Event()
         self._force = False
         self._state_changed = asyncio.Event()
-        self._client: httpx.AsyncClient | None = None
+        self._engine_http: httpx.AsyncClient | None = None  # the engine's /health, /metrics
         self._controllers: list[ControllerClient] = []
         self._refused_by: set[str] = set()  # controllers whose refusal was logged already
         self._engine: EngineProcess | None = None
@@ -100,11 +100,11 @@ class Worker:
         await asyncio.gather(*(self._report_to(c) for c in self._controllers))
 
     async def _read_load(self) -> None:
-        assert self._client is not None
+        assert self._engine_http is not None
         if self.state not in (WorkerState.READY, WorkerState.DRAINING):
             return
         try:
-            response = await self._client.get(f"{self._engine_base}/metrics", timeout=2.0)
+            response = await self._engine_http.get(f"{self._engine_base}/metrics", timeout=2.0)
             response.raise_for_status()
             self.load = parse_load(response.text)
         except (httpx.HTTPError, ValueError) as exc:
@@ -126,9 +126,9 @@ class Worker:
         return self._engine.command.base_url
 
     async def _read_max_model_len(self) -> None:
-        assert self._client is not None
+        assert self._engine_http is not None
         try:
-            response = await self._client.get(
+            response = await self._engine_http.get(
                 f"{self._engine_base}/v1/models", timeout=5.0,
                 headers={"Authorization": f"Bearer {self.engine_api_key}"},
             )
@@ -139,9 +139,9 @@ class Worker:
             logger.warning("could not read max_model_len error=%r", exc)
 
     async def _start_engine(self) -> None:
-        assert self._engine is not None and self._client is not None
+        assert self._engine is not None and self._engine_http is not None
         await self._engine.start()
-        await self._engine.wait_healthy(self._client, self.settings.engine_start_timeout)
+        await self._engine.wait_healthy(self._engine_http, self.settings.engine_start_timeout)
         await self._read_max_model_len()
         self._set_state(WorkerState.READY)
 
@@ -203,11 +203,12 @@ class Worker:
             log_level="warning", access_log=False, **self.settings.uvicorn_ssl(),
         ))
         token = self.settings.cluster_token
-        # One client for the controllers and the engine, verifying both against the given CA.
-        async with httpx.AsyncClient(verify=self.settings.ssl_context()) as client:
-            self._client = client
+        verify = self.settings.ssl_context()  # the given CA, for the controllers and the engine
+        async with httpx.AsyncClient(verify=verify) as controller_http, \
+                httpx.AsyncClient(verify=verify) as engine_http:
+            self._engine_http = engine_http
             self._controllers = [
-                ControllerClient(address, client,
+                ControllerClient(address, controller_http,
                                  token=token.get_secret_value() if token else None)
                 for address in self.settings.controller_addresses
             ]
@@ -258,5 +259,9 @@ class Worker:
         for controller in self._controllers:
             with contextlib.suppress(httpx.HTTPError):
                 await controller.deregister(self.worker_id)
+        # An idle keep-alive connection would hold a TLS engine's shutdown: the server waits for
+        # the client's close_notify, which httpx sends only when it next uses the connection.
+        if self._engine_http is not None:
+            await self._engine_http.aclose()
         await self._engine.stop()
         logger.info("stopped worker_id=%s", self.worker_id)
