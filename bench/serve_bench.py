@@ -19,6 +19,7 @@ import datetime as dt
 import json
 import os
 import platform
+import secrets
 import signal
 import subprocess
 import sys
@@ -68,8 +69,17 @@ def _wait_ready(args: argparse.Namespace, proc: subprocess.Popen[bytes] | None) 
 
 
 def _engine(args: argparse.Namespace) -> tuple[str, str]:
-    workers = httpx.get(f"{args.controller_url}/models/{args.model_name}/workers",
-                        timeout=5).json()["workers"]
+    from fleet.cluster_auth import ControllerCredentials, bearer
+
+    # The controller hands out engine keys only for a token: FLEET_READ_TOKEN or
+    # FLEET_CLUSTER_TOKEN (with --start, the one this script gave `fleet up`).
+    token = ControllerCredentials().controller_token()
+    response = httpx.get(f"{args.controller_url}/models/{args.model_name}/workers",
+                         headers=bearer(token), timeout=5)
+    if response.status_code in (401, 403):
+        raise SystemExit("the controller refused the token: set FLEET_CLUSTER_TOKEN or "
+                         "FLEET_READ_TOKEN")
+    workers = response.json()["workers"]
     ready = [w for w in workers if w["state"] == "ready"]
     if not ready:
         raise SystemExit(f"no ready worker for {args.model_name}")
@@ -141,6 +151,9 @@ def run(args: argparse.Namespace) -> Path:
                "--controller-port", ctl_port, "--api-keys", args.gateway_key,
                *args.up_args.split()]
         print("starting:", " ".join(cmd), flush=True)
+        # A fresh cluster token for this run, in the environment that `fleet up` hands on.
+        if not {"FLEET_CLUSTER_TOKEN", "FLEET_CLUSTER_TOKEN_FILE"} & os.environ.keys():
+            os.environ["FLEET_CLUSTER_TOKEN"] = secrets.token_urlsafe(32)
         proc = subprocess.Popen(cmd)
     try:
         _wait_ready(args, proc)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 import uvicorn
+from pydantic import ValidationError
 
 from controller.app import create_app
 from controller.settings import ControllerSettings
@@ -12,11 +14,15 @@ from fleet.logs import setup_logging
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    settings = ControllerSettings.from_cli(argv)
+    try:
+        settings = ControllerSettings.from_cli(argv)
+    except ValidationError as exc:
+        print(f"fleet controller: invalid settings: {exc}", file=sys.stderr)
+        return 2
     setup_logging(settings.log_level, "controller")
     uvicorn.run(
         create_app(settings), host=settings.host, port=settings.port,
-        log_level=settings.log_level, access_log=False,
+        log_level=settings.log_level, access_log=False, **settings.uvicorn_ssl(),
     )
     return 0
 

@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request, Response
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from controller.auth import ClusterAuth, ClusterAuthMiddleware, document_security
 from controller.protocol import (
     Heartbeat,
     ModelList,
@@ -70,6 +71,14 @@ def create_app(settings: ControllerSettings) -> FastAPI:
     app.state.registry = registry
     app.state.settings = settings
     install_error_handlers(app)
+    # Every call but /health, /metrics and the docs needs a token: the registry decides where
+    # traffic goes, and it holds the engines' API keys.
+    token, read_token = settings.cluster_token, settings.read_token
+    app.add_middleware(ClusterAuthMiddleware, auth=ClusterAuth(
+        token.get_secret_value() if token else None,
+        read_token.get_secret_value() if read_token else None,
+    ))
+    document_security(app)
 
     metrics = CollectorRegistry()
     workers_gauge = Gauge(

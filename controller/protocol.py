@@ -13,7 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator
 from fleet.json_types import NonNegativeInt, PositiveInt
 
 WORKER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$"
-MODEL_NAME_PATTERN = r"^[^\s/][^\s]{0,255}$"
+# U+0085 is whitespace to Python and Rust (pydantic) but not to JSON Schema's ECMA regex, U+FEFF
+# the other way round, so both
+# are named: the spec and the check then agree (schemathesis found the gap).
+MODEL_NAME_PATTERN = r"^[^\s\u0085\ufeff/][^\s\u0085\ufeff]{0,255}$"
 
 
 class WorkerState(str, Enum):

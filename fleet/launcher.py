@@ -2,6 +2,9 @@
 
 Starts the controller, one worker per visible GPU (or N CPU workers, each pinned to its own
 cores), the gateway and the chat web UI, as child processes. Nothing it started outlives it.
+They share one cluster token, handed to each in its environment (never its argv, which `ps`
+shows): FLEET_CLUSTER_TOKEN if set, else the token in --cluster-token-file, generated there on
+first use.
 """
 
 from __future__ import annotations
@@ -18,10 +21,20 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
+from pydantic import ValidationError
 
+from fleet.cluster_auth import (
+    CLUSTER_TOKEN_ENV,
+    ClusterTokenSettings,
+    bearer,
+    default_token_file,
+    load_or_create_token_file,
+)
 from fleet.logs import setup_logging
+from fleet.tls import CA_FILE_ENV, client_ssl_context
 
 logger = logging.getLogger("fleet.up")
 _PR_SET_PDEATHSIG = 1
@@ -106,8 +119,10 @@ class Stack:
 
     def start(self, service: Service) -> None:
         logger.info("starting %s: %s", service.name, " ".join(service.argv))
+        # The token comes in FLEET_CLUSTER_TOKEN; a token file variable beside it would clash.
+        env = {k: v for k, v in os.environ.items() if k != "FLEET_CLUSTER_TOKEN_FILE"}
         service.proc = subprocess.Popen(
-            service.argv, env={**os.environ, **service.env},
+            service.argv, env={**env, **service.env},
             # Own session: the terminal's Ctrl-C reaches only us, and we stop services in order.
             start_new_session=True, preexec_fn=_child_setup,
         )
@@ -167,6 +182,15 @@ def _parser() -> argparse.ArgumentParser:
                         help="Port of the chat web UI (default 7860).")
     parser.add_argument("--no-webui", action="store_true", help="Do not start the web UI.")
     parser.add_argument("--api-keys", help="Comma-separated client API keys for the gateway.")
+    parser.add_argument(
+        "--cluster-token-file", type=Path,
+        help="The cluster token the services share; created with a random token (mode 0600) if "
+        f"missing (default: FLEET_CLUSTER_TOKEN if set, else {default_token_file()}).",
+    )
+    parser.add_argument("--ssl-certfile", help="Every service serves HTTPS with this certificate "
+                        "(it must name --host, and 127.0.0.1).")
+    parser.add_argument("--ssl-keyfile", help="The certificate's private key.")
+    parser.add_argument("--ssl-ca-file", help="The CA every service verifies the others with.")
     parser.add_argument("--startup-timeout", type=float, default=900.0,
                         help="Seconds to wait for the model to be served (default 900).")
     parser.add_argument("--drain-timeout", type=float, default=30.0,
@@ -179,40 +203,64 @@ def _reachable(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "::") else host
 
 
-def plan(args: argparse.Namespace, engine_args: list[str], model: str) -> list[Service]:
+def _scheme(args: argparse.Namespace) -> str:
+    return "https" if args.ssl_certfile else "http"
+
+
+def plan(args: argparse.Namespace, engine_args: list[str], model: str,
+         cluster_token: str) -> list[Service]:
     py = sys.executable
-    controller_url = f"http://{args.host}:{args.controller_port}"
+    controller_url = f"{_scheme(args)}://{args.host}:{args.controller_port}"
+    tls = ["--ssl-certfile", args.ssl_certfile, "--ssl-keyfile", args.ssl_keyfile] \
+        if args.ssl_certfile else []
+    token = {CLUSTER_TOKEN_ENV: cluster_token}
     services = [Service("controller", [py, "-m", "controller", "--host", args.host,
-                                       "--port", str(args.controller_port)])]
+                                       "--port", str(args.controller_port), *tls], env=token)]
     worker_common = [py, "-m", "worker", "--model", model, "--controller-address", controller_url,
-                     "--drain-timeout", str(args.drain_timeout)]
+                     "--drain-timeout", str(args.drain_timeout), *tls]
     if args.model_name:
         worker_common += ["--model-name", args.model_name]
     gpus = visible_gpus()
     if gpus:
         for i, group in enumerate(group_gpus(gpus, args.gpus_per_worker)):
             services.append(Service(f"worker-{i}", [*worker_common, "--gpus", group, *engine_args],
-                                    env={"NCCL_NVLS_ENABLE": "0"}))
+                                    env={**token, "NCCL_NVLS_ENABLE": "0"}))
     else:
         cores = parse_cores(args.cpus) if args.cpus else sorted(os.sched_getaffinity(0))
         extra = [] if "--enforce-eager" in engine_args else ["--enforce-eager"]
         for i, cpus in enumerate(split_cores(cores, args.cpu_workers)):
             services.append(Service(f"worker-{i}",
-                                    [*worker_common, "--cpus", cpus, *extra, *engine_args]))
+                                    [*worker_common, "--cpus", cpus, *extra, *engine_args],
+                                    env=dict(token)))
     gateway = [py, "-m", "gateway", "--host", args.host, "--port", str(args.gateway_port),
-               "--controller-address", controller_url]
+               "--controller-address", controller_url, *tls]
     if args.api_keys:
         gateway += ["--api-keys", args.api_keys]
-    services.append(Service("gateway", gateway))
+    services.append(Service("gateway", gateway, env=dict(token)))
     if not args.no_webui:
-        gateway_url = f"http://{_reachable(args.host)}:{args.gateway_port}"
+        gateway_url = f"{_scheme(args)}://{_reachable(args.host)}:{args.gateway_port}"
         # The key travels in the environment, where `ps` does not show it.
         key = {"FLEET_WEBUI_API_KEY": args.api_keys.split(",")[0].strip()} \
             if args.api_keys else {}
         services.append(Service("webui", [py, "-m", "webui", "--host", args.host, "--port",
-                                          str(args.webui_port), "--gateway-url", gateway_url],
-                                env=key))
+                                          str(args.webui_port), "--gateway-url", gateway_url,
+                                          *tls], env=key))
+    if args.ssl_ca_file:
+        for service in services:
+            service.env[CA_FILE_ENV] = str(Path(args.ssl_ca_file).resolve())
     return services
+
+
+def cluster_token(token_file: Path | None) -> tuple[str, str]:
+    """The token for the services, and where it came from (for the user)."""
+    configured = ClusterTokenSettings().cluster_token
+    if configured is not None and token_file is None:
+        return configured.get_secret_value(), CLUSTER_TOKEN_ENV
+    if configured is not None:
+        raise ValueError(f"give the cluster token in {CLUSTER_TOKEN_ENV} or --cluster-token-file,"
+                         " not both")
+    path = token_file or default_token_file()
+    return load_or_create_token_file(path), str(path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -225,9 +273,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = str(ensure_demo_model())
         model_name = model_name or DEMO_MODEL_NAME
         args.model_name = model_name
+    if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
+        print("fleet up: TLS needs both --ssl-certfile and --ssl-keyfile", file=sys.stderr)
+        return 2
     try:
-        services = plan(args, engine_args, model)
-    except ValueError as exc:
+        token, token_source = cluster_token(args.cluster_token_file)
+        services = plan(args, engine_args, model, token)
+    except (ValueError, ValidationError) as exc:
         print(f"fleet up: {exc}", file=sys.stderr)
         return 2
     stack = Stack(services)
@@ -236,12 +288,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _on_signal)
-    host = _reachable(args.host)
-    controller_url = f"http://{host}:{args.controller_port}"
-    gateway_url = f"http://{host}:{args.gateway_port}"
-    webui_url = None if args.no_webui else f"http://{host}:{args.webui_port}"
+    host, scheme = _reachable(args.host), _scheme(args)
+    controller_url = f"{scheme}://{host}:{args.controller_port}"
+    gateway_url = f"{scheme}://{host}:{args.gateway_port}"
+    webui_url = None if args.no_webui else f"{scheme}://{host}:{args.webui_port}"
+    verify = client_ssl_context(Path(args.ssl_ca_file) if args.ssl_ca_file else None)
     try:
-        with httpx.Client(timeout=3.0) as http:
+        with httpx.Client(timeout=3.0, verify=verify) as http:
             stack.start(services[0])
             deadline = time.monotonic() + 60
             _wait_until(lambda: http.get(f"{controller_url}/health").is_success, deadline, stack,
@@ -254,7 +307,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             deadline = time.monotonic() + args.startup_timeout
 
             def _all_ready() -> bool:
-                listed = http.get(f"{controller_url}/workers").json()["workers"]
+                listed = http.get(f"{controller_url}/workers",
+                                  headers=bearer(token)).json()["workers"]
                 return sum(w["state"] == "ready" for w in listed) >= workers and http.get(
                     f"{gateway_url}/v1/models", headers=headers).json()["data"] != [] and (
                     webui_url is None or http.get(f"{webui_url}/health").is_success)
@@ -265,7 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"\nllm-fleet is up: model '{model_name or model}' on {workers} worker(s).\n"
             f"  OpenAI API:  {gateway_url}/v1\n"
             f"{webui_line}"
-            f"  controller:  {controller_url}\n"
+            f"  controller:  {controller_url} (cluster token: {token_source})\n"
             f"  try:  curl {gateway_url}/v1/models\n"
             f"Press Ctrl-C to stop.\n",
             flush=True,

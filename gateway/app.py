@@ -17,6 +17,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 from starlette.responses import Response
 
+from fleet.cluster_auth import bearer
 from fleet.errors import ErrorResponse, FleetError, PermissionDeniedError, install_error_handlers
 from gateway import validation
 from gateway.auth import ANONYMOUS, Authenticator
@@ -87,7 +88,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
+        # One session for the controller and the engines, verifying both against the given CA.
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30,
+                                         ssl=settings.ssl_context())
         async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
             app.state.proxy = Proxy(
                 session, table, metrics,
@@ -97,7 +100,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                 retry_backoff=settings.retry_backoff,
             )
             tasks = [asyncio.create_task(table.sync_forever(
-                session, settings.controller_addresses, settings.sync_interval
+                session, settings.controller_addresses, settings.sync_interval,
+                headers=bearer(settings.controller_token()),
             ))]
             if auth.keys_file is not None:
                 tasks.append(asyncio.create_task(

@@ -196,26 +196,36 @@ class RoutingTable:
             del self.inflight[worker_id]
         self._wake_waiters()
 
-    async def sync_once(self, session: aiohttp.ClientSession, controller: str) -> None:
+    async def sync_once(self, session: aiohttp.ClientSession, controller: str,
+                        headers: Mapping[str, str] | None = None) -> None:
         async with session.get(
-            f"{controller}/snapshot", timeout=aiohttp.ClientTimeout(total=2.0)
+            f"{controller}/snapshot", timeout=aiohttp.ClientTimeout(total=2.0), headers=headers
         ) as response:
             response.raise_for_status()
             self.update(Snapshot.model_validate_json(await response.read()))
 
     async def sync_forever(
-        self, session: aiohttp.ClientSession, controllers: list[str], interval: float
+        self, session: aiohttp.ClientSession, controllers: list[str], interval: float,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
-        """Sync from the first controller that answers, starting with the last good one."""
+        """Sync from the first controller that answers, starting with the last good one.
+
+        `headers` carry the token that lets the gateway read the snapshot."""
         controllers = [c.rstrip("/") for c in controllers]
         current = 0
         while True:
             for attempt in range(len(controllers)):
                 index = (current + attempt) % len(controllers)
                 try:
-                    await self.sync_once(session, controllers[index])
+                    await self.sync_once(session, controllers[index], headers)
                 except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
-                    if not self.stale:
+                    refused = isinstance(exc, aiohttp.ClientResponseError) and \
+                        exc.status in (401, 403)
+                    if refused and not self.stale:
+                        logger.error("controller refused the gateway's token address=%s: set "
+                                     "FLEET_READ_TOKEN or FLEET_CLUSTER_TOKEN error=%r",
+                                     controllers[index], exc)
+                    elif not self.stale:
                         logger.warning("controller sync failed address=%s error=%r",
                                        controllers[index], exc)
                     continue

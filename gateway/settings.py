@@ -8,12 +8,22 @@ from pathlib import Path
 from typing import Annotated
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import NoDecode, SettingsConfigDict
 
+from fleet.cluster_auth import ControllerCredentials, add_token_flags
+from fleet.tls import (
+    ClientTLSSettings,
+    ServerTLSSettings,
+    add_client_tls_flags,
+    add_server_tls_flags,
+)
 from gateway.validation import InputLimits
 
 
-class GatewaySettings(BaseSettings):
+class GatewaySettings(ControllerCredentials, ClientTLSSettings, ServerTLSSettings):
+    """The controller is read with the read token if given, else the cluster token; the CA
+    (`FLEET_SSL_CA_FILE`) verifies the controller and the engines."""
+
     model_config = SettingsConfigDict(env_prefix="FLEET_GATEWAY_")
 
     host: str = "127.0.0.1"
@@ -158,6 +168,9 @@ class GatewaySettings(BaseSettings):
             "--read-timeout", type=float,
             help="Longest silence from an engine, in seconds, before giving up (default 600).",
         )
+        add_token_flags(parser, read=True)
+        add_server_tls_flags(parser)
+        add_client_tls_flags(parser)
         parser.add_argument("--log-level", help="debug, info, warning or error (default info).")
         args = parser.parse_args(argv)
         return cls(**{k: v for k, v in vars(args).items() if v is not None})

@@ -25,11 +25,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from webui.app import create_server
 
-    print(f"llm-fleet web UI on http://{settings.host}:{settings.port} "
+    print(f"llm-fleet web UI on {settings.scheme}://{settings.host}:{settings.port} "
           f"(gateway {settings.gateway_url})", flush=True)
     # Open browser tabs hold a stream each: bound the wait for them on SIGTERM.
     uvicorn.run(create_server(settings), host=settings.host, port=settings.port,
-                log_level=settings.log_level, access_log=False, timeout_graceful_shutdown=5)
+                log_level=settings.log_level, access_log=False, timeout_graceful_shutdown=5,
+                **settings.uvicorn_ssl())
     return 0
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import gradio as gr
 from fastapi import FastAPI
-from openai import AsyncOpenAI, Timeout
+from openai import AsyncOpenAI, DefaultAsyncHttpxClient, Timeout
 
 from webui import chat
 from webui.chat import Message, Params
@@ -40,9 +40,13 @@ _CSS = """
 
 def make_client(settings: WebUISettings) -> AsyncOpenAI:
     key = settings.api_key.get_secret_value() if settings.api_key else "no-key"
+    # With a CA file, the gateway's certificate is verified against it; else the system's CAs.
+    http_client = DefaultAsyncHttpxClient(verify=settings.ssl_context()) \
+        if settings.ssl_ca_file else None
     return AsyncOpenAI(
         base_url=settings.api_base, api_key=key, max_retries=settings.max_retries,
         timeout=Timeout(settings.timeout, connect=settings.connect_timeout),
+        http_client=http_client,
     )
 
 

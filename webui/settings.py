@@ -7,10 +7,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
+
+from fleet.tls import (
+    ClientTLSSettings,
+    ServerTLSSettings,
+    add_client_tls_flags,
+    add_server_tls_flags,
+)
 
 
-class WebUISettings(BaseSettings):
+class WebUISettings(ClientTLSSettings, ServerTLSSettings):
     model_config = SettingsConfigDict(env_prefix="FLEET_WEBUI_")
 
     host: str = "127.0.0.1"
@@ -76,6 +83,8 @@ class WebUISettings(BaseSettings):
         parser.add_argument("--max-tokens-limit", type=int,
                             help="Top of the max-output-tokens slider (default 4096).")
         parser.add_argument("--title", help="Page title.")
+        add_server_tls_flags(parser)
+        add_client_tls_flags(parser)
         parser.add_argument("--log-level", help="debug, info, warning or error (default info).")
         args = parser.parse_args(argv)
         return cls(**{k: v for k, v in vars(args).items() if v is not None})

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from fleet.cluster_auth import TOKEN_ENV_VARS
+
 logger = logging.getLogger(__name__)
 
 ENGINE_MODULE = "vllm.entrypoints.openai.api_server"
@@ -54,8 +56,15 @@ def build_engine_command(
     extra_args: Sequence[str],
     base_env: Mapping[str, str],
     python: str = sys.executable,
+    ssl_certfile: str | None = None,
+    ssl_keyfile: str | None = None,
 ) -> EngineCommand:
-    """The engine's argv and environment, with the device pinning applied."""
+    """The engine's argv and environment, with the device pinning applied.
+
+    The API key goes in the environment (`VLLM_API_KEY`), not the argv: any local user can read
+    a command line, and vLLM logs its non-default arguments. The cluster tokens stay out of the
+    engine's environment: it runs model code and needs none of them.
+    """
     argv = [
         python, "-m", GUARD_MODULE, "--",
         python, "-m", ENGINE_MODULE,
@@ -63,12 +72,13 @@ def build_engine_command(
         "--served-model-name", *served_names,
         "--host", host,
         "--port", str(port),
-        # One token: a key starting with "-" would otherwise read as a flag.
-        f"--api-key={api_key}",
         # Heartbeats read /metrics every second or two; that is not worth a log line each.
         "--disable-uvicorn-access-log",
     ]
-    env = dict(base_env)
+    if ssl_certfile and ssl_keyfile:
+        argv += ["--ssl-certfile", ssl_certfile, "--ssl-keyfile", ssl_keyfile]
+    env = {k: v for k, v in base_env.items() if k not in TOKEN_ENV_VARS}
+    env["VLLM_API_KEY"] = api_key
     if gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpus
         count = len(gpus.split(","))
@@ -85,7 +95,8 @@ def build_engine_command(
     connect_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
     if ":" in connect_host and not connect_host.startswith("["):
         connect_host = f"[{connect_host}]"
-    return EngineCommand(argv=argv, env=env, base_url=f"http://{connect_host}:{port}")
+    scheme = "https" if ssl_certfile and ssl_keyfile else "http"
+    return EngineCommand(argv=argv, env=env, base_url=f"{scheme}://{connect_host}:{port}")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -111,7 +122,7 @@ class EngineProcess:
 
     async def start(self) -> None:
         self.tail.clear()
-        logger.info("starting engine argv=%s", " ".join(self._redacted_argv()))
+        logger.info("starting engine argv=%s", " ".join(self.command.argv))
         self._proc = await asyncio.create_subprocess_exec(
             *self.command.argv,
             env=self.command.env,
@@ -123,9 +134,6 @@ class EngineProcess:
             start_new_session=True,
         )
         self._pump = asyncio.create_task(self._pump_output())
-
-    def _redacted_argv(self) -> list[str]:
-        return ["--api-key=***" if a.startswith("--api-key=") else a for a in self.command.argv]
 
     async def _pump_output(self) -> None:
         assert self._proc is not None and self._proc.stdout is not None

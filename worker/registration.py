@@ -7,27 +7,51 @@ import logging
 import httpx
 
 from controller.protocol import Heartbeat, RegisterResponse, Registration
+from fleet.cluster_auth import bearer
 
 logger = logging.getLogger(__name__)
+
+
+class ControllerRefused(httpx.HTTPError):
+    """The controller refused this worker's cluster token (401) or its permissions (403)."""
+
+    def __init__(self, address: str, response: httpx.Response) -> None:
+        try:
+            detail = response.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            detail = response.text[:200]
+        super().__init__(
+            f"the controller at {address} refused this worker ({response.status_code}): {detail} "
+            "Give the worker the controller's cluster token (FLEET_CLUSTER_TOKEN or "
+            "--cluster-token-file)."
+        )
 
 
 class ControllerClient:
     """Talks to one controller. A 404 `unknown_worker` on heartbeat means: register again."""
 
-    def __init__(self, address: str, client: httpx.AsyncClient, timeout: float = 5.0) -> None:
+    def __init__(self, address: str, client: httpx.AsyncClient, timeout: float = 5.0,
+                 token: str | None = None) -> None:
         self.address = address.rstrip("/")
         self._client = client
         self._timeout = timeout
+        self._auth = bearer(token)
         self.registered = False
+
+    def _check(self, response: httpx.Response) -> None:
+        if response.status_code in (401, 403):
+            self.registered = False
+            raise ControllerRefused(self.address, response)
+        response.raise_for_status()
 
     async def register(self, registration: Registration) -> RegisterResponse:
         response = await self._client.post(
             f"{self.address}/workers/register",
             content=registration.model_dump_json(),
-            headers={"content-type": "application/json"},
+            headers={"content-type": "application/json", **self._auth},
             timeout=self._timeout,
         )
-        response.raise_for_status()
+        self._check(response)
         self.registered = True
         return RegisterResponse.model_validate_json(response.content)
 
@@ -36,19 +60,19 @@ class ControllerClient:
         response = await self._client.post(
             f"{self.address}/workers/{worker_id}/heartbeat",
             content=beat.model_dump_json(),
-            headers={"content-type": "application/json"},
+            headers={"content-type": "application/json", **self._auth},
             timeout=self._timeout,
         )
         if response.status_code == 404:
             self.registered = False
             return False
-        response.raise_for_status()
+        self._check(response)
         return True
 
     async def deregister(self, worker_id: str) -> None:
         response = await self._client.delete(
-            f"{self.address}/workers/{worker_id}", timeout=self._timeout
+            f"{self.address}/workers/{worker_id}", headers=self._auth, timeout=self._timeout
         )
         if response.status_code not in (200, 404):
-            response.raise_for_status()
+            self._check(response)
         self.registered = False

@@ -21,7 +21,7 @@ from worker.app import EmbeddedServer, WorkerMetrics, create_app
 from worker.engine import EngineFailed, EngineProcess, build_engine_command, free_port
 from worker.load import parse_load
 from worker.model_source import resolve_model, served_names
-from worker.registration import ControllerClient
+from worker.registration import ControllerClient, ControllerRefused
 from worker.settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
@@ -45,8 +45,9 @@ class Worker:
         self._stop = asyncio.Event()
         self._force = False
         self._state_changed = asyncio.Event()
-        self._client: httpx.AsyncClient | None = None
+        self._engine_http: httpx.AsyncClient | None = None  # the engine's /health, /metrics
         self._controllers: list[ControllerClient] = []
+        self._refused_by: set[str] = set()  # controllers whose refusal was logged already
         self._engine: EngineProcess | None = None
         self._heartbeats: asyncio.Task[None] | None = None
 
@@ -90,6 +91,13 @@ class Worker:
                             self.worker_id, controller.address)
             answer = await controller.register(self._registration())
             self.heartbeat_interval = answer.heartbeat_interval
+            self._refused_by.discard(controller.address)
+        except ControllerRefused as exc:
+            # A wrong token is a set-up error: say so once, loudly, and keep trying (the
+            # controller may be restarted with the right token).
+            if controller.address not in self._refused_by:
+                self._refused_by.add(controller.address)
+                logger.error("%s", exc)
         except httpx.HTTPError as exc:
             logger.warning("controller unreachable address=%s error=%r", controller.address, exc)
 
@@ -98,11 +106,11 @@ class Worker:
         await asyncio.gather(*(self._report_to(c) for c in self._controllers))
 
     async def _read_load(self) -> None:
-        assert self._client is not None
+        assert self._engine_http is not None
         if self.state not in (WorkerState.READY, WorkerState.DRAINING):
             return
         try:
-            response = await self._client.get(f"{self._engine_base}/metrics", timeout=2.0)
+            response = await self._engine_http.get(f"{self._engine_base}/metrics", timeout=2.0)
             response.raise_for_status()
             self.load = parse_load(response.text)
         except (httpx.HTTPError, ValueError) as exc:
@@ -124,9 +132,9 @@ class Worker:
         return self._engine.command.base_url
 
     async def _read_max_model_len(self) -> None:
-        assert self._client is not None
+        assert self._engine_http is not None
         try:
-            response = await self._client.get(
+            response = await self._engine_http.get(
                 f"{self._engine_base}/v1/models", timeout=5.0,
                 headers={"Authorization": f"Bearer {self.engine_api_key}"},
             )
@@ -137,9 +145,9 @@ class Worker:
             logger.warning("could not read max_model_len error=%r", exc)
 
     async def _start_engine(self) -> None:
-        assert self._engine is not None and self._client is not None
+        assert self._engine is not None and self._engine_http is not None
         await self._engine.start()
-        await self._engine.wait_healthy(self._client, self.settings.engine_start_timeout)
+        await self._engine.wait_healthy(self._engine_http, self.settings.engine_start_timeout)
         await self._read_max_model_len()
         self._set_state(WorkerState.READY)
 
@@ -218,17 +226,24 @@ class Worker:
             cpu_kvcache_gib=self.settings.cpu_kvcache_gib,
             extra_args=[*extra_args, *self.settings.engine_args],
             base_env=os.environ,
+            **self.settings.uvicorn_ssl(),
         )
         self.engine_url = (self.settings.advertise_url or command.base_url).rstrip("/")
         self._engine = EngineProcess(command)
         server = EmbeddedServer(uvicorn.Config(
             create_app(self), host=self.settings.host, port=self.settings.port,
-            log_level="warning", access_log=False,
+            log_level="warning", access_log=False, **self.settings.uvicorn_ssl(),
         ))
-        async with httpx.AsyncClient() as client:
-            self._client = client
-            self._controllers = [ControllerClient(address, client)
-                                 for address in self.settings.controller_addresses]
+        token = self.settings.cluster_token
+        verify = self.settings.ssl_context()  # the given CA, for the controllers and the engine
+        async with httpx.AsyncClient(verify=verify) as controller_http, \
+                httpx.AsyncClient(verify=verify) as engine_http:
+            self._engine_http = engine_http
+            self._controllers = [
+                ControllerClient(address, controller_http,
+                                 token=token.get_secret_value() if token else None)
+                for address in self.settings.controller_addresses
+            ]
             serving = asyncio.create_task(server.serve())
             self._heartbeats = asyncio.create_task(self._heartbeat_forever())
             try:
@@ -276,5 +291,9 @@ class Worker:
         for controller in self._controllers:
             with contextlib.suppress(httpx.HTTPError):
                 await controller.deregister(self.worker_id)
+        # An idle keep-alive connection would hold a TLS engine's shutdown: the server waits for
+        # the client's close_notify, which httpx sends only when it next uses the connection.
+        if self._engine_http is not None:
+            await self._engine_http.aclose()
         await self._engine.stop()
         logger.info("stopped worker_id=%s", self.worker_id)

@@ -11,7 +11,15 @@ from enum import Enum
 from pathlib import Path
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
+
+from fleet.cluster_auth import ClusterTokenSettings, add_token_flags
+from fleet.tls import (
+    ClientTLSSettings,
+    ServerTLSSettings,
+    add_client_tls_flags,
+    add_server_tls_flags,
+)
 
 
 class ModelSource(str, Enum):
@@ -21,7 +29,10 @@ class ModelSource(str, Enum):
     MODELSCOPE = "modelscope"
 
 
-class WorkerSettings(BaseSettings):
+class WorkerSettings(ClusterTokenSettings, ClientTLSSettings, ServerTLSSettings):
+    """With a certificate (`ssl_certfile`), the worker's own /health and the engine both serve
+    HTTPS; the CA (`FLEET_SSL_CA_FILE`) verifies the controller and the engine."""
+
     model_config = SettingsConfigDict(env_prefix="FLEET_WORKER_")
 
     model: str
@@ -126,6 +137,9 @@ class WorkerSettings(BaseSettings):
             help="Jinja chat template file, or 'chatml' for the built-in ChatML template "
             "(default: the tokenizer's own; ChatML with its stop tokens if it has none).",
         )
+        add_token_flags(parser, read=False)
+        add_server_tls_flags(parser)
+        add_client_tls_flags(parser)
         parser.add_argument("--log-level", help="debug, info, warning or error (default info).")
         args, engine_args = parser.parse_known_args(argv)
         values = {k: v for k, v in vars(args).items() if v is not None}

@@ -12,8 +12,15 @@ from collections.abc import Sequence
 
 import httpx
 import openai
+from pydantic import ValidationError
 
 from controller.protocol import ModelList, WorkerList, WorkerRecord, WorkerState
+from fleet.cluster_auth import ControllerCredentials, add_token_flags, bearer
+from fleet.tls import ClientTLSSettings, add_client_tls_flags
+
+
+class _ClientSettings(ControllerCredentials, ClientTLSSettings):
+    """The token (read or cluster) and the CA; from flags over the shared environment."""
 
 
 def _pick(workers: list[WorkerRecord]) -> WorkerRecord | None:
@@ -30,12 +37,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--message", default="Tell me a story with more than 1000 words.")
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0)
+    add_token_flags(parser, read=True)
+    add_client_tls_flags(parser)
     args = parser.parse_args(argv)
     controller = args.controller_address.rstrip("/")
+    try:
+        settings = _ClientSettings(**{
+            k: getattr(args, k) for k in ("cluster_token_file", "read_token_file", "ssl_ca_file")
+            if getattr(args, k) is not None
+        })
+    except ValidationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    verify = settings.ssl_context()
 
     try:
-        with httpx.Client(timeout=10.0) as client:
-            models = ModelList.model_validate_json(client.get(f"{controller}/models").content)
+        with httpx.Client(timeout=10.0, verify=verify,
+                          headers=bearer(settings.controller_token())) as client:
+            listed = client.get(f"{controller}/models")
+            if listed.status_code in (401, 403):
+                print(f"error: the controller refused the token ({listed.status_code}): set "
+                      "FLEET_CLUSTER_TOKEN or FLEET_READ_TOKEN, or pass --cluster-token-file",
+                      file=sys.stderr)
+                return 1
+            models = ModelList.model_validate_json(listed.content)
             print(f"Models: {', '.join(models.models) or '(none)'}")
             response = client.get(f"{controller}/models/{args.model_name}/workers")
     except httpx.HTTPError as exc:
@@ -55,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     client = openai.OpenAI(
         base_url=f"{str(worker.engine_url).rstrip('/')}/v1",
         api_key=worker.engine_api_key or "none", timeout=120.0, max_retries=0,
+        http_client=openai.DefaultHttpxClient(verify=verify),
     )
     try:
         stream = client.chat.completions.create(

@@ -21,6 +21,7 @@ import httpx
 from aiohttp import web
 
 from controller.protocol import Heartbeat, Registration, WorkerState
+from fleet.cluster_auth import ClusterTokenSettings
 from worker.registration import ControllerClient
 
 MAX_MODEL_LEN = 2048
@@ -90,7 +91,9 @@ async def _register_forever(args: argparse.Namespace) -> None:
         model_names=[args.model], max_model_len=MAX_MODEL_LEN, state=WorkerState.READY,
     )
     async with httpx.AsyncClient() as http:
-        controller = ControllerClient(args.controller_address, http)
+        token = ClusterTokenSettings().cluster_token  # FLEET_CLUSTER_TOKEN, as a worker's
+        controller = ControllerClient(args.controller_address, http,
+                                      token=token.get_secret_value() if token else None)
         while True:
             with contextlib.suppress(httpx.HTTPError):
                 if not controller.registered:

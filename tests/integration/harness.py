@@ -1,7 +1,9 @@
 """Real processes for integration tests: controller, workers with the demo model, gateway.
 
 Each service runs as `python -m <service>` on free loopback ports, logging to a file that is
-shown when something fails. Waits poll with deadlines and check the processes are alive.
+shown when something fails. Waits poll with deadlines and check the processes are alive. Every
+service gets the same cluster token in its environment; with `tls`, every service serves HTTPS
+and verifies the others against the test CA.
 """
 
 from __future__ import annotations
@@ -10,17 +12,25 @@ import contextlib
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
+from fleet.tls import client_ssl_context
+from tests.certs import TLSFiles
+
 MODEL_NAME = "SmolLM2-135M-Instruct"
 API_KEY = "sk-fleet-test"
+CLUSTER_TOKEN = "fleet-test-cluster-token-0123456789"
+CLUSTER_AUTH = {"Authorization": f"Bearer {CLUSTER_TOKEN}"}
+_CALLER_CREDENTIALS = ("FLEET_CLUSTER_TOKEN_FILE", "FLEET_READ_TOKEN", "FLEET_READ_TOKEN_FILE",
+                       "FLEET_SSL_CA_FILE")
 
 
 def free_port() -> int:
@@ -59,21 +69,46 @@ class Stack:
     gateway_port: int = field(default_factory=free_port)
     services: dict[str, Service] = field(default_factory=dict)
     worker_ports: dict[str, int] = field(default_factory=dict)
+    tls: TLSFiles | None = None
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
 
     @property
     def controller_url(self) -> str:
-        return f"http://127.0.0.1:{self.controller_port}"
+        return f"{self.scheme}://127.0.0.1:{self.controller_port}"
 
     @property
     def gateway_url(self) -> str:
-        return f"http://127.0.0.1:{self.gateway_port}"
+        return f"{self.scheme}://127.0.0.1:{self.gateway_port}"
 
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Service:
+    @property
+    def verify(self) -> ssl.SSLContext:
+        """What test clients verify the services with: the test CA under TLS."""
+        return client_ssl_context(self.tls.ca if self.tls else None)
+
+    @property
+    def tls_flags(self) -> list[str]:
+        """A service's flags to serve HTTPS with the test certificate (none without TLS)."""
+        if self.tls is None:
+            return []
+        return ["--ssl-certfile", str(self.tls.cert), "--ssl-keyfile", str(self.tls.key)]
+
+    def _spawn(self, name: str, argv: list[str],
+               env: Mapping[str, str | None] | None = None) -> Service:
+        """Start `python <argv>`; `env` adds variables to the usual ones, None removes one."""
         log = self.workdir / f"{name}.log"
         handle = log.open("ab")
+        common = {"PYTHONUNBUFFERED": "1", "FLEET_CLUSTER_TOKEN": CLUSTER_TOKEN}
+        if self.tls is not None:
+            common["FLEET_SSL_CA_FILE"] = str(self.tls.ca)
+        # Credentials of the caller's own shell would mix with the test token.
+        inherited = {k: v for k, v in os.environ.items() if k not in _CALLER_CREDENTIALS}
+        merged = {**inherited, **common, **(env or {})}
         proc = subprocess.Popen(
             [sys.executable, *argv], stdout=handle, stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            env={k: v for k, v in merged.items() if v is not None},
             start_new_session=True,
         )
         handle.close()
@@ -85,7 +120,7 @@ class Stack:
         """Start the controller and wait until it answers."""
         service = self._spawn("controller", [
             "-m", "controller", "--port", str(self.controller_port),
-            "--heartbeat-interval", "1", "--expiry", "3",
+            "--heartbeat-interval", "1", "--expiry", "3", *self.tls_flags,
         ])
         self.wait_for(lambda: self.workers() is not None, "the controller", 30,
                       watch=["controller"])
@@ -103,7 +138,7 @@ class Stack:
         return self._spawn(name, [
             "-m", "gateway", "--port", str(port or self.gateway_port),
             "--controller-address", self.controller_url, "--api-keys", API_KEY,
-            "--sync-interval", "0.5", *(extra or []),
+            "--sync-interval", "0.5", *self.tls_flags, *(extra or []),
         ])
 
     def start_fake_engine(self, name: str = "fake", model: str = MODEL_NAME) -> Service:
@@ -116,15 +151,16 @@ class Stack:
         ])
 
     def start_worker(self, name: str = "worker", cpus: str = "0", model: Path | None = None,
-                     extra: list[str] | None = None, model_name: str = MODEL_NAME) -> Service:
+                     extra: list[str] | None = None, model_name: str = MODEL_NAME,
+                     env: Mapping[str, str | None] | None = None) -> Service:
         self.worker_ports[name] = free_port()
         return self._spawn(name, [
             "-m", "worker", "--model", str(model or self.model_path),
             "--port", str(self.worker_ports[name]),
             "--model-name", model_name, "--controller-address", self.controller_url,
             "--cpus", cpus, "--worker-id", name, "--drain-timeout", "20",
-            "--enforce-eager", "--max-model-len", "4096", *(extra or []),
-        ])
+            "--enforce-eager", "--max-model-len", "4096", *self.tls_flags, *(extra or []),
+        ], env=env)
 
     def wait_for(self, check: Callable[[], bool], what: str, timeout: float,
                  watch: list[str] | None = None) -> None:
@@ -146,7 +182,8 @@ class Stack:
             time.sleep(0.2)
 
     def workers(self) -> list[dict]:
-        return httpx.get(f"{self.controller_url}/workers", timeout=5).json()["workers"]
+        return httpx.get(f"{self.controller_url}/workers", headers=CLUSTER_AUTH,
+                         verify=self.verify, timeout=5).json()["workers"]
 
     def worker_record(self, worker_id: str) -> dict | None:
         return next((w for w in self.workers() if w["worker_id"] == worker_id), None)
@@ -163,7 +200,8 @@ class Stack:
         url = gateway_url or self.gateway_url
 
         def check() -> bool:
-            data = httpx.get(f"{url}/v1/models", headers=headers, timeout=5).json()
+            data = httpx.get(f"{url}/v1/models", headers=headers, verify=self.verify,
+                             timeout=5).json()
             return any(m["id"] == MODEL_NAME for m in data["data"])
 
         self.wait_for(check, "the gateway to route the demo model", timeout)

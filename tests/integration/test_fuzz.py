@@ -26,7 +26,7 @@ from controller.app import create_app as create_controller
 from controller.settings import ControllerSettings
 from gateway.app import create_app as create_gateway
 from gateway.settings import GatewaySettings
-from tests.integration.harness import API_KEY, MODEL_NAME, Stack
+from tests.integration.harness import API_KEY, CLUSTER_AUTH, MODEL_NAME, Stack
 
 pytestmark = pytest.mark.integration
 
@@ -104,7 +104,8 @@ def test_gateway_spec_fuzz(case: schemathesis.Case, gateway_stack: Stack) -> Non
 @controller.parametrize()
 @_FUZZ
 def test_controller_spec_fuzz(case: schemathesis.Case, controller_stack: Stack) -> None:
-    case.call_and_validate(base_url=controller_stack.controller_url, timeout=30)
+    case.call_and_validate(base_url=controller_stack.controller_url, headers=CLUSTER_AUTH,
+                           timeout=30)
 
 
 def answered(stack: Stack) -> dict[str, float]:

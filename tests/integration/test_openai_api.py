@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -9,10 +10,12 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.harness import API_KEY, MODEL_NAME, Stack
+from tests.integration.harness import API_KEY, CLUSTER_TOKEN, MODEL_NAME, Stack
 
 pytestmark = pytest.mark.integration
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+# test-message reads the registry, which hands out engine keys only for a token.
+WITH_TOKEN = {**os.environ, "FLEET_CLUSTER_TOKEN": CLUSTER_TOKEN}
 
 
 def test_models_lists_the_demo_model_with_its_context(client: openai.OpenAI) -> None:
@@ -140,7 +143,7 @@ def test_test_message_streams_a_reply_from_a_worker(stack: Stack) -> None:
         [sys.executable, "-m", "worker.test_message", "--controller-address",
          stack.controller_url, "--model-name", MODEL_NAME, "--message",
          "What is the capital of France?", "--max-tokens", "30"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=120, env=WITH_TOKEN,
     )
     assert result.returncode == 0, result.stderr
     assert MODEL_NAME in result.stdout.splitlines()[0]
@@ -152,7 +155,7 @@ def test_test_message_for_a_model_nobody_serves_fails(stack: Stack) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "fleet.cli", "test-message", "--controller-address",
          stack.controller_url, "--model-name", "nobody-serves-this"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True, text=True, timeout=60, env=WITH_TOKEN,
     )
     assert result.returncode == 1
     assert "no ready worker serves model 'nobody-serves-this'" in result.stderr

@@ -160,6 +160,28 @@ def test_env_example_sets_only_settings_that_exist() -> None:
     assert "FLEET_CLUSTER_TOKEN" in env
 
 
+def _setting_variables() -> set[str]:
+    """Every FLEET_* variable a service reads: its prefix and field, or the field's alias (the
+    shared ones: FLEET_CLUSTER_TOKEN, FLEET_SSL_CA_FILE, ...)."""
+    from webui.settings import WebUISettings
+
+    names = set()
+    for settings in (ControllerSettings, WorkerSettings, GatewaySettings, WebUISettings):
+        prefix = settings.model_config.get("env_prefix", "")
+        for name, info in settings.model_fields.items():
+            alias = info.validation_alias
+            names.add(alias if isinstance(alias, str) else f"{prefix}{name}".upper())
+    return names
+
+
+def test_the_env_file_names_only_real_settings_commented_out_or_not() -> None:
+    known = _setting_variables() | {"FLEET_MODELS_DIR", "FLEET_EXTRA_WORKER_ARGS"}
+    assigned = re.findall(r"^#?\s*(FLEET_[A-Z0-9_]+)=", (SYSTEMD / "fleet.env.example").read_text(),
+                          flags=re.MULTILINE)
+    assert {"FLEET_CLUSTER_TOKEN", "FLEET_READ_TOKEN", "FLEET_SSL_CA_FILE"} <= set(assigned)
+    assert not set(assigned) - known
+
+
 def test_model_cache_is_writable_by_the_worker_unit() -> None:
     writable = [Path(p.lstrip("-")) for v in _service("fleet-worker@.service")["ReadWritePaths"]
                 for p in v.split()]

@@ -83,7 +83,7 @@ def test_turns_and_feedback_are_appended_as_json_lines(tmp_path: Path) -> None:
 def test_fleet_up_starts_the_web_ui_after_the_gateway_with_the_first_key() -> None:
     args, engine = _parser().parse_known_args(
         ["--api-keys", "k1,k2", "--webui-port", "7999", "--host", "0.0.0.0"])
-    services = plan(args, engine, "/models/m")
+    services = plan(args, engine, "/models/m", "t" * 32)
     assert [s.name for s in services][-2:] == ["gateway", "webui"]
     webui = services[-1]
     assert webui.argv[1:3] == ["-m", "webui"]
@@ -96,7 +96,7 @@ def test_fleet_up_starts_the_web_ui_after_the_gateway_with_the_first_key() -> No
 
 def test_fleet_up_without_the_web_ui() -> None:
     args, engine = _parser().parse_known_args(["--no-webui"])
-    assert "webui" not in [s.name for s in plan(args, engine, "/models/m")]
+    assert "webui" not in [s.name for s in plan(args, engine, "/models/m", "t" * 32)]
 
 
 def test_fleet_webui_is_a_command(capsys: pytest.CaptureFixture[str]) -> None:

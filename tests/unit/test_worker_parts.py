@@ -20,11 +20,29 @@ def command(**kw):
 
 
 def test_engine_is_vllms_openai_server_with_our_key_and_port() -> None:
-    cmd = command()
+    cmd = command(api_key="sk-engine-key")
     assert cmd.argv[:8] == ["py", "-m", GUARD_MODULE, "--", "py", "-m", ENGINE_MODULE, "--model"]
-    assert "--api-key=k" in cmd.argv
     assert cmd.argv[cmd.argv.index("--port") + 1] == "9000"
     assert cmd.base_url == "http://127.0.0.1:9000"
+    # The key is in the environment: any local user can read a command line, and vLLM logs
+    # its arguments.
+    assert cmd.env["VLLM_API_KEY"] == "sk-engine-key"
+    assert not any("sk-engine-key" in a or a.startswith("--api-key") for a in cmd.argv)
+
+
+def test_the_engine_inherits_no_cluster_token() -> None:
+    env = {"PATH": "/bin", "FLEET_CLUSTER_TOKEN": "c" * 20, "FLEET_READ_TOKEN": "r" * 20}
+    cmd = command(base_env=env)
+    assert "FLEET_CLUSTER_TOKEN" not in cmd.env and "FLEET_READ_TOKEN" not in cmd.env
+    assert cmd.env["PATH"] == "/bin"
+
+
+def test_engine_serves_https_with_the_workers_certificate() -> None:
+    cmd = command(ssl_certfile="/tls/cert.pem", ssl_keyfile="/tls/key.pem")
+    assert cmd.argv[cmd.argv.index("--ssl-certfile") + 1] == "/tls/cert.pem"
+    assert cmd.argv[cmd.argv.index("--ssl-keyfile") + 1] == "/tls/key.pem"
+    assert cmd.base_url == "https://127.0.0.1:9000"
+    assert "--ssl-certfile" not in command().argv
 
 
 def test_one_gpu_pins_cuda_visible_devices() -> None:
@@ -141,8 +159,9 @@ def test_modelscope_ids_are_downloaded_with_snapshot_download(
     assert path == str(tmp_path / "qwen") and extra == []
 
 
-def test_a_key_that_starts_with_a_dash_stays_one_argument() -> None:
-    assert "--api-key=-abc" in command(api_key="-abc").argv
+def test_a_key_that_starts_with_a_dash_is_no_flag() -> None:
+    cmd = command(api_key="-abc")
+    assert cmd.env["VLLM_API_KEY"] == "-abc" and "-abc" not in cmd.argv
 
 
 def test_engine_key_is_fresh_per_worker_unless_set_in_the_environment(
