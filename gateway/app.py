@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,6 +20,7 @@ from starlette.responses import Response
 from fleet.cluster_auth import bearer
 from fleet.errors import ErrorResponse, FleetError, PermissionDeniedError, install_error_handlers
 from gateway import validation
+from gateway.asgi import GenerateRoutes
 from gateway.auth import ANONYMOUS, Authenticator
 from gateway.breaker import Breakers
 from gateway.limits import KeyLimiter, ask_for_usage, usage_charger
@@ -130,7 +131,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     async def _generate(request: Request, path: str, schema: type[BaseModel]) -> Response:
         started = time.monotonic()
-        request_id = f"fleet-{uuid.uuid4().hex}"
+        request_id = f"fleet-{os.urandom(16).hex()}"  # as unique as uuid4, cheaper
         model, policy, caller = "unknown", "-", ANONYMOUS
         try:
             request_id = validation.request_id(request.headers.get("x-request-id")) \
@@ -171,15 +172,20 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         metrics.requests.labels(model, str(response.status_code), policy).inc()
         return response
 
-    @app.post("/v1/chat/completions", responses=_GENERATED,
-              openapi_extra=_body_schema(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
         return await _generate(request, "/v1/chat/completions", ChatCompletionRequest)
 
-    @app.post("/v1/completions", responses=_GENERATED,
-              openapi_extra=_body_schema(CompletionRequest))
     async def completions(request: Request) -> Response:
         return await _generate(request, "/v1/completions", CompletionRequest)
+
+    # Served by GenerateRoutes (gateway/asgi.py) before FastAPI routes anything; declared here
+    # for the OpenAPI spec and for anything that walks the routes.
+    app.post("/v1/chat/completions", responses=_GENERATED,
+             openapi_extra=_body_schema(ChatCompletionRequest))(chat_completions)
+    app.post("/v1/completions", responses=_GENERATED,
+             openapi_extra=_body_schema(CompletionRequest))(completions)
+    app.add_middleware(GenerateRoutes, routes={"/v1/chat/completions": chat_completions,
+                                               "/v1/completions": completions})
 
     @app.get("/v1/models", response_model=ModelList, responses=_ERRORS,
              openapi_extra=_BEARER)

@@ -13,13 +13,14 @@ import json
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import aiohttp
 import pydantic_core
+import yarl
 from fastapi import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from controller.protocol import WorkerRecord
 from fleet.errors import (
@@ -28,13 +29,13 @@ from fleet.errors import (
     GatewayTimeoutError,
     ServiceUnavailableError,
 )
+from gateway.asgi import ClientGone, ClientWatch, RelayResponse
 from gateway.metrics import GatewayMetrics
 from gateway.routing import RouteRequest
 from gateway.routing_table import RoutingTable
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
 # Told the usage of a response when it ends: None when it had none (a stream cut off).
 UsageHook = Callable[[dict[str, Any] | None], None]
 RETRY_STATUSES = frozenset({502, 503, 504})
@@ -46,33 +47,6 @@ _CONNECT_ERRORS = (
     aiohttp.ConnectionTimeoutError,
 )
 _TAIL_BYTES = 4096
-
-
-class ClientGone(Exception):
-    """The client disconnected while we waited on the engine."""
-
-
-async def _disconnected(request: Request) -> None:
-    # The body was read already, so the next message can only be the disconnect.
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-async def _unless_client_leaves(request: Request, awaitable: Awaitable[T]) -> T:
-    work = asyncio.ensure_future(awaitable)
-    watcher = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-    if work.done():
-        return work.result()
-    work.cancel()
-    with contextlib.suppress(BaseException):
-        await work
-    raise ClientGone
 
 
 def sse_error_event(message: str, code: str = "upstream_error") -> bytes:
@@ -111,6 +85,7 @@ class Proxy:
         self._max_attempts = max_attempts
         self._retry_backoff = retry_backoff
         self._rng = rng or random.Random()
+        self._urls: dict[tuple[object, str], yarl.URL] = {}
         self._timeout = aiohttp.ClientTimeout(
             total=None, connect=connect_timeout, sock_read=read_timeout
         )
@@ -123,7 +98,22 @@ class Proxy:
     async def forward(
         self, request: Request, path: str, body: bytes, route: RouteRequest, stream: bool,
         request_id: str, started: float, on_usage: UsageHook | None = None,
-    ) -> Response:
+    ) -> Response | RelayResponse:
+        watch = ClientWatch(request.receive)
+        try:
+            response = await self._forward(watch, path, body, route, stream, request_id,
+                                           started, on_usage)
+        except BaseException:
+            watch.close()
+            raise
+        if not isinstance(response, RelayResponse):
+            watch.close()  # a stream's relay closes it when the stream ends
+        return response
+
+    async def _forward(
+        self, watch: ClientWatch, path: str, body: bytes, route: RouteRequest, stream: bool,
+        request_id: str, started: float, on_usage: UsageHook | None,
+    ) -> Response | RelayResponse:
         table, model = self._table, route.model
         tried: set[str] = set()
         last_error = ""
@@ -143,9 +133,7 @@ class Proxy:
                          request_id, model, table.policy_for(model).name, wid, attempt + 1,
                          choice.reason)
             try:
-                upstream = await _unless_client_leaves(
-                    request, self._send(worker, path, body, request_id)
-                )
+                upstream = await watch.guard(self._send(worker, path, body, request_id))
             except ClientGone:
                 table.release(wid)
                 logger.info("client left before the first byte request_id=%s", request_id)
@@ -180,12 +168,12 @@ class Proxy:
             headers = {"X-Request-Id": request_id, "X-Fleet-Worker": wid}
             content_type = upstream.headers.get("Content-Type", "application/json")
             if stream and upstream.status == 200:
-                return StreamingResponse(
-                    self._relay(upstream, worker, model, request_id, started, on_usage),
+                return RelayResponse(
+                    self._relay(upstream, worker, model, request_id, started, watch, on_usage),
                     status_code=200, headers=headers, media_type=content_type,
                 )
             try:
-                payload = await _unless_client_leaves(request, upstream.read())
+                payload = await watch.guard(upstream.read())
             except ClientGone:
                 return Response(status_code=499)
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
@@ -216,24 +204,32 @@ class Proxy:
         headers = {"Content-Type": "application/json", "X-Request-Id": request_id}
         if worker.engine_api_key:
             headers["Authorization"] = f"Bearer {worker.engine_api_key}"
-        return await self._session.post(
-            f"{str(worker.engine_url).rstrip('/')}{path}",
-            data=body, headers=headers, timeout=self._timeout,
-        )
+        url = self._urls.get((worker.engine_url, path))
+        if url is None:  # parsed once per engine and path, not per request
+            if len(self._urls) > 4096:  # engines come and go on new ports
+                self._urls.clear()
+            url = self._urls[(worker.engine_url, path)] = yarl.URL(
+                f"{str(worker.engine_url).rstrip('/')}{path}")
+        return await self._session.post(url, data=body, headers=headers,
+                                        timeout=self._timeout)
 
     async def _relay(
         self, upstream: aiohttp.ClientResponse, worker: WorkerRecord, model: str,
-        request_id: str, started: float, on_usage: UsageHook | None = None,
+        request_id: str, started: float, watch: ClientWatch,
+        on_usage: UsageHook | None = None,
     ) -> AsyncIterator[bytes]:
+        # A client that leaves closes the engine's connection at once, even mid-prefill.
+        watch.on_gone(upstream.close)
         finished = False
         first = True
-        tail = b""
+        # The last two chunks: enough for the usage event, without copying every chunk.
+        previous = last = b""
         try:
             async for chunk in upstream.content.iter_any():
                 if first:
                     self._metrics.ttft.labels(model).observe(time.monotonic() - started)
                     first = False
-                tail = (tail + chunk)[-_TAIL_BYTES:]
+                previous, last = last, chunk
                 yield chunk
             finished = True
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
@@ -244,13 +240,14 @@ class Proxy:
         finally:
             # On a client disconnect this closes the engine's connection, and vLLM aborts the
             # request; a finished stream returns its connection to the pool.
+            watch.close()
             if finished:
                 upstream.release()
             else:
                 upstream.close()
             self._table.release(worker.worker_id)
             self._metrics.latency.labels(model).observe(time.monotonic() - started)
-            usage = usage_from_sse_tail(tail) if finished else None
+            usage = usage_from_sse_tail((previous + last)[-_TAIL_BYTES:]) if finished else None
             self._metrics.count_usage(model, usage)
             if on_usage is not None:
                 on_usage(usage)

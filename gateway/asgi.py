@@ -1,0 +1,117 @@
+"""The generation endpoints as plain ASGI, below FastAPI's routing, and the streamed relay.
+
+The streaming path is the gateway's cost per request, so these two routes skip FastAPI's router,
+dependency solving and Starlette's StreamingResponse (an anyio task group per response): the
+measured CPU per streamed request fell by about a third (bench/RESULTS.md). FastAPI still
+declares the routes, for the OpenAPI spec, and still renders every error: a `FleetError` raised
+here becomes the same OpenAI error body, anything else goes to the app's 500 handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+from starlette.requests import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from fleet.errors import FleetError, error_response
+
+T = TypeVar("T")
+Handler = Callable[[Request], Awaitable[Any]]
+
+
+class ClientGone(Exception):
+    """The client disconnected while we waited on the engine."""
+
+
+class ClientWatch:
+    """One task per request, waiting for the client to disconnect once its body is read.
+
+    While the gateway waits for an engine's headers, a disconnect cancels the wait (`guard`);
+    while it relays a stream, a disconnect runs the callbacks given to `on_gone`, which close
+    the engine's connection, so vLLM aborts the request even in the middle of a long prefill.
+    """
+
+    def __init__(self, receive: Receive) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._wait(receive))
+
+    @staticmethod
+    async def _wait(receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    @property
+    def gone(self) -> bool:
+        return self._task.done() and not self._task.cancelled()
+
+    async def guard(self, awaitable: Awaitable[T]) -> T:
+        """Await `awaitable`, unless the client leaves first: then raise ClientGone."""
+        task = asyncio.current_task()
+        assert task is not None
+
+        def cancel(_: object) -> None:
+            if self.gone:
+                task.cancel()
+
+        self._task.add_done_callback(cancel)
+        try:
+            return await awaitable
+        except asyncio.CancelledError:
+            if self.gone and task.uncancel() == 0:
+                raise ClientGone from None
+            raise
+        finally:
+            self._task.remove_done_callback(cancel)
+
+    def on_gone(self, callback: Callable[[], object]) -> None:
+        self._task.add_done_callback(lambda _: None if not self.gone else callback())
+
+    def close(self) -> None:
+        self._task.cancel()
+
+
+class RelayResponse:
+    """A streamed answer: the engine's bytes go to the client as they arrive, one ASGI message
+    each, with no task group around them."""
+
+    def __init__(self, body: AsyncIterator[bytes], status_code: int,
+                 headers: dict[str, str], media_type: str) -> None:
+        self.body = body
+        self.status_code = status_code
+        self.headers = headers
+        self.media_type = media_type
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
+        raw.append((b"content-type", self.media_type.encode("latin-1")))
+        await send({"type": "http.response.start", "status": self.status_code, "headers": raw})
+        try:
+            async for chunk in self.body:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        finally:
+            with contextlib.suppress(Exception):
+                await self.body.aclose()  # type: ignore[attr-defined]
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+class GenerateRoutes:
+    """ASGI middleware: POST to one of `routes` goes to its handler, the rest to the app."""
+
+    def __init__(self, app: ASGIApp, routes: dict[str, Handler]) -> None:
+        self.app = app
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        handler = self.routes.get(scope["path"]) if scope["type"] == "http" else None
+        if handler is None or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        try:
+            response = await handler(Request(scope, receive))
+        except FleetError as exc:
+            response = error_response(exc)
+        await response(scope, receive, send)
+
