@@ -5,7 +5,6 @@ It answers chat and completion requests at once with a fixed few words, streamed
 `usage` as vLLM counts it here: prompt tokens = characters / 4 + 1, completion tokens =
 `max_tokens` (default `--chunks`, 8), capped at `--chunks` words. `--interval-ms` paces the
 streamed chunks, as an engine paces its tokens. It counts the requests it got at `GET /stats`.
-The benchmarks of the gateway's own cost (bench/overhead_bench.py) use it as the backend.
 """
 
 from __future__ import annotations
@@ -85,7 +84,7 @@ async def _ok(_: web.Request) -> web.Response:
     return web.json_response({})
 
 
-async def _register_forever(args: argparse.Namespace) -> None:
+async def register_forever(args: argparse.Namespace) -> None:
     registration = Registration(
         worker_id=args.worker_id, engine_url=f"http://127.0.0.1:{args.port}",
         model_names=[args.model], max_model_len=MAX_MODEL_LEN, state=WorkerState.READY,
@@ -116,7 +115,7 @@ async def _serve(args: argparse.Namespace) -> None:
     runner = web.AppRunner(app)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", args.port).start()
-    await _register_forever(args)
+    await register_forever(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

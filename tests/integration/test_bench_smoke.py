@@ -1,4 +1,4 @@
-"""The benchmark script still runs end to end (tiny workload); it checks no speed."""
+"""The benchmark scripts still run end to end (tiny workloads); they check no speed."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import pytest
 from tests.integration.harness import API_KEY, CLUSTER_TOKEN, Stack
 
 pytestmark = pytest.mark.integration
-BENCH = Path(__file__).parents[2] / "bench" / "serve_bench.py"
+BENCH_DIR = Path(__file__).parents[2] / "bench"
+BENCH = BENCH_DIR / "serve_bench.py"
 
 
 def test_serve_bench_smoke_writes_both_sides(stack: Stack, tmp_path: Path) -> None:
@@ -30,3 +31,37 @@ def test_serve_bench_smoke_writes_both_sides(stack: Stack, tmp_path: Path) -> No
     for side in ("direct", "gateway"):
         assert record[side]["completed"] == 4 and record[side]["failed"] == 0
     assert record["summary"]["throughput_ratio"] > 0
+
+
+def _smoke(script: str, tmp_path: Path, *args: str) -> dict:
+    result = subprocess.run(
+        [sys.executable, str(BENCH_DIR / script), "--smoke", "--out", str(tmp_path),
+         "--label", "smoke", *args],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (path,) = tmp_path.glob("*-smoke-*.json")
+    return json.loads(path.read_text())
+
+
+def test_routing_bench_smoke_runs_ours_and_vllms_router(tmp_path: Path) -> None:
+    """Two CPU workers; our cache-aware gateway and vLLM's router (installed in its own venv
+    on first use) over the same engines."""
+    record = _smoke("routing_bench.py", tmp_path,
+                    "--policies", "cache-aware,vllm-router:cache_aware")
+    for policy in ("cache-aware", "vllm-router:cache_aware"):
+        result = record["results"][policy]
+        assert result["requests"] == 8 and result["errors"] == 0
+        assert 0 <= result["prefix_cache_hit_rate"] <= 1
+
+
+def test_overhead_bench_smoke_measures_every_proxy(tmp_path: Path) -> None:
+    """The fake backend directly, our gateway, vLLM's router and LiteLLM (peers in their own
+    venvs, installed on first use)."""
+    record = _smoke("overhead_bench.py", tmp_path)
+    results = record["results"]
+    assert results["direct"]["20.0"]["errors"] == 0
+    for proxy in ("fleet", "vllm-router", "litellm"):
+        assert results[proxy]["20.0"]["errors"] == 0, results[proxy]
+        assert results[proxy]["20.0"]["cpu_ms_per_1k"] >= 0
+        assert results[proxy]["max"]["req_per_s"] > 0
