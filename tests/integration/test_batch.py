@@ -140,7 +140,7 @@ def test_a_failed_line_is_written_as_failed_and_tried_again_next_run(
     lines = ["Say hello.",
              json.dumps({"custom_id": "too-long",
                          "body": {"messages": [{"role": "user", "content": "Hi"}],
-                                  "max_tokens": 100_000}}),
+                                  "max_tokens": 10_000}}),
              "Say goodbye."]
     source.write_text("\n".join(lines) + "\n")
     first = run_batch(pair, source, output, "--max-tokens", "4")
