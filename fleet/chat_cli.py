@@ -8,6 +8,7 @@ the engine aborts it) and keeps the part already shown; at the prompt it only cl
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
@@ -122,6 +123,9 @@ class Repl:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Ctrl-C stops an answer, also when started with SIGINT ignored (a background job of a
+    # non-interactive shell ignores it, and Python then installs no handler).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         settings = ChatSettings.from_cli(argv)
     except ValidationError as exc:

@@ -288,6 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _on_signal)
+    # Also when started with SIGINT ignored (a background job of a non-interactive shell).
+    signal.signal(signal.SIGINT, _on_signal)
     host, scheme = _reachable(args.host), _scheme(args)
     controller_url = f"{scheme}://{host}:{args.controller_port}"
     gateway_url = f"{scheme}://{host}:{args.gateway_port}"
