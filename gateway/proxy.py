@@ -233,6 +233,11 @@ class Proxy:
                 yield chunk
             finished = True
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            if watch.gone:
+                # We closed the engine's connection because the client left: not the worker's
+                # fault, and nobody is listening for an error event.
+                logger.info("client left mid-stream request_id=%s", request_id)
+                return
             self._table.breakers[worker.worker_id].record_failure(fatal=True)
             logger.warning("stream broke request_id=%s worker=%s error=%r",
                            request_id, worker.worker_id, exc)

@@ -136,6 +136,10 @@ def test_client_disconnect_mid_stream_aborts_the_engine_request(stack: Stack) ->
             stack.wait_for(lambda: _engine_running(stack) == 1, "the engine to run it", 10)
     # 3000 tokens would take the engine far longer than this deadline on one core.
     stack.wait_for(lambda: _engine_running(stack) == 0, "the engine to abort it", 10)
+    # A client leaving is not the worker failing: the next request goes to it at once.
+    reply = httpx.post(f"{stack.gateway_url}/v1/completions", headers=headers, timeout=60,
+                       json={"model": MODEL_NAME, "prompt": "Hi", "max_tokens": 2})
+    assert reply.status_code == 200, reply.text
 
 
 def test_test_message_streams_a_reply_from_a_worker(stack: Stack) -> None:
