@@ -6,9 +6,10 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from fleet.client.settings import GatewayAddress
 from fleet.tls import (
     ClientTLSSettings,
     ServerTLSSettings,
@@ -17,14 +18,11 @@ from fleet.tls import (
 )
 
 
-class WebUISettings(ClientTLSSettings, ServerTLSSettings):
+class WebUISettings(ClientTLSSettings, ServerTLSSettings, GatewayAddress):
     model_config = SettingsConfigDict(env_prefix="FLEET_WEBUI_")
 
     host: str = "127.0.0.1"
     port: int = Field(7860, ge=0, le=65535)
-    gateway_url: str = "http://127.0.0.1:8000"
-    # A SecretStr prints as '**********': the key cannot leak into logs, reprs or the page.
-    api_key: SecretStr | None = None
     connect_timeout: float = Field(5.0, gt=0)
     # Longest silence from the gateway, in seconds: before the first token (queueing, prefill)
     # and between two tokens.
@@ -41,18 +39,6 @@ class WebUISettings(ClientTLSSettings, ServerTLSSettings):
     max_tokens_limit: int = Field(4096, ge=1)
     title: str = "llm-fleet chat"
     log_level: str = "info"
-
-    @field_validator("gateway_url")
-    @classmethod
-    def _http_url(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("expected an http:// or https:// URL")
-        return value.rstrip("/")
-
-    @field_validator("api_key", mode="before")
-    @classmethod
-    def _empty_is_none(cls, value: object) -> object:
-        return None if value == "" else value
 
     @property
     def api_base(self) -> str:

@@ -16,13 +16,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from fleet.client.chat import api_base
 
 
-class ClientSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="FLEET_CLIENT_")
+class GatewayAddress(BaseSettings):
+    """The gateway's URL and key, as every client of it (these commands, the web UI) takes them."""
 
     gateway_url: str = "http://127.0.0.1:8000"
-    # A SecretStr prints as '**********', so the key stays out of reprs and logs.
+    # A SecretStr prints as '**********', so the key stays out of reprs, logs and pages.
     api_key: SecretStr | None = None
-    timeout: float = Field(600.0, gt=0)
 
     @field_validator("gateway_url")
     @classmethod
@@ -37,12 +36,18 @@ class ClientSettings(BaseSettings):
         return None if value == "" else value
 
     @property
-    def api_base(self) -> str:
-        return api_base(self.gateway_url)
-
-    @property
     def key(self) -> str | None:
         return self.api_key.get_secret_value() if self.api_key else None
+
+
+class ClientSettings(GatewayAddress):
+    model_config = SettingsConfigDict(env_prefix="FLEET_CLIENT_")
+
+    timeout: float = Field(600.0, gt=0)
+
+    @property
+    def api_base(self) -> str:
+        return api_base(self.gateway_url)
 
 
 def add_client_flags(parser: argparse.ArgumentParser) -> None:
