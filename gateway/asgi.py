@@ -114,4 +114,3 @@ class GenerateRoutes:
         except FleetError as exc:
             response = error_response(exc)
         await response(scope, receive, send)
-
