@@ -69,7 +69,7 @@ class ModelNotFoundError(FleetAPIError):
 
 
 class OverloadedError(FleetAPIError):
-    """429: every worker of the model is busy and the gateway's queue is full."""
+    """429: the key is over its rate limit, or every worker is busy and the queue is full."""
 
     status_code = 429
     retryable = True
