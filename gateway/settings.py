@@ -30,6 +30,9 @@ class GatewaySettings(BaseSettings):
     # Longest silence allowed between two bytes from an engine (prefill of a long prompt on CPU
     # can take a while before the first byte).
     read_timeout: float = Field(600.0, gt=0)
+    # How long an engine host may leave what we sent unacknowledged at the TCP level before its
+    # connection is dropped (a partitioned or dead host; see proxy.engine_connector).
+    dead_peer_timeout: float = Field(10.0, ge=1)
     max_attempts: int = Field(3, ge=1, le=10)
     retry_backoff: float = Field(0.05, ge=0)
     max_body_bytes: int = Field(32 * 1024 * 1024, gt=0)
@@ -154,6 +157,11 @@ class GatewaySettings(BaseSettings):
         parser.add_argument(
             "--read-timeout", type=float,
             help="Longest silence from an engine, in seconds, before giving up (default 600).",
+        )
+        parser.add_argument(
+            "--dead-peer-timeout", type=float,
+            help="Seconds an engine host may leave the gateway's packets unanswered before its "
+            "connections are dropped and their requests tried elsewhere (default 10).",
         )
         parser.add_argument("--log-level", help="debug, info, warning or error (default info).")
         args = parser.parse_args(argv)
