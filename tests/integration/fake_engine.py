@@ -1,7 +1,9 @@
 """A fake OpenAI engine that registers itself as a worker: for tests whose subject is the gateway.
 
-`python -m tests.integration.fake_engine --port P --controller-address URL --model NAME`.
-It answers chat and completion requests at once with a fixed few words, streamed or not, with
+`python -m tests.integration.fake_engine --port P --controller-address URL --model NAME`
+(`--host` to listen on, and be reached at, another address than 127.0.0.1).
+It answers chat and completion requests at once with a fixed few words, streamed or not (with
+`--word-delay S` seconds before each streamed word), with
 `usage` as vLLM counts it here: prompt tokens = characters / 4 + 1, completion tokens =
 `max_tokens` (default 8), capped at 8 words. It counts the requests it got at `GET /stats`.
 """
@@ -56,6 +58,8 @@ async def _generate(request: web.Request) -> web.StreamResponse:
     for i, word in enumerate(words):
         finish = "stop" if i == len(words) - 1 else None
         event = {**base, "object": chunk_kind, "choices": [_choice(chat, word, True, finish)]}
+        if request.app["word_delay"]:
+            await asyncio.sleep(request.app["word_delay"])
         await response.write(f"data: {json.dumps(event)}\n\n".encode())
     if (body.get("stream_options") or {}).get("include_usage"):
         event = {**base, "object": chunk_kind, "choices": [], "usage": _usage(body)}
@@ -80,7 +84,7 @@ async def _ok(_: web.Request) -> web.Response:
 
 async def _register_forever(args: argparse.Namespace) -> None:
     registration = Registration(
-        worker_id=args.worker_id, engine_url=f"http://127.0.0.1:{args.port}",
+        worker_id=args.worker_id, engine_url=f"http://{args.host}:{args.port}",
         model_names=[args.model], max_model_len=MAX_MODEL_LEN, state=WorkerState.READY,
     )
     async with httpx.AsyncClient() as http:
@@ -97,7 +101,7 @@ async def _register_forever(args: argparse.Namespace) -> None:
 
 async def _serve(args: argparse.Namespace) -> None:
     app = web.Application()
-    app["model"], app["requests"] = args.model, 0
+    app["model"], app["requests"], app["word_delay"] = args.model, 0, args.word_delay
     app.router.add_post("/v1/chat/completions", _generate)
     app.router.add_post("/v1/completions", _generate)
     app.router.add_get("/v1/models", _models)
@@ -105,16 +109,20 @@ async def _serve(args: argparse.Namespace) -> None:
     app.router.add_get("/health", _ok)
     runner = web.AppRunner(app)
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", args.port).start()
+    # As many waiting connections as uvicorn (and so vLLM) allows: a burst of streams from the
+    # gateway must not overflow the accept queue.
+    await web.TCPSite(runner, args.host, args.port, backlog=2048).start()
     await _register_forever(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--controller-address", required=True)
     parser.add_argument("--model", required=True)
     parser.add_argument("--worker-id", default="fake")
+    parser.add_argument("--word-delay", type=float, default=0.0)
     asyncio.run(_serve(parser.parse_args(argv)))
     return 0
 

@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,11 +68,13 @@ class Stack:
     def gateway_url(self) -> str:
         return f"http://127.0.0.1:{self.gateway_port}"
 
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Service:
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None,
+               prefix: Sequence[str] = ()) -> Service:
+        """`python ARGV...`, after `prefix` (such as `ip netns exec NS`) where one is given."""
         log = self.workdir / f"{name}.log"
         handle = log.open("ab")
         proc = subprocess.Popen(
-            [sys.executable, *argv], stdout=handle, stderr=subprocess.STDOUT,
+            [*prefix, sys.executable, *argv], stdout=handle, stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
             start_new_session=True,
         )
