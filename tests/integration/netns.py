@@ -65,7 +65,8 @@ def netns_refusal() -> str | None:
     try:
         ip("netns", "add", probe)
     except NetnsError as exc:
-        return f"the kernel refuses network namespaces here ({exc})"
+        return (f"`ip netns add` is refused here (it takes root, or CAP_SYS_ADMIN and "
+                f"CAP_NET_ADMIN): {exc}")
     ip("netns", "del", probe, check=False)
     return None
 
