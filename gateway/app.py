@@ -32,7 +32,7 @@ from gateway.protocol import (
     ModelList,
     TableHealth,
 )
-from gateway.proxy import Proxy
+from gateway.proxy import Proxy, engine_connector
 from gateway.routing import POLICIES, CacheAware, RouteRequest, RoutingPolicy
 from gateway.routing_table import Limits, RoutingTable
 from gateway.settings import GatewaySettings
@@ -90,8 +90,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # One session for the controller and the engines, verifying both against the given CA.
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30,
-                                         ssl=settings.ssl_context())
+        connector = engine_connector(settings.dead_peer_timeout, settings.ssl_context())
         async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
             app.state.proxy = Proxy(
                 session, table, metrics,

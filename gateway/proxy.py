@@ -12,9 +12,11 @@ import contextlib
 import json
 import logging
 import random
+import socket
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import pydantic_core
@@ -34,6 +36,9 @@ from gateway.metrics import GatewayMetrics
 from gateway.routing import RouteRequest
 from gateway.routing_table import RoutingTable
 
+if TYPE_CHECKING:
+    from aiohappyeyeballs import AddrInfoType
+
 logger = logging.getLogger(__name__)
 
 # Told the usage of a response when it ends: None when it had none (a stream cut off).
@@ -47,6 +52,36 @@ _CONNECT_ERRORS = (
     aiohttp.ConnectionTimeoutError,
 )
 _TAIL_BYTES = 4096
+
+
+def engine_connector(dead_peer_timeout: float,
+                     ssl_context: ssl.SSLContext | None = None) -> aiohttp.TCPConnector:
+    """The pool of connections to engines, which notices an engine host that went silent.
+
+    A host cut off by the network (or powered off) refuses nothing: a request written on a
+    pooled connection to it would wait for the read timeout (minutes), and a stream from it would
+    just stop. So each connection has TCP keep-alive probes once it has been idle for half of
+    `dead_peer_timeout`, and TCP_USER_TIMEOUT ends it when what it sent (a request or a probe)
+    has gone unacknowledged for `dead_peer_timeout`. An engine that is busy but reachable still
+    acknowledges, however long it takes to answer. The error comes before the first byte for a
+    request that never got an answer, so the proxy sends it to another worker.
+    """
+    options = [("TCP_KEEPIDLE", max(1, round(dead_peer_timeout / 2))),
+               ("TCP_KEEPINTVL", max(1, round(dead_peer_timeout / 6))),
+               ("TCP_KEEPCNT", 3),
+               ("TCP_USER_TIMEOUT", round(dead_peer_timeout * 1000))]
+
+    def make_socket(addr_info: AddrInfoType) -> socket.socket:
+        family, type_, proto, _, _ = addr_info
+        sock = socket.socket(family=family, type=type_, proto=proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for name, value in options:
+            if hasattr(socket, name):  # Linux has them all; elsewhere keep-alive's defaults
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+        return sock
+
+    return aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ssl=ssl_context or True,
+                                socket_factory=make_socket)
 
 
 def sse_error_event(message: str, code: str = "upstream_error") -> bytes:

@@ -40,6 +40,9 @@ class GatewaySettings(ControllerCredentials, ClientTLSSettings, ServerTLSSetting
     # Longest silence allowed between two bytes from an engine (prefill of a long prompt on CPU
     # can take a while before the first byte).
     read_timeout: float = Field(600.0, gt=0)
+    # How long an engine host may leave what we sent unacknowledged at the TCP level before its
+    # connection is dropped (a partitioned or dead host; see proxy.engine_connector).
+    dead_peer_timeout: float = Field(10.0, ge=1)
     max_attempts: int = Field(3, ge=1, le=10)
     retry_backoff: float = Field(0.05, ge=0)
     max_body_bytes: int = Field(32 * 1024 * 1024, gt=0)
@@ -167,6 +170,11 @@ class GatewaySettings(ControllerCredentials, ClientTLSSettings, ServerTLSSetting
         parser.add_argument(
             "--read-timeout", type=float,
             help="Longest silence from an engine, in seconds, before giving up (default 600).",
+        )
+        parser.add_argument(
+            "--dead-peer-timeout", type=float,
+            help="Seconds an engine host may leave the gateway's packets unanswered before its "
+            "connections are dropped and their requests tried elsewhere (default 10).",
         )
         add_token_flags(parser, read=True)
         add_server_tls_flags(parser)

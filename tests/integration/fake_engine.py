@@ -1,6 +1,7 @@
 """A fake OpenAI engine that registers itself as a worker: for tests whose subject is the gateway.
 
-`python -m tests.integration.fake_engine --port P --controller-address URL --model NAME`.
+`python -m tests.integration.fake_engine --port P --controller-address URL --model NAME`
+(`--host` to listen on, and be reached at, another address than 127.0.0.1).
 It answers chat and completion requests at once with a fixed few words, streamed or not, with
 `usage` as vLLM counts it here: prompt tokens = characters / 4 + 1, completion tokens =
 `max_tokens` (default `--chunks`, 8), capped at `--chunks` words. `--interval-ms` paces the
@@ -86,7 +87,7 @@ async def _ok(_: web.Request) -> web.Response:
 
 async def register_forever(args: argparse.Namespace) -> None:
     registration = Registration(
-        worker_id=args.worker_id, engine_url=f"http://127.0.0.1:{args.port}",
+        worker_id=args.worker_id, engine_url=f"http://{args.host}:{args.port}",
         model_names=[args.model], max_model_len=MAX_MODEL_LEN, state=WorkerState.READY,
     )
     async with httpx.AsyncClient() as http:
@@ -114,12 +115,15 @@ async def _serve(args: argparse.Namespace) -> None:
     app.router.add_get("/health", _ok)
     runner = web.AppRunner(app)
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", args.port).start()
+    # As many waiting connections as uvicorn (and so vLLM) allows: a burst of streams from the
+    # gateway must not overflow the accept queue.
+    await web.TCPSite(runner, args.host, args.port, backlog=2048).start()
     await register_forever(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--controller-address", required=True)
     parser.add_argument("--model", required=True)

@@ -16,7 +16,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,9 +95,10 @@ class Stack:
             return []
         return ["--ssl-certfile", str(self.tls.cert), "--ssl-keyfile", str(self.tls.key)]
 
-    def _spawn(self, name: str, argv: list[str],
-               env: Mapping[str, str | None] | None = None) -> Service:
-        """Start `python <argv>`; `env` adds variables to the usual ones, None removes one."""
+    def _spawn(self, name: str, argv: list[str], env: Mapping[str, str | None] | None = None,
+               prefix: Sequence[str] = ()) -> Service:
+        """Start `python <argv>`, after `prefix` (such as `ip netns exec NS`) where one is given;
+        `env` adds variables to the usual ones, None removes one."""
         log = self.workdir / f"{name}.log"
         handle = log.open("ab")
         common = {"PYTHONUNBUFFERED": "1", "FLEET_CLUSTER_TOKEN": CLUSTER_TOKEN}
@@ -107,7 +108,7 @@ class Stack:
         inherited = {k: v for k, v in os.environ.items() if k not in _CALLER_CREDENTIALS}
         merged = {**inherited, **common, **(env or {})}
         proc = subprocess.Popen(
-            [sys.executable, *argv], stdout=handle, stderr=subprocess.STDOUT,
+            [*prefix, sys.executable, *argv], stdout=handle, stderr=subprocess.STDOUT,
             env={k: v for k, v in merged.items() if v is not None},
             start_new_session=True,
         )
