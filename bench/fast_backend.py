@@ -89,7 +89,7 @@ class _Engine(asyncio.Protocol):
 async def _serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     stream, models = _stream(args.model, args.chunks), _models(args.model)
-    server = await loop.create_server(lambda: _Engine(stream, models), "127.0.0.1", args.port,
+    server = await loop.create_server(lambda: _Engine(stream, models), args.host, args.port,
                                       backlog=4096)
     async with server:
         await register_forever(args)
@@ -97,6 +97,7 @@ async def _serve(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--controller-address", required=True)
     parser.add_argument("--model", required=True)
