@@ -23,6 +23,7 @@ from gateway import validation
 from gateway.asgi import GenerateRoutes
 from gateway.auth import ANONYMOUS, Authenticator
 from gateway.breaker import Breakers
+from gateway.engine_client import EngineClient
 from gateway.limits import KeyLimiter, ask_for_usage, usage_charger
 from gateway.metrics import GatewayMetrics
 from gateway.protocol import (
@@ -32,7 +33,7 @@ from gateway.protocol import (
     ModelList,
     TableHealth,
 )
-from gateway.proxy import Proxy, engine_connector
+from gateway.proxy import Proxy
 from gateway.routing import POLICIES, CacheAware, RouteRequest, RoutingPolicy
 from gateway.routing_table import Limits, RoutingTable
 from gateway.settings import GatewaySettings
@@ -89,14 +90,18 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # One session for the controller and the engines, verifying both against the given CA.
-        connector = engine_connector(settings.dead_peer_timeout, settings.ssl_context())
-        async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
+        # The controller is asked once a second, through aiohttp; the engines carry every
+        # request, through the gateway's lean client (gateway/engine_client.py). Both verify
+        # against the given CA.
+        tls = settings.ssl_context()
+        engines = EngineClient(connect_timeout=settings.connect_timeout,
+                               read_timeout=settings.read_timeout,
+                               dead_peer_timeout=settings.dead_peer_timeout, ssl_context=tls)
+        connector = aiohttp.TCPConnector(ssl=tls)
+        async with aiohttp.ClientSession(connector=connector) as session:
             app.state.proxy = Proxy(
-                session, table, metrics,
+                engines, table, metrics,
                 max_attempts=settings.max_attempts,
-                connect_timeout=settings.connect_timeout,
-                read_timeout=settings.read_timeout,
                 retry_backoff=settings.retry_backoff,
             )
             tasks = [asyncio.create_task(table.sync_forever(
@@ -114,6 +119,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
+                engines.close()
 
     app = FastAPI(title="llm-fleet gateway", version="0.1.0", lifespan=lifespan)
     app.state.table = table
@@ -183,8 +189,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
              openapi_extra=_body_schema(ChatCompletionRequest))(chat_completions)
     app.post("/v1/completions", responses=_GENERATED,
              openapi_extra=_body_schema(CompletionRequest))(completions)
-    app.add_middleware(GenerateRoutes, routes={"/v1/chat/completions": chat_completions,
-                                               "/v1/completions": completions})
+    GenerateRoutes.install(app, {"/v1/chat/completions": chat_completions,
+                                 "/v1/completions": completions})
 
     @app.get("/v1/models", response_model=ModelList, responses=_ERRORS,
              openapi_extra=_BEARER)

@@ -1,24 +1,28 @@
 """The generation endpoints as plain ASGI, below FastAPI's routing, and the streamed relay.
 
 The streaming path is the gateway's cost per request, so these two routes skip FastAPI's router,
-dependency solving and Starlette's StreamingResponse (an anyio task group per response): the
-measured CPU per streamed request fell by about a third (bench/RESULTS.md). FastAPI still
-declares the routes, for the OpenAPI spec, and still renders every error: a `FleetError` raised
-here becomes the same OpenAI error body, anything else goes to the app's 500 handler.
+dependency solving, Starlette's middleware (whose error middleware wraps every chunk sent) and
+StreamingResponse (an anyio task group per response): the measured CPU per streamed request fell
+by about a third (bench/RESULTS.md). FastAPI still declares the routes, for the OpenAPI spec.
+Errors get the same OpenAI body as on the other routes: a `FleetError` its own status, anything
+else a logged 500.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
+from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fleet.errors import FleetError, error_response
 
+logger = logging.getLogger(__name__)
 T = TypeVar("T")
 Handler = Callable[[Request], Awaitable[Any]]
 
@@ -98,11 +102,17 @@ class RelayResponse:
 
 
 class GenerateRoutes:
-    """ASGI middleware: POST to one of `routes` goes to its handler, the rest to the app."""
+    """ASGI app: POST to one of `routes` goes to its handler, the rest to `app`."""
 
     def __init__(self, app: ASGIApp, routes: dict[str, Handler]) -> None:
         self.app = app
         self.routes = routes
+
+    @classmethod
+    def install(cls, app: Starlette, routes: dict[str, Handler]) -> None:
+        """Serve `routes` ahead of `app`'s middleware stack (built on its first request)."""
+        build = app.build_middleware_stack
+        app.build_middleware_stack = lambda: cls(build(), routes)  # type: ignore[method-assign]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         handler = self.routes.get(scope["path"]) if scope["type"] == "http" else None
@@ -113,4 +123,7 @@ class GenerateRoutes:
             response = await handler(Request(scope, receive))
         except FleetError as exc:
             response = error_response(exc)
+        except Exception:
+            logger.exception("unhandled error path=%s", scope["path"])
+            response = error_response(FleetError("Internal error; the server logged the details."))
         await response(scope, receive, send)

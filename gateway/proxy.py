@@ -12,15 +12,11 @@ import contextlib
 import json
 import logging
 import random
-import socket
-import ssl
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import aiohttp
 import pydantic_core
-import yarl
 from fastapi import Request
 from starlette.responses import Response
 
@@ -32,56 +28,24 @@ from fleet.errors import (
     ServiceUnavailableError,
 )
 from gateway.asgi import ClientGone, ClientWatch, RelayResponse
+from gateway.engine_client import (
+    Endpoint,
+    EngineClient,
+    EngineConnectError,
+    EngineError,
+    EngineResponse,
+    EngineTimeout,
+)
 from gateway.metrics import GatewayMetrics
 from gateway.routing import RouteRequest
 from gateway.routing_table import RoutingTable
-
-if TYPE_CHECKING:
-    from aiohappyeyeballs import AddrInfoType
 
 logger = logging.getLogger(__name__)
 
 # Told the usage of a response when it ends: None when it had none (a stream cut off).
 UsageHook = Callable[[dict[str, Any] | None], None]
 RETRY_STATUSES = frozenset({502, 503, 504})
-# What a failure before the first byte looks like: the worker is gone, not the request bad.
-_CONNECT_ERRORS = (
-    aiohttp.ClientConnectorError,
-    aiohttp.ServerDisconnectedError,
-    aiohttp.ClientOSError,
-    aiohttp.ConnectionTimeoutError,
-)
 _TAIL_BYTES = 4096
-
-
-def engine_connector(dead_peer_timeout: float,
-                     ssl_context: ssl.SSLContext | None = None) -> aiohttp.TCPConnector:
-    """The pool of connections to engines, which notices an engine host that went silent.
-
-    A host cut off by the network (or powered off) refuses nothing: a request written on a
-    pooled connection to it would wait for the read timeout (minutes), and a stream from it would
-    just stop. So each connection has TCP keep-alive probes once it has been idle for half of
-    `dead_peer_timeout`, and TCP_USER_TIMEOUT ends it when what it sent (a request or a probe)
-    has gone unacknowledged for `dead_peer_timeout`. An engine that is busy but reachable still
-    acknowledges, however long it takes to answer. The error comes before the first byte for a
-    request that never got an answer, so the proxy sends it to another worker.
-    """
-    options = [("TCP_KEEPIDLE", max(1, round(dead_peer_timeout / 2))),
-               ("TCP_KEEPINTVL", max(1, round(dead_peer_timeout / 6))),
-               ("TCP_KEEPCNT", 3),
-               ("TCP_USER_TIMEOUT", round(dead_peer_timeout * 1000))]
-
-    def make_socket(addr_info: AddrInfoType) -> socket.socket:
-        family, type_, proto, _, _ = addr_info
-        sock = socket.socket(family=family, type=type_, proto=proto)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        for name, value in options:
-            if hasattr(socket, name):  # Linux has them all; elsewhere keep-alive's defaults
-                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
-        return sock
-
-    return aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ssl=ssl_context or True,
-                                socket_factory=make_socket)
 
 
 def sse_error_event(message: str, code: str = "upstream_error") -> bytes:
@@ -92,38 +56,39 @@ def sse_error_event(message: str, code: str = "upstream_error") -> bytes:
 
 def usage_from_sse_tail(tail: bytes) -> dict[str, Any] | None:
     """The usage object of the last event that carries one, if the stream's tail has it."""
-    for event in reversed(tail.split(b"\n\n")):
-        if event.startswith(b"data: {") and b'"usage"' in event:
-            with contextlib.suppress(ValueError):
-                usage = pydantic_core.from_json(event[6:]).get("usage")
-                if usage:
-                    return usage  # type: ignore[no-any-return]
+    end = len(tail)
+    # Only the events that mention usage are parsed: this runs once per stream.
+    while (at := tail.rfind(b'"usage"', 0, end)) >= 0:
+        start = tail.rfind(b"data: {", 0, at)
+        if start < 0:
+            return None
+        stop = tail.find(b"\n\n", at)
+        with contextlib.suppress(ValueError):
+            usage = pydantic_core.from_json(tail[start + 6:stop if stop >= 0 else len(tail)])
+            if isinstance(usage, dict) and (usage := usage.get("usage")):
+                return usage  # type: ignore[no-any-return]
+        end = start
     return None
 
 
 class Proxy:
     def __init__(
         self,
-        session: aiohttp.ClientSession,
+        engines: EngineClient,
         table: RoutingTable,
         metrics: GatewayMetrics,
         *,
         max_attempts: int,
-        connect_timeout: float,
-        read_timeout: float,
         retry_backoff: float = 0.05,
         rng: random.Random | None = None,
     ) -> None:
-        self._session = session
+        self._engines = engines
         self._table = table
         self._metrics = metrics
         self._max_attempts = max_attempts
         self._retry_backoff = retry_backoff
         self._rng = rng or random.Random()
-        self._urls: dict[tuple[object, str], yarl.URL] = {}
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, connect=connect_timeout, sock_read=read_timeout
-        )
+        self._endpoints: dict[tuple[object, str], Endpoint] = {}
 
     async def _backoff(self, attempt: int) -> None:
         # Exponential with jitter, so retries of a burst do not arrive in lockstep.
@@ -173,18 +138,19 @@ class Proxy:
                 table.release(wid)
                 logger.info("client left before the first byte request_id=%s", request_id)
                 return Response(status_code=499)
-            except aiohttp.SocketTimeoutError:
+            except EngineTimeout:
                 # The engine took the request and went quiet: sending it elsewhere could run it
                 # twice, so the client hears about it.
                 table.release(wid)
                 table.breakers[wid].record_failure()
                 raise GatewayTimeoutError(
-                    f"Worker {wid} sent nothing for {self._timeout.sock_read:g}s."
+                    f"Worker {wid} sent nothing for {self._engines.read_timeout:g}s."
                 ) from None
-            except _CONNECT_ERRORS as exc:
+            except EngineConnectError as exc:
                 table.release(wid)
-                # Refused or reset: the worker is gone, whatever the controller still says.
-                table.breakers[wid].record_failure(fatal=True)
+                # Refused or reset: the worker is gone, whatever the controller still says;
+                # unless a kept-alive connection was closed as the request went out.
+                table.breakers[wid].record_failure(fatal=not exc.reused)
                 last_error = f"{wid}: {type(exc).__name__}: {exc}"
                 self._metrics.retries.labels(model, "connect").inc()
                 logger.warning("upstream failed request_id=%s worker=%s attempt=%d error=%s",
@@ -201,7 +167,7 @@ class Proxy:
                 continue
             table.breakers[wid].record_success()
             headers = {"X-Request-Id": request_id, "X-Fleet-Worker": wid}
-            content_type = upstream.headers.get("Content-Type", "application/json")
+            content_type = upstream.content_type or "application/json"
             if stream and upstream.status == 200:
                 return RelayResponse(
                     self._relay(upstream, worker, model, request_id, started, watch, on_usage),
@@ -211,7 +177,7 @@ class Proxy:
                 payload = await watch.guard(upstream.read())
             except ClientGone:
                 return Response(status_code=499)
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except EngineError as exc:
                 table.breakers[wid].record_failure()
                 raise BadGatewayError(f"Worker {wid} broke off its answer: {exc!r}") from None
             finally:
@@ -235,21 +201,20 @@ class Proxy:
 
     async def _send(
         self, worker: WorkerRecord, path: str, body: bytes, request_id: str
-    ) -> aiohttp.ClientResponse:
+    ) -> EngineResponse:
         headers = {"Content-Type": "application/json", "X-Request-Id": request_id}
         if worker.engine_api_key:
             headers["Authorization"] = f"Bearer {worker.engine_api_key}"
-        url = self._urls.get((worker.engine_url, path))
-        if url is None:  # parsed once per engine and path, not per request
-            if len(self._urls) > 4096:  # engines come and go on new ports
-                self._urls.clear()
-            url = self._urls[(worker.engine_url, path)] = yarl.URL(
+        endpoint = self._endpoints.get((worker.engine_url, path))
+        if endpoint is None:  # parsed once per engine and path, not per request
+            if len(self._endpoints) > 4096:  # engines come and go on new ports
+                self._endpoints.clear()
+            endpoint = self._endpoints[(worker.engine_url, path)] = Endpoint.from_url(
                 f"{str(worker.engine_url).rstrip('/')}{path}")
-        return await self._session.post(url, data=body, headers=headers,
-                                        timeout=self._timeout)
+        return await self._engines.post(endpoint, body, headers)
 
     async def _relay(
-        self, upstream: aiohttp.ClientResponse, worker: WorkerRecord, model: str,
+        self, upstream: EngineResponse, worker: WorkerRecord, model: str,
         request_id: str, started: float, watch: ClientWatch,
         on_usage: UsageHook | None = None,
     ) -> AsyncIterator[bytes]:
@@ -260,14 +225,14 @@ class Proxy:
         # The last two chunks: enough for the usage event, without copying every chunk.
         previous = last = b""
         try:
-            async for chunk in upstream.content.iter_any():
+            async for chunk in upstream.chunks():
                 if first:
                     self._metrics.ttft.labels(model).observe(time.monotonic() - started)
                     first = False
                 previous, last = last, chunk
                 yield chunk
             finished = True
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except EngineError as exc:
             if watch.gone:
                 # We closed the engine's connection because the client left: not the worker's
                 # fault, and nobody is listening for an error event.

@@ -106,3 +106,15 @@ def test_health_counts_the_workers_of_the_table(client: TestClient) -> None:
 
 def test_unknown_route_is_openai_shaped_404(client: TestClient) -> None:
     error_of(client.get("/v1/nothing-here", headers=AUTH), 404)
+
+
+def test_a_bug_on_the_generation_path_is_a_logged_openai_shaped_500(
+        client: TestClient, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(*_: object) -> None:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr("gateway.validation.check_limits", broken)
+    error = error_of(client.post("/v1/chat/completions", json=CHAT, headers=AUTH), 500)
+    assert "bug" not in error["message"]  # details go to the log, not to the client
+    assert any(r.exc_info and r.exc_info[0] is RuntimeError for r in caplog.records)
