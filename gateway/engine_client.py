@@ -41,14 +41,7 @@ class EngineError(Exception):
 
 
 class EngineConnectError(EngineError):
-    """No answer began: connecting failed, or the connection ended before the first byte.
-
-    `reused` says the connection had served requests before: then an engine that closed it as
-    the request went out is as likely as an engine that is gone."""
-
-    def __init__(self, message: str, *, reused: bool = False) -> None:
-        super().__init__(message)
-        self.reused = reused
+    """No answer began: connecting failed, or the connection ended before the first byte."""
 
 
 class EngineTimeout(EngineError):
@@ -108,7 +101,6 @@ class _Connection(asyncio.Protocol):
         self._loop = loop
         self.transport: asyncio.Transport | None = None
         self.alive = True
-        self.requests = 0
         self.idle_since = 0.0
         self._parser: httptools.HttpResponseParser | None = None
         self._head: asyncio.Future[None] | None = None
@@ -152,8 +144,7 @@ class _Connection(asyncio.Protocol):
                     self._fail(EngineBroke(f"the engine closed the connection mid-answer{reason}"))
                 else:
                     self._fail(EngineConnectError(
-                        f"the engine closed the connection before answering{reason}",
-                        reused=self.requests > 1))
+                        f"the engine closed the connection before answering{reason}"))
         self._wake()
 
     # --- httptools callbacks ---
@@ -187,7 +178,6 @@ class _Connection(asyncio.Protocol):
 
     def send(self, request: bytes, read_timeout: float) -> None:
         assert self.transport is not None
-        self.requests += 1
         self._parser = httptools.HttpResponseParser(self)
         self._head = self._loop.create_future()
         self._chunks.clear()
@@ -332,7 +322,18 @@ class EngineClient:
         lines.append("\r\n")
         request = "".join(lines).encode("latin-1") + body
         key = (endpoint.scheme, endpoint.host, endpoint.port)
-        conn = self._take(key) or await self._connect(endpoint)
+        conn = self._take(key)
+        if conn is not None:
+            try:
+                return await self._exchange(key, conn, request)
+            except EngineConnectError:
+                # A kept-alive connection the engine closed as the request went out: it read
+                # nothing of it. Once more on a new connection, which tells a gone engine apart.
+                pass
+        return await self._exchange(key, await self._connect(endpoint), request)
+
+    async def _exchange(self, key: tuple[str, str, int], conn: _Connection,
+                        request: bytes) -> EngineResponse:
         conn.send(request, self.read_timeout)
         try:
             await conn.head()

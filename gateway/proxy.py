@@ -148,9 +148,8 @@ class Proxy:
                 ) from None
             except EngineConnectError as exc:
                 table.release(wid)
-                # Refused or reset: the worker is gone, whatever the controller still says;
-                # unless a kept-alive connection was closed as the request went out.
-                table.breakers[wid].record_failure(fatal=not exc.reused)
+                # Refused or reset: the worker is gone, whatever the controller still says.
+                table.breakers[wid].record_failure(fatal=True)
                 last_error = f"{wid}: {type(exc).__name__}: {exc}"
                 self._metrics.retries.labels(model, "connect").inc()
                 logger.warning("upstream failed request_id=%s worker=%s attempt=%d error=%s",
