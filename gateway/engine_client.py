@@ -309,6 +309,7 @@ class EngineClient:
         self._ssl = ssl_context or ssl.create_default_context()
         self._keepalive_timeout = keepalive_timeout
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
 
     async def post(self, endpoint: Endpoint, body: bytes,
                    headers: Mapping[str, str]) -> EngineResponse:
@@ -347,6 +348,9 @@ class EngineClient:
             for conn in conns:
                 conn.abort()
         self._idle.clear()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
 
     def _take(self, key: tuple[str, str, int]) -> _Connection | None:
         conns = self._idle.get(key)
@@ -367,6 +371,29 @@ class EngineClient:
             return
         conn.idle_since = time.monotonic()
         conns.append(conn)
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(
+                self._keepalive_timeout / 2, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close the connections idle for longer than the keep-alive timeout, so that a quiet
+        gateway holds no sockets (engines may keep theirs open for longer than we do)."""
+        self._sweeper = None
+        now = time.monotonic()
+        for key, conns in list(self._idle.items()):
+            keep = []
+            for conn in conns:
+                if conn.alive and now - conn.idle_since < self._keepalive_timeout:
+                    keep.append(conn)
+                else:
+                    conn.abort()
+            if keep:
+                self._idle[key] = keep
+            else:
+                del self._idle[key]
+        if self._idle:
+            self._sweeper = asyncio.get_running_loop().call_later(
+                self._keepalive_timeout / 2, self._sweep)
 
     async def _connect(self, endpoint: Endpoint) -> _Connection:
         loop = asyncio.get_running_loop()
