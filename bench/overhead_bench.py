@@ -43,6 +43,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.peers import PEERS, peer_python  # noqa: E402
+from gateway.keys import KeyEntry, append_key, hash_key  # noqa: E402
 from tests.integration.harness import free_port  # noqa: E402
 
 MODEL = "fake-model"
@@ -243,17 +244,15 @@ def _start_proxy(name: str, args: argparse.Namespace, workdir: Path, backend: st
     if name == "fleet":
         keys = workdir / "keys.yaml"
         if not keys.exists():
-            # Keys on, with limits far above the load: every request pays the key lookup,
-            # the model check and the rate windows.
-            subprocess.run([sys.executable, "-m", "fleet.cli", "keys", "create", "--file",
-                            str(keys), "--name", "bench", "--rpm", "100000000", "--tpm",
-                            "1000000000"], check=True, capture_output=True, cwd=ROOT)
-        # `keys create` prints the new key; the bench uses a fixed plain key beside it, and
-        # the keys file is what the gateway checks first.
+            # The bench's key in a keys file, with a model list and limits far above the load:
+            # every request pays the key lookup, the model check, the rpm and tpm windows, and
+            # (tpm) the usage event asked for and charged at the end of each stream.
+            append_key(keys, hash_key(KEY), KeyEntry(name="bench", models=[MODEL],
+                                                     rpm=100_000_000, tpm=1_000_000_000))
         proc = Proc(name, [sys.executable, "-m", "gateway", "--port", str(port),
                            "--controller-address", controller, "--keys-file", str(keys),
-                           "--api-keys", KEY, "--routing", "least-load",
-                           "--log-level", "warning"], args.proxy_cores, workdir)
+                           "--routing", "least-load", "--log-level", "warning"],
+                    args.proxy_cores, workdir)
         proc.wait_http(f"{url}/v1/models", 60, auth)
         deadline = time.monotonic() + 30
         while httpx.get(f"{url}/health", timeout=2).json().get("workers", 0) < 1:

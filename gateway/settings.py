@@ -41,7 +41,7 @@ class GatewaySettings(ControllerCredentials, ClientTLSSettings, ServerTLSSetting
     # can take a while before the first byte).
     read_timeout: float = Field(600.0, gt=0)
     # How long an engine host may leave what we sent unacknowledged at the TCP level before its
-    # connection is dropped (a partitioned or dead host; see proxy.engine_connector).
+    # connection is dropped (a partitioned or dead host; see gateway/engine_client.py).
     dead_peer_timeout: float = Field(10.0, ge=1)
     max_attempts: int = Field(3, ge=1, le=10)
     retry_backoff: float = Field(0.05, ge=0)
