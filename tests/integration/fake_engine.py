@@ -5,7 +5,8 @@
 It answers chat and completion requests at once with a fixed few words, streamed or not, with
 `usage` as vLLM counts it here: prompt tokens = characters / 4 + 1, completion tokens =
 `max_tokens` (default `--chunks`, 8), capped at `--chunks` words. `--interval-ms` paces the
-streamed chunks, as an engine paces its tokens. It counts the requests it got at `GET /stats`.
+streamed chunks, as an engine paces its tokens; `--delay-ms` holds every answer back before
+its first byte, as a long prefill does. It counts the requests it got at `GET /stats`.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def _choice(chat: bool, text: str, stream: bool, finish: str | None) -> dict:
 async def _generate(request: web.Request) -> web.StreamResponse:
     request.app["requests"] += 1
     body = await request.json()
+    if request.app["delay"]:
+        await asyncio.sleep(request.app["delay"])
     chat = request.path.endswith("/chat/completions")
     kind = "chat.completion" if chat else "text_completion"
     base = {"id": "fake-1", "created": int(time.time()), "model": body.get("model")}
@@ -108,6 +111,7 @@ async def _serve(args: argparse.Namespace) -> None:
     app = web.Application()
     app["model"], app["requests"] = args.model, 0
     app["chunks"], app["interval"] = args.chunks, args.interval_ms / 1000
+    app["delay"] = args.delay_ms / 1000
     app.router.add_post("/v1/chat/completions", _generate)
     app.router.add_post("/v1/completions", _generate)
     app.router.add_get("/v1/models", _models)
@@ -132,6 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="content chunks per streamed answer (default 8)")
     parser.add_argument("--interval-ms", type=float, default=0.0,
                         help="pause between streamed chunks (default 0)")
+    parser.add_argument("--delay-ms", type=float, default=0.0,
+                        help="pause before each answer's first byte (default 0)")
     asyncio.run(_serve(parser.parse_args(argv)))
     return 0
 

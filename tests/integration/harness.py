@@ -142,13 +142,15 @@ class Stack:
             "--sync-interval", "0.5", *self.tls_flags, *(extra or []),
         ])
 
-    def start_fake_engine(self, name: str = "fake", model: str = MODEL_NAME) -> Service:
+    def start_fake_engine(self, name: str = "fake", model: str = MODEL_NAME,
+                          extra: list[str] | None = None) -> Service:
         """A fake engine registered as a worker (tests/integration/fake_engine.py), for tests
         whose subject is the gateway."""
         self.worker_ports[name] = free_port()
         return self._spawn(name, [
             "-m", "tests.integration.fake_engine", "--port", str(self.worker_ports[name]),
             "--controller-address", self.controller_url, "--model", model, "--worker-id", name,
+            *(extra or []),
         ])
 
     def start_worker(self, name: str = "worker", cpus: str = "0", model: Path | None = None,
