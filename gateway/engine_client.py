@@ -212,6 +212,7 @@ class _Connection(asyncio.Protocol):
         self._buffered = 0
         if self._paused and self.transport is not None:
             self._paused = False
+            self._last_data = self._loop.time()  # the silence clock restarts with reading
             self.transport.resume_reading()
         return chunk
 
