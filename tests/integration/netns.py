@@ -33,6 +33,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 logger = logging.getLogger(__name__)
 
 SUPERNET = ipaddress.ip_network("10.231.0.0/16")
@@ -97,21 +99,11 @@ def _kill_inside(netns: str) -> None:
 def _remove_stale() -> None:
     for netns in _namespaces():
         match = _STALE.match(netns)
-        if match is None or _pid_alive(int(match.group(1))):
+        if match is None or psutil.pid_exists(int(match.group(1))):
             continue
         logger.warning("removing namespace %s of a run that is gone", netns)
         _kill_inside(netns)
         ip("netns", "del", netns, check=False)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _free_subnet() -> ipaddress.IPv4Network:
