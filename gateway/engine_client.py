@@ -26,7 +26,7 @@ import collections
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass
 
 import httptools
@@ -278,14 +278,18 @@ class EngineResponse:
 
     async def read(self) -> bytes:
         parts = []
-        async for chunk in self.chunks():
+        while chunk := await self.read_chunk():
             parts.append(chunk)
         return b"".join(parts)
 
+    def read_chunk(self) -> Awaitable[bytes]:
+        """The next bytes of the body as they came (several chunks joined); b"" at its end.
+        (The connection's own coroutine: no frame in between, as this runs once per chunk.)"""
+        assert self._conn is not None, "the response was released"
+        return self._conn.read_chunk()
+
     async def chunks(self) -> AsyncIterator[bytes]:
-        conn = self._conn
-        assert conn is not None, "the response was released"
-        while chunk := await conn.read_chunk():
+        while chunk := await self.read_chunk():
             yield chunk
 
     def release(self) -> None:
@@ -295,10 +299,10 @@ class EngineResponse:
             self._client._give_back(self._key, conn)
 
     def close(self) -> None:
-        """Drop the connection, ending the request on the engine's side too."""
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.abort()
+        """Drop the connection, ending the request on the engine's side too. A read waiting
+        on it, or coming after, raises EngineBroke."""
+        if self._conn is not None:
+            self._conn.abort()
 
 
 class EngineClient:

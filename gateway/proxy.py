@@ -224,7 +224,8 @@ class Proxy:
         # The last two chunks: enough for the usage event, without copying every chunk.
         previous = last = b""
         try:
-            async for chunk in upstream.chunks():
+            read_chunk = upstream.read_chunk
+            while chunk := await read_chunk():
                 if first:
                     self._metrics.ttft.labels(model).observe(time.monotonic() - started)
                     first = False

@@ -318,3 +318,23 @@ def test_dead_peer_timeout_is_a_gateway_flag() -> None:
     assert GatewaySettings.from_cli(["--dead-peer-timeout", "4"]).dead_peer_timeout == 4
 
 
+
+
+def test_a_read_after_close_raises_broken_and_the_connection_is_not_pooled() -> None:
+    async def scenario() -> tuple[bytes, bool]:
+        runner, port = await _serve(_silent_after([b"data: 1\n\n"]))
+        client = _client()
+        try:
+            response = await client.post(Endpoint.from_url(f"http://127.0.0.1:{port}/"), b"x",
+                                         JSON)
+            first = await response.read_chunk()
+            response.close()  # as when the client leaves between two chunks
+            with pytest.raises(EngineBroke):
+                await response.read_chunk()
+            response.release()
+            return first, bool(client._idle.get(("http", "127.0.0.1", port)))
+        finally:
+            client.close()
+            await runner.cleanup()
+
+    assert run(scenario) == (b"data: 1\n\n", False)
