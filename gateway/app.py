@@ -216,6 +216,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         age = None if table.synced_at is None else round(time.monotonic() - table.synced_at, 3)
         workers = len(table.snapshot.workers) if table.snapshot else 0
         return TableHealth(controller=controller, table_age_s=age, workers=workers,
+                           routable_workers=table.routable_count(),
                            models=sorted(table.models()))
 
     _add_body_schemas(app, [ChatCompletionRequest, CompletionRequest], limits)

@@ -106,5 +106,7 @@ class TableHealth(BaseModel):
     status: Literal["ok"] = "ok"
     controller: Literal["ok", "stale", "never-synced"]
     table_age_s: float | None
-    workers: int
+    workers: int = Field(description="Workers in the gateway's table, in any state.")
+    routable_workers: int = Field(
+        description="Workers it would send a request to now: ready, breaker not open.")
     models: list[str]

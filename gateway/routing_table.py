@@ -102,6 +102,10 @@ class RoutingTable:
             and self.breakers.allows(w.worker_id)
         ]
 
+    def routable_count(self) -> int:
+        workers = self.snapshot.workers if self.snapshot is not None else []
+        return len(self._routable(workers, set()))
+
     def models(self) -> dict[str, list[WorkerRecord]]:
         """Models with at least one routable worker."""
         out = {}

@@ -145,7 +145,7 @@ class MultiHostStack(Stack):
         return httpx.get(f"{self.gateway_url}/health", timeout=5).json()
 
     def wait_gateway_workers(self, count: int, timeout: float = 30) -> None:
-        self.wait_for(lambda: self.gateway_health()["workers"] == count,
+        self.wait_for(lambda: self.gateway_health()["routable_workers"] == count,
                       f"the gateway to route to {count} worker(s)", timeout)
 
 

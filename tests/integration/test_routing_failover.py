@@ -46,8 +46,7 @@ def start_gateway(stack: Stack, name: str, *flags: str) -> str:
     url = f"http://127.0.0.1:{port}"
 
     def two_workers() -> bool:
-        data = httpx.get(f"{url}/v1/models", headers=AUTH, timeout=5).json()
-        return bool(data["data"]) and httpx.get(f"{url}/health").json()["workers"] == 2
+        return httpx.get(f"{url}/health", timeout=5).json()["routable_workers"] == 2
 
     stack.wait_for(two_workers, f"{name} to see both workers", 30)
     return url

@@ -101,7 +101,12 @@ def test_health_says_when_the_controller_was_never_reached() -> None:
 
 def test_health_counts_the_workers_of_the_table(client: TestClient) -> None:
     body = client.get("/health").json()
-    assert body["workers"] == 1 and body["models"] == []
+    assert body["workers"] == 1 and body["routable_workers"] == 0 and body["models"] == []
+    table = client.app.state.table  # type: ignore[attr-defined]
+    ready = table.snapshot.workers[0].model_copy(update={"state": WorkerState.READY})
+    table.update(table.snapshot.model_copy(update={"generation": 2, "workers": [ready]}))
+    body = client.get("/health").json()
+    assert body["workers"] == 1 and body["routable_workers"] == 1 and body["models"] == ["m"]
 
 
 def test_unknown_route_is_openai_shaped_404(client: TestClient) -> None:
