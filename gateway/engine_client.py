@@ -33,7 +33,6 @@ import httptools
 import yarl
 
 _HIGH_WATER = 256 * 1024  # bytes read ahead of the client before reading pauses
-_LOW_WATER = 64 * 1024
 _MAX_IDLE_PER_ENGINE = 1024
 
 
