@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.integration.fake_engine import register_forever  # noqa: E402
+from tests.integration.fake_engine import add_registration_flags, register_forever  # noqa: E402
 
 _HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
          b"transfer-encoding: chunked\r\n\r\n")
@@ -97,11 +97,7 @@ async def _serve(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--controller-address", required=True)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--worker-id", default="fast-backend")
+    add_registration_flags(parser, "fast-backend")
     parser.add_argument("--chunks", type=int, default=16)
     args = parser.parse_args()
     with contextlib.suppress(ImportError):

@@ -125,13 +125,18 @@ async def _serve(args: argparse.Namespace) -> None:
     await register_forever(args)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+def add_registration_flags(parser: argparse.ArgumentParser, worker_id: str) -> None:
+    """Where the engine listens and what it registers as: what `register_forever` reads."""
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--controller-address", required=True)
     parser.add_argument("--model", required=True)
-    parser.add_argument("--worker-id", default="fake")
+    parser.add_argument("--worker-id", default=worker_id)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_registration_flags(parser, "fake")
     parser.add_argument("--chunks", type=int, default=len(WORDS),
                         help="content chunks per streamed answer (default 8)")
     parser.add_argument("--interval-ms", type=float, default=0.0,
