@@ -155,6 +155,12 @@ class Proxy:
                 logger.warning("upstream failed request_id=%s worker=%s attempt=%d error=%s",
                                request_id, wid, attempt + 1, last_error)
                 continue
+            except EngineError as exc:
+                # It began an answer and broke it off, or answered garbage: the request may have
+                # run, so it is not sent again.
+                table.release(wid)
+                table.breakers[wid].record_failure()
+                raise BadGatewayError(f"Worker {wid} broke off its answer: {exc}") from None
             if upstream.status in RETRY_STATUSES:
                 upstream.release()
                 table.release(wid)

@@ -3,6 +3,10 @@
 No engine is involved: every request here is refused before routing, or routed to nothing.
 """
 
+import contextlib
+import socket
+import threading
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -123,3 +127,30 @@ def test_a_bug_on_the_generation_path_is_a_logged_openai_shaped_500(
     error = error_of(client.post("/v1/chat/completions", json=CHAT, headers=AUTH), 500)
     assert "bug" not in error["message"]  # details go to the log, not to the client
     assert any(r.exc_info and r.exc_info[0] is RuntimeError for r in caplog.records)
+
+
+def test_an_engine_that_breaks_off_its_status_line_is_a_502_not_sent_again(
+        client: TestClient) -> None:
+    """An engine that took the request and answered half a status line: it may have run it."""
+    accepted = []
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        def engine() -> None:
+            server.settimeout(10)
+            with contextlib.suppress(OSError):
+                while True:
+                    conn, _ = server.accept()
+                    accepted.append(conn)
+                    conn.recv(65536)
+                    conn.sendall(b"HTTP/1.1 2")
+                    conn.close()
+
+        threading.Thread(target=engine, daemon=True).start()
+        table = client.app.state.table  # type: ignore[attr-defined]
+        port = server.getsockname()[1]
+        worker = table.snapshot.workers[0].model_copy(
+            update={"state": WorkerState.READY, "engine_url": f"http://127.0.0.1:{port}"})
+        table.update(table.snapshot.model_copy(update={"generation": 2, "workers": [worker]}))
+        error = error_of(client.post("/v1/chat/completions", json=CHAT, headers=AUTH), 502)
+    assert "broke off its answer" in error["message"]
+    assert len(accepted) == 1
