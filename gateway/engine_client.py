@@ -26,7 +26,7 @@ import collections
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 
 import httptools
@@ -286,10 +286,6 @@ class EngineResponse:
         (The connection's own coroutine: no frame in between, as this runs once per chunk.)"""
         assert self._conn is not None, "the response was released"
         return self._conn.read_chunk()
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        while chunk := await self.read_chunk():
-            yield chunk
 
     def release(self) -> None:
         """Give the connection back: to the pool if the answer was read to its end."""

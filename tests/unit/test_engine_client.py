@@ -19,6 +19,7 @@ from gateway.engine_client import (
     EngineBroke,
     EngineClient,
     EngineConnectError,
+    EngineResponse,
     EngineTimeout,
 )
 from gateway.settings import GatewaySettings
@@ -39,6 +40,10 @@ async def _serve(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 def _client(read_timeout: float = 5.0, keepalive_timeout: float = 4.0) -> EngineClient:
     return EngineClient(connect_timeout=2, read_timeout=read_timeout, dead_peer_timeout=12,
                         keepalive_timeout=keepalive_timeout)
+
+
+async def _post(client: EngineClient, port: int) -> EngineResponse:
+    return await client.post(Endpoint.from_url(f"http://127.0.0.1:{port}/"), b"x", JSON)
 
 
 def run(scenario: Callable[[], Awaitable[object]]) -> object:
@@ -117,8 +122,7 @@ def test_connections_probe_and_give_up_after_the_dead_peer_timeout() -> None:
         runner, port = await _serve(_stream)
         client = _client()
         try:
-            response = await client.post(Endpoint.from_url(f"http://127.0.0.1:{port}/"), b"x",
-                                         JSON)
+            response = await _post(client, port)
             assert response._conn is not None and response._conn.transport is not None
             sock = response._conn.transport.get_extra_info("socket")
             options = {
@@ -143,7 +147,7 @@ def test_refused_connection_is_a_connect_error() -> None:
         port = sock.getsockname()[1]  # bound, not listening: refused
 
         async def scenario() -> None:
-            await _client().post(Endpoint.from_url(f"http://127.0.0.1:{port}/"), b"x", JSON)
+            await _post(_client(), port)
 
         with pytest.raises(EngineConnectError) as caught:
             run(scenario)
@@ -203,8 +207,7 @@ def test_silence_before_the_answer_is_a_timeout() -> None:
     async def scenario() -> None:
         runner, port = await _serve(_silent_after([]))
         try:
-            await _client(read_timeout=0.3).post(
-                Endpoint.from_url(f"http://127.0.0.1:{port}/"), b"x", JSON)
+            await _post(_client(read_timeout=0.3), port)
         finally:
             await runner.cleanup()
 
@@ -217,10 +220,9 @@ def test_silence_in_the_middle_of_a_stream_is_a_timeout_after_what_came() -> Non
         runner, port = await _serve(_silent_after([b"data: 1\n\n"]))
         got: list[bytes] = []
         try:
-            response = await _client(read_timeout=0.3).post(
-                Endpoint.from_url(f"http://127.0.0.1:{port}/"), b"x", JSON)
+            response = await _post(_client(read_timeout=0.3), port)
             with pytest.raises(EngineTimeout):
-                async for chunk in response.chunks():
+                while chunk := await response.read_chunk():
                     got.append(chunk)
             response.close()
             return got
@@ -245,10 +247,9 @@ def test_a_connection_cut_mid_answer_is_broken_not_a_clean_end() -> None:
         runner, port = await _serve(_dies_mid_answer)
         got: list[bytes] = []
         try:
-            response = await _client().post(Endpoint.from_url(f"http://127.0.0.1:{port}/"),
-                                            b"x", JSON)
+            response = await _post(_client(), port)
             with pytest.raises(EngineBroke):
-                async for chunk in response.chunks():
+                while chunk := await response.read_chunk():
                     got.append(chunk)
             return got
         finally:
@@ -273,13 +274,12 @@ def test_a_slow_reader_pauses_the_engine_and_still_gets_every_byte() -> None:
         runner, port = await _serve(flood)
         client = _client()
         try:
-            response = await client.post(Endpoint.from_url(f"http://127.0.0.1:{port}/"), b"x",
-                                         JSON)
+            response = await _post(client, port)
             conn = response._conn
             assert conn is not None
             paused_seen = False
             total = 0
-            async for chunk in response.chunks():
+            while chunk := await response.read_chunk():
                 total += len(chunk)
                 await asyncio.sleep(0.01)  # a slow client: the engine's bytes pile up
                 paused_seen = paused_seen or conn._paused
@@ -325,8 +325,7 @@ def test_a_read_after_close_raises_broken_and_the_connection_is_not_pooled() -> 
         runner, port = await _serve(_silent_after([b"data: 1\n\n"]))
         client = _client()
         try:
-            response = await client.post(Endpoint.from_url(f"http://127.0.0.1:{port}/"), b"x",
-                                         JSON)
+            response = await _post(client, port)
             first = await response.read_chunk()
             response.close()  # as when the client leaves between two chunks
             with pytest.raises(EngineBroke):
