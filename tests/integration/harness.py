@@ -191,6 +191,13 @@ class Stack:
     def worker_record(self, worker_id: str) -> dict | None:
         return next((w for w in self.workers() if w["worker_id"] == worker_id), None)
 
+    def engine_running(self, worker_id: str = "worker") -> int:
+        """Requests the worker's engine is running now, from its own /metrics."""
+        url = self.worker_record(worker_id)["engine_url"].rstrip("/")
+        text = httpx.get(f"{url}/metrics", verify=self.verify, timeout=5).text
+        return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                       if line.startswith("vllm:num_requests_running")))
+
     def wait_worker_state(self, worker_id: str, state: str, timeout: float = 300) -> None:
         def check() -> bool:
             record = self.worker_record(worker_id)

@@ -12,7 +12,6 @@ import threading
 import time
 from collections.abc import Iterator
 
-import httpx
 import pytest
 
 from fleet.client import (
@@ -167,12 +166,6 @@ def test_fleet_chat_holds_a_conversation_with_commands(stack: Stack) -> None:
     assert term.close() == 0, term.errors
 
 
-def _engine_running(stack: Stack) -> int:
-    url = stack.worker_record("worker")["engine_url"].rstrip("/")
-    text = httpx.get(f"{url}/metrics", timeout=5).text
-    return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith("vllm:num_requests_running")))
-
 
 def test_ctrl_c_stops_the_answer_not_the_program(stack: Stack) -> None:
     # ignore_eos with a large max_tokens: an answer that would run for minutes.
@@ -181,10 +174,10 @@ def test_ctrl_c_stops_the_answer_not_the_program(stack: Stack) -> None:
     term.send("Tell me a very long story.")
     # Some words of the answer are on screen: the request is being answered.
     term.wait_for(lambda out: len(out.split("you> ", 1)[1]) > 40, "the answer's start")
-    assert _engine_running(stack) == 1
+    assert stack.engine_running() == 1
     term.proc.send_signal(signal.SIGINT)
     term.wait_for(lambda out: "[stopped]" in out and out.count("you> ") == 2, "[stopped]")
-    stack.wait_for(lambda: _engine_running(stack) == 0, "the engine to abort the request", 30)
+    stack.wait_for(lambda: stack.engine_running() == 0, "the engine to abort the request", 30)
     assert term.proc.poll() is None  # still running, at the prompt
     term.send("/system Be brief.")
     term.wait_for(lambda out: "(system prompt set)" in out, "/system after Ctrl-C")

@@ -115,12 +115,6 @@ def test_engine_side_rejection_comes_back_as_the_engines_400(client: openai.Open
     assert "4096" in str(info.value) and info.value.body.get("code") != "context_length_exceeded"
 
 
-def _engine_running(stack: Stack) -> int:
-    url = stack.worker_record("worker")["engine_url"].rstrip("/")
-    text = httpx.get(f"{url}/metrics", timeout=5).text
-    return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith("vllm:num_requests_running")))
-
 
 def test_client_disconnect_mid_stream_aborts_the_engine_request(stack: Stack) -> None:
     body = {"model": MODEL_NAME, "prompt": "Once upon a time", "max_tokens": 3000,
@@ -133,9 +127,9 @@ def test_client_disconnect_mid_stream_aborts_the_engine_request(stack: Stack) ->
             lines = response.iter_lines()
             assert next(line for line in lines if line.startswith("data: {"))
             # The engine's gauges lag its scheduler a little.
-            stack.wait_for(lambda: _engine_running(stack) == 1, "the engine to run it", 10)
+            stack.wait_for(lambda: stack.engine_running() == 1, "the engine to run it", 10)
     # 3000 tokens would take the engine far longer than this deadline on one core.
-    stack.wait_for(lambda: _engine_running(stack) == 0, "the engine to abort it", 10)
+    stack.wait_for(lambda: stack.engine_running() == 0, "the engine to abort it", 10)
     # A client leaving is not the worker failing: the next request goes to it at once.
     reply = httpx.post(f"{stack.gateway_url}/v1/completions", headers=headers, timeout=60,
                        json={"model": MODEL_NAME, "prompt": "Hi", "max_tokens": 2})

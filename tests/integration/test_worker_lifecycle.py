@@ -27,13 +27,6 @@ def chat(stack: Stack) -> httpx.Response:
                       timeout=60)
 
 
-def engine_running(stack: Stack, worker_id: str = "worker") -> int:
-    url = stack.worker_record(worker_id)["engine_url"].rstrip("/")
-    text = httpx.get(f"{url}/metrics", timeout=5).text
-    return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith("vllm:num_requests_running")))
-
-
 def test_crashed_engine_is_reported_unhealthy_and_restarted(stack: Stack) -> None:
     worker = psutil.Process(stack.services["worker"].proc.pid)
     (guard,) = worker.children()
@@ -53,28 +46,38 @@ def test_crashed_engine_is_reported_unhealthy_and_restarted(stack: Stack) -> Non
 
 
 def test_sigterm_drains_then_503_until_a_worker_is_back(stack: Stack) -> None:
-    body = {"model": MODEL_NAME, "prompt": "Once upon a time", "max_tokens": 200,
+    # ignore_eos and 300 tokens: seconds of answer on one core (about 30 tokens/s for a single
+    # stream here), well within the harness's 20 s drain.
+    body = {"model": MODEL_NAME, "prompt": "Once upon a time", "max_tokens": 300,
             "ignore_eos": True, "stream": True}
-    finished: list[dict] = []
+    answering = threading.Event()
+    received: list[str] = []
 
     def stream() -> None:
         with httpx.stream("POST", f"{stack.gateway_url}/v1/completions", json=body,
                           headers=AUTH, timeout=120) as response:
-            for line in response.iter_lines():
+            received.append(str(response.status_code))
+            for line in filter(None, response.iter_lines()):  # events, not their blank lines
+                received.append(line)
                 if line.startswith("data: {"):
-                    event = json.loads(line[6:])
-                    if event["choices"] and event["choices"][0]["finish_reason"]:
-                        finished.append(event)
+                    answering.set()
 
     client = threading.Thread(target=stream)
     client.start()
-    stack.wait_for(lambda: engine_running(stack) == 1, "the engine to run the stream", 30)
+    # Polling the engine's gauge instead could miss a short answer entirely.
+    stack.wait_for(lambda: answering.is_set() or not client.is_alive(),
+                   "the stream's first tokens", 60)
+    assert answering.is_set(), received
     stack.services["worker"].proc.send_signal(signal.SIGTERM)
     stack.wait_worker_state("worker", "draining", timeout=10)
     # While draining, the worker takes no new requests.
     stack.wait_for(lambda: chat(stack).status_code == 503, "503 while draining", 10)
     client.join(timeout=120)
-    assert finished and finished[0]["choices"][0]["finish_reason"] == "length"
+    # The drain let the answer run to its end: no error event, no cut.
+    events = [json.loads(line[6:]) for line in received if line.startswith("data: {")]
+    assert [e for e in events if "error" in e] == [], received[-3:]
+    assert events[-1]["choices"][0]["finish_reason"] == "length", received[-3:]
+    assert received[-1] == "data: [DONE]"
     assert stack.stop("worker", timeout=60) == 0
     assert stack.worker_record("worker") is None
     response = chat(stack)
