@@ -4,6 +4,10 @@
 #
 #   bash bench/gpu.sh serve   MODEL_DIR OUT [serve_bench flags]    # the stack against the bare engine
 #   bash bench/gpu.sh routing MODEL_DIR OUT [routing_bench flags]  # two engines on one GPU
+#   bash bench/gpu.sh scale-per-gpu MODEL_DIR OUT [scale_bench flags]  # issue 9, two GPUs:
+#   bash bench/gpu.sh scale-one-gpu MODEL_DIR OUT ...                  #   one worker per GPU,
+#   bash bench/gpu.sh scale-tp      MODEL_DIR OUT ...                  #   one worker alone, and
+#   python3 bench/scale_bench.py --report OUT                          #   tensor parallel over both
 #
 # serve: `fleet up` with one worker on the GPU, then vLLM's serving benchmark (random 512 in,
 #   256 out, 512 prompts, concurrency 256, ignore-eos, chat) against the worker's engine directly
@@ -12,6 +16,11 @@
 #   through our cache-aware and round-robin gateways and vLLM's router (cache_aware) over the same
 #   engines (bench/routing_bench.py). 48 system prompts of ~4,050 tokens are ~1.4x one engine's
 #   cache, so where a prefix goes matters.
+#
+# scale-*: `fleet up` with one worker per GPU (concurrency 512), with one worker on GPU 0 alone
+#   (CUDA_VISIBLE_DEVICES=0, concurrency 256), and with one tensor-parallel worker over both GPUs
+#   (--gpus-per-worker 2, concurrency 512); each: random 512 in, 256 out, 1,024 prompts, chat,
+#   through the gateway, two runs (bench/scale_bench.py).
 #
 # MODEL_DIR holds a config and tokenizer (bench/dummy_model.py makes a Llama-3-8B shape);
 # weights are dummy. Both phases also run on CPU with --smoke, which is how they are tested
@@ -45,8 +54,22 @@ routing)
     --groups 48 --system-words 3500 --conversations 192 --turns 3 --max-tokens 32 \
     --concurrency 32 "$@"
   ;;
+scale-*)
+  layout=${phase#scale-}
+  concurrency=512
+  up="--model $model --model-name llama-8b-dummy --startup-timeout 480 --no-webui \
+--load-format dummy --max-model-len 4096 ${UP_ARGS:-}"
+  case $layout in
+  one-gpu) export CUDA_VISIBLE_DEVICES=0; concurrency=256 ;;
+  tp) up="$up --gpus-per-worker 2" ;;
+  esac
+  python3 bench/scale_bench.py --layout "$layout" --label "${LABEL:-gpu}" --out "$out" \
+    --model-name llama-8b-dummy --tokenizer "$model" --up-args "$up" \
+    --input-len 512 --output-len 256 --num-prompts 1024 --max-concurrency "$concurrency" "$@"
+  python3 bench/scale_bench.py --report "$out"
+  ;;
 *)
-  echo "usage: bash bench/gpu.sh serve|routing MODEL_DIR OUT [flags]" >&2
+  echo "usage: bash bench/gpu.sh serve|routing|scale-per-gpu|scale-one-gpu|scale-tp MODEL_DIR OUT [flags]" >&2
   exit 2
   ;;
 esac

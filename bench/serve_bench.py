@@ -54,6 +54,27 @@ def _parse() -> argparse.Namespace:
     return p.parse_args()
 
 
+def start_up(args: argparse.Namespace, env: dict[str, str] | None = None
+             ) -> subprocess.Popen[bytes]:
+    """`fleet up` on the ports of --gateway-url and --controller-url, with --up-args."""
+    gw_port = args.gateway_url.rsplit(":", 1)[1]
+    ctl_port = args.controller_url.rsplit(":", 1)[1]
+    cmd = [sys.executable, "-m", "fleet.cli", "up", "--gateway-port", gw_port,
+           "--controller-port", ctl_port, "--api-keys", args.gateway_key,
+           *args.up_args.split()]
+    print("starting:", " ".join(cmd), flush=True)
+    # A fresh cluster token for this run, in the environment that `fleet up` hands on.
+    if not {"FLEET_CLUSTER_TOKEN", "FLEET_CLUSTER_TOKEN_FILE"} & os.environ.keys():
+        os.environ["FLEET_CLUSTER_TOKEN"] = secrets.token_urlsafe(32)
+    return subprocess.Popen(cmd, env={**os.environ, **(env or {})})
+
+
+def stop_up(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+
+
 def _wait_ready(args: argparse.Namespace, proc: subprocess.Popen[bytes] | None) -> None:
     deadline = time.monotonic() + 900
     headers = {"Authorization": f"Bearer {args.gateway_key}"}
@@ -86,7 +107,7 @@ def _engine(args: argparse.Namespace) -> tuple[str, str]:
     return ready[0]["engine_url"].rstrip("/"), ready[0]["engine_api_key"] or ""
 
 
-def _bench(args: argparse.Namespace, base_url: str, api_key: str, tag: str,
+def vllm_bench(args: argparse.Namespace, base_url: str, api_key: str, tag: str,
            seed: int) -> dict[str, Any]:
     from vllm.benchmarks.serve import add_cli_args, main
     from vllm.utils.argparse_utils import FlexibleArgumentParser
@@ -113,7 +134,7 @@ def _bench(args: argparse.Namespace, base_url: str, api_key: str, tag: str,
     return {k: result.get(k) for k in KEYS}
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
@@ -143,40 +164,27 @@ def run(args: argparse.Namespace) -> Path:
         from fleet.demo_model import ensure_demo_model
 
         args.tokenizer = str(ensure_demo_model(progress=False))
-    proc = None
-    if args.start:
-        gw_port = args.gateway_url.rsplit(":", 1)[1]
-        ctl_port = args.controller_url.rsplit(":", 1)[1]
-        cmd = [sys.executable, "-m", "fleet.cli", "up", "--gateway-port", gw_port,
-               "--controller-port", ctl_port, "--api-keys", args.gateway_key,
-               *args.up_args.split()]
-        print("starting:", " ".join(cmd), flush=True)
-        # A fresh cluster token for this run, in the environment that `fleet up` hands on.
-        if not {"FLEET_CLUSTER_TOKEN", "FLEET_CLUSTER_TOKEN_FILE"} & os.environ.keys():
-            os.environ["FLEET_CLUSTER_TOKEN"] = secrets.token_urlsafe(32)
-        proc = subprocess.Popen(cmd)
+    proc = start_up(args) if args.start else None
     try:
         _wait_ready(args, proc)
         engine_url, engine_key = _engine(args)
         # A warm-up through the gateway, so neither side pays first-request costs.
-        _bench(argparse.Namespace(**{**vars(args), "num_prompts": args.max_concurrency}),
+        vllm_bench(argparse.Namespace(**{**vars(args), "num_prompts": args.max_concurrency}),
                args.gateway_url, args.gateway_key, "warmup", seed=100)
         # A-B-B-A order, so a drift in the machine's speed falls on both sides alike.
         runs: dict[str, list[dict[str, Any]]] = {"direct": [], "gateway": []}
         sides = {"direct": (engine_url, engine_key),
                  "gateway": (args.gateway_url, args.gateway_key)}
         for seed, side in enumerate(["direct", "gateway", "gateway", "direct"], start=1):
-            runs[side].append(_bench(args, *sides[side], side, seed=seed))
+            runs[side].append(vllm_bench(args, *sides[side], side, seed=seed))
         direct, gateway = _mean(runs["direct"]), _mean(runs["gateway"])
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=120)
+        stop_up(proc)
     record = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "label": args.label, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "versions": _versions(),
+        "versions": versions(),
         "workload": {k: getattr(args, k) for k in
                      ("endpoint", "input_len", "output_len", "num_prompts", "max_concurrency")},
         "direct": direct, "gateway": gateway, "summary": _summary(direct, gateway),

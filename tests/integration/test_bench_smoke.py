@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import API_KEY, CLUSTER_TOKEN, Stack
+from tests.integration.harness import API_KEY, CLUSTER_TOKEN, Stack, free_port
 
 pytestmark = pytest.mark.integration
 BENCH_DIR = Path(__file__).parents[2] / "bench"
@@ -65,3 +65,21 @@ def test_overhead_bench_smoke_measures_every_proxy(tmp_path: Path) -> None:
         assert results[proxy]["20.0"]["errors"] == 0, results[proxy]
         assert results[proxy]["20.0"]["cpu_ms_per_1k"] >= 0
         assert results[proxy]["max"]["req_per_s"] > 0
+
+
+def test_scale_bench_smoke_two_workers_then_the_report(tmp_path: Path) -> None:
+    """`fleet up` with two CPU workers, one core each: both engines serve, and the report reads
+    the record back."""
+    urls = [f"--gateway-url=http://127.0.0.1:{free_port()}",
+            f"--controller-url=http://127.0.0.1:{free_port()}"]
+    record = _smoke("scale_bench.py", tmp_path, "--layout", "per-cpu", *urls, "--up-args",
+                    "--cpu-workers 2 --cpus 0-1 --no-webui --max-model-len 2048")
+    assert record["workers"] == 2 and record["devices"] == ["cpu:0", "cpu:1"]
+    assert record["result"]["completed"] == 8 and record["result"]["failed"] == 0
+    # The engines' own counters: the 8 measured requests, and each engine had some.
+    by_device = record["requests_by_device"]
+    assert sum(by_device.values()) == 8 and all(n > 0 for n in by_device.values()), by_device
+    report = subprocess.run([sys.executable, str(BENCH_DIR / "scale_bench.py"), "--report",
+                             str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert report.returncode == 0, report.stderr
+    assert "| per-cpu | 2 (cpu:0, cpu:1) | 4 |" in report.stdout
