@@ -236,32 +236,39 @@ def run(args: argparse.Namespace) -> Path:
 
 
 def report(folder: Path) -> str:
-    """A Markdown table of every layout's newest record in `folder`, with the scaling ratio."""
-    records: dict[str, dict[str, Any]] = {}
+    """A Markdown table per run label in `folder` (each layout's newest record), with the
+    ratios of every layout to the one-worker, one-device layout of the same label."""
+    runs: dict[str, dict[str, dict[str, Any]]] = {}
     for path in sorted(folder.glob("scale-*.json")):
         record = json.loads(path.read_text())
-        records[record["layout"]] = record
-    lines = ["| layout | workers (devices) | concurrency | req/s | out tok/s | TTFT p50 / p99 ms "
-             "| TPOT p50 ms | failed | requests by device | GPU util % |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for name, r in records.items():
-        res = r["result"]
-        lines.append(
-            f"| {name} | {r['workers']} ({', '.join(r['devices'])}) | "
-            f"{r['workload']['max_concurrency']} | {res['request_throughput']:.2f} | "
-            f"{res['output_throughput']:.0f} | {res['median_ttft_ms']:.0f} / "
-            f"{res['p99_ttft_ms']:.0f} | {res['median_tpot_ms']:.1f} | {res['failed']:.0f} | "
-            f"{', '.join(f'{d}: {n:.0f}' for d, n in r['requests_by_device'].items())} | "
-            f"{', '.join(f'{g}: {u:.0f}' for g, u in r['gpu_utilisation_pct'].items()) or '-'} |")
-    # The base: one worker on one device. A tensor-parallel worker ("cuda:0,1") is not one.
-    bases = [r for r in records.values() if r["workers"] == 1 and "," not in r["devices"][0]]
-    lines.append("")
-    for base in bases:
-        for r in records.values():
-            if r is not base:
-                ratio = r["result"]["output_throughput"] / base["result"]["output_throughput"]
-                lines.append(f"- {r['layout']} / {base['layout']}: {ratio:.2f}x output "
-                             f"throughput ({r['workers']} worker(s) on {', '.join(r['devices'])})")
+        runs.setdefault(record["label"], {})[record["layout"]] = record
+    lines = []
+    for label, records in runs.items():
+        lines += [f"{label}:", "",
+                  "| layout | workers (devices) | concurrency | req/s | out tok/s "
+                  "| TTFT p50 / p99 ms | TPOT p50 ms | failed | requests by device | GPU util % |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for name, r in records.items():
+            res = r["result"]
+            lines.append(
+                f"| {name} | {r['workers']} ({', '.join(r['devices'])}) | "
+                f"{r['workload']['max_concurrency']} | {res['request_throughput']:.2f} | "
+                f"{res['output_throughput']:.0f} | {res['median_ttft_ms']:.0f} / "
+                f"{res['p99_ttft_ms']:.0f} | {res['median_tpot_ms']:.1f} | {res['failed']:.0f} | "
+                f"{', '.join(f'{d}: {n:.0f}' for d, n in r['requests_by_device'].items())} | "
+                f"{', '.join(f'{g}: {u:.0f}' for g, u in r['gpu_utilisation_pct'].items()) or '-'}"
+                " |")
+        # The base: one worker on one device. A tensor-parallel worker ("cuda:0,1") is not one.
+        bases = [r for r in records.values() if r["workers"] == 1 and "," not in r["devices"][0]]
+        lines.append("")
+        for base in bases:
+            for r in records.values():
+                if r is not base:
+                    ratio = r["result"]["output_throughput"] / base["result"]["output_throughput"]
+                    lines.append(f"- {r['layout']} / {base['layout']}: {ratio:.2f}x output "
+                                 f"throughput ({r['workers']} worker(s) on "
+                                 f"{', '.join(r['devices'])})")
+        lines.append("")
     return "\n".join(lines)
 
 
