@@ -37,7 +37,13 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.serve_bench import GATEWAY_KEY, start_up, stop_up, versions, vllm_bench  # noqa: E402
+from bench.serve_bench import (  # noqa: E402
+    add_workload_args,
+    start_up,
+    stop_up,
+    versions,
+    vllm_bench,
+)
 from fleet.cluster_auth import ControllerCredentials, bearer  # noqa: E402
 
 
@@ -45,22 +51,9 @@ def _parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--layout", help="a name for this layout (per-gpu, one-gpu, tp, ...)")
     p.add_argument("--report", type=Path, metavar="DIR", help="compare the layouts in DIR")
-    p.add_argument("--up-args", default="", help="flags for `fleet up`")
-    p.add_argument("--gateway-url", default="http://127.0.0.1:18000")
-    p.add_argument("--controller-url", default="http://127.0.0.1:18001")
-    p.add_argument("--gateway-key", default=GATEWAY_KEY)
-    p.add_argument("--model-name", default="SmolLM2-135M-Instruct")
-    p.add_argument("--tokenizer", help="tokenizer path (default: the demo model's folder)")
-    p.add_argument("--endpoint", choices=["chat", "completions"], default="chat")
-    p.add_argument("--input-len", type=int, default=512)
-    p.add_argument("--output-len", type=int, default=256)
-    p.add_argument("--num-prompts", type=int, default=1024)
-    p.add_argument("--max-concurrency", type=int, default=512)
+    add_workload_args(p, input_len=512, output_len=256, num_prompts=1024, max_concurrency=512)
     p.add_argument("--repeats", type=int, default=2, help="benchmark runs, new prompts each")
     p.add_argument("--startup-timeout", type=float, default=540)
-    p.add_argument("--smoke", action="store_true", help="tiny workload: checks that it runs")
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    p.add_argument("--label", default="cpu")
     args = p.parse_args()
     if args.report is None and args.layout is None:
         p.error("give --layout NAME (a run) or --report DIR")

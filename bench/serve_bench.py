@@ -34,28 +34,33 @@ KEYS = ["completed", "failed", "request_throughput", "output_throughput", "media
 GATEWAY_KEY = "bench-key"
 
 
-def _parse() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--start", action="store_true", help="start `fleet up` for the run")
-    p.add_argument("--up-args", default="", help="extra flags for `fleet up` (with --start)")
+def add_workload_args(p: argparse.ArgumentParser, *, input_len: int, output_len: int,
+                      num_prompts: int, max_concurrency: int) -> None:
+    """The stack's addresses and vLLM's serving-benchmark workload, shared with scale_bench."""
+    p.add_argument("--up-args", default="", help="flags for `fleet up`")
     p.add_argument("--gateway-url", default="http://127.0.0.1:18000")
     p.add_argument("--controller-url", default="http://127.0.0.1:18001")
     p.add_argument("--gateway-key", default=GATEWAY_KEY)
     p.add_argument("--model-name", default="SmolLM2-135M-Instruct")
     p.add_argument("--tokenizer", help="tokenizer path (default: the demo model's folder)")
     p.add_argument("--endpoint", choices=["chat", "completions"], default="chat")
-    p.add_argument("--input-len", type=int, default=128)
-    p.add_argument("--output-len", type=int, default=64)
-    p.add_argument("--num-prompts", type=int, default=64)
-    p.add_argument("--max-concurrency", type=int, default=8)
+    p.add_argument("--input-len", type=int, default=input_len)
+    p.add_argument("--output-len", type=int, default=output_len)
+    p.add_argument("--num-prompts", type=int, default=num_prompts)
+    p.add_argument("--max-concurrency", type=int, default=max_concurrency)
     p.add_argument("--smoke", action="store_true", help="tiny workload: checks that it runs")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     p.add_argument("--label", default="cpu")
+
+
+def _parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--start", action="store_true", help="start `fleet up` for the run")
+    add_workload_args(p, input_len=128, output_len=64, num_prompts=64, max_concurrency=8)
     return p.parse_args()
 
 
-def start_up(args: argparse.Namespace, env: dict[str, str] | None = None
-             ) -> subprocess.Popen[bytes]:
+def start_up(args: argparse.Namespace) -> subprocess.Popen[bytes]:
     """`fleet up` on the ports of --gateway-url and --controller-url, with --up-args."""
     gw_port = args.gateway_url.rsplit(":", 1)[1]
     ctl_port = args.controller_url.rsplit(":", 1)[1]
@@ -66,7 +71,7 @@ def start_up(args: argparse.Namespace, env: dict[str, str] | None = None
     # A fresh cluster token for this run, in the environment that `fleet up` hands on.
     if not {"FLEET_CLUSTER_TOKEN", "FLEET_CLUSTER_TOKEN_FILE"} & os.environ.keys():
         os.environ["FLEET_CLUSTER_TOKEN"] = secrets.token_urlsafe(32)
-    return subprocess.Popen(cmd, env={**os.environ, **(env or {})})
+    return subprocess.Popen(cmd)
 
 
 def stop_up(proc: subprocess.Popen[bytes] | None) -> None:
