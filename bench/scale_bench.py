@@ -96,11 +96,12 @@ def placement() -> dict[str, Any]:
         if app["worker_gpus"] is not None and app["gpu"] is not None:
             by_worker.setdefault(app["worker_gpus"], set()).add(app["gpu"])
             owners.setdefault(app["gpu"], set()).add(app["worker_gpus"])
-    pinned = bool(by_worker) and all(
+    # None: nothing to tell (no nvidia-smi, or its pids are not this machine's processes).
+    pinned = all(
         used == {int(g) for g in spec.split(",")} for spec, used in by_worker.items()
-    ) and all(len(o) == 1 for o in owners.values())
+    ) and all(len(o) == 1 for o in owners.values()) if by_worker else None
     return {"gpus": sorted(gpus.values(), key=lambda g: g["index"]), "apps": apps,
-            "each_worker_on_its_own_gpus": pinned if apps else None}
+            "each_worker_on_its_own_gpus": pinned}
 
 
 class GpuSampler:
