@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.serve_bench import (  # noqa: E402
     add_workload_args,
+    mean_of,
     start_up,
     stop_up,
     versions,
@@ -172,10 +173,6 @@ def _wait_routable(args: argparse.Namespace, proc: subprocess.Popen[bytes]) -> i
     raise SystemExit(f"the stack was not up within {args.startup_timeout:.0f} s")
 
 
-def _mean(results: list[dict[str, Any]]) -> dict[str, Any]:
-    return {k: sum(r[k] for r in results) / len(results) for k in results[0]}
-
-
 def run(args: argparse.Namespace) -> Path:
     if args.smoke:
         args.num_prompts, args.max_concurrency, args.input_len, args.output_len = 8, 4, 16, 8
@@ -216,7 +213,7 @@ def run(args: argparse.Namespace) -> Path:
                                        seed=seed))
         after = served(workers)
         record.update(
-            runs=runs, result=_mean(runs), gpu_utilisation_pct=sampler.mean(),
+            runs=runs, result=mean_of(runs), gpu_utilisation_pct=sampler.mean(),
             requests_by_device={d: after[d] - before.get(d, 0) for d in sorted(after)})
     finally:
         stop_up(proc)

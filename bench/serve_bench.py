@@ -113,7 +113,7 @@ def _engine(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def vllm_bench(args: argparse.Namespace, base_url: str, api_key: str, tag: str,
-           seed: int) -> dict[str, Any]:
+               seed: int) -> dict[str, Any]:
     from vllm.benchmarks.serve import add_cli_args, main
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
@@ -149,7 +149,7 @@ def versions() -> dict[str, str]:
     return out
 
 
-def _mean(results: list[dict[str, Any]]) -> dict[str, Any]:
+def mean_of(results: list[dict[str, Any]]) -> dict[str, Any]:
     return {k: sum(r[k] for r in results) / len(results) for k in KEYS}
 
 
@@ -175,14 +175,14 @@ def run(args: argparse.Namespace) -> Path:
         engine_url, engine_key = _engine(args)
         # A warm-up through the gateway, so neither side pays first-request costs.
         vllm_bench(argparse.Namespace(**{**vars(args), "num_prompts": args.max_concurrency}),
-               args.gateway_url, args.gateway_key, "warmup", seed=100)
+                   args.gateway_url, args.gateway_key, "warmup", seed=100)
         # A-B-B-A order, so a drift in the machine's speed falls on both sides alike.
         runs: dict[str, list[dict[str, Any]]] = {"direct": [], "gateway": []}
         sides = {"direct": (engine_url, engine_key),
                  "gateway": (args.gateway_url, args.gateway_key)}
         for seed, side in enumerate(["direct", "gateway", "gateway", "direct"], start=1):
             runs[side].append(vllm_bench(args, *sides[side], side, seed=seed))
-        direct, gateway = _mean(runs["direct"]), _mean(runs["gateway"])
+        direct, gateway = mean_of(runs["direct"]), mean_of(runs["gateway"])
     finally:
         stop_up(proc)
     record = {

@@ -166,7 +166,6 @@ def test_fleet_chat_holds_a_conversation_with_commands(stack: Stack) -> None:
     assert term.close() == 0, term.errors
 
 
-
 def test_ctrl_c_stops_the_answer_not_the_program(stack: Stack) -> None:
     # ignore_eos with a large max_tokens: an answer that would run for minutes.
     term = Terminal(stack, "--max-tokens", "3000", "--extra-body", '{"ignore_eos": true}')

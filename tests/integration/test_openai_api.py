@@ -115,7 +115,6 @@ def test_engine_side_rejection_comes_back_as_the_engines_400(client: openai.Open
     assert "4096" in str(info.value) and info.value.body.get("code") != "context_length_exceeded"
 
 
-
 def test_client_disconnect_mid_stream_aborts_the_engine_request(stack: Stack) -> None:
     body = {"model": MODEL_NAME, "prompt": "Once upon a time", "max_tokens": 3000,
             "ignore_eos": True, "stream": True}
