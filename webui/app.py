@@ -173,7 +173,7 @@ def create_app(settings: WebUISettings, client: AsyncOpenAI | None = None) -> gr
         data: gr.LikeData, base: list[Message], model: str | None, system: str,
         temperature: float, top_p: float, max_tokens: float, conversation_id: str,
     ) -> None:
-        if log is None:
+        if log is None:  # not listened to without a log
             return
         if isinstance(data.liked, bool):
             rating = "like" if data.liked else "dislike"
@@ -238,7 +238,11 @@ def create_app(settings: WebUISettings, client: AsyncOpenAI | None = None) -> gr
         gr.on([regenerate_button.click, chatbot.retry], regenerate, [history, model, *sampling],
               chat_outputs, show_progress="minimal", show_progress_on=[chatbot])
         stop_button.click(stop, None, None, queue=False)
-        chatbot.like(rate, [history, model, *sampling], None)
+        # Feedback buttons only where feedback is kept. A like listener is what makes Gradio
+        # draw them, and it draws them from `feedback_options`: a listener without options
+        # breaks the page's whole chat view (a script error on every update).
+        if log is not None:
+            chatbot.like(rate, [history, model, *sampling], None)
     demo.queue(default_concurrency_limit=settings.concurrency)
     return demo
 

@@ -88,14 +88,23 @@ def browser() -> Iterator[Browser]:
 
 @pytest.fixture
 def new_page(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Callable[[], Page]]:
-    """Pages in fresh browser contexts: each one is a separate user, with its own session."""
+    """Pages in fresh browser contexts: each one is a separate user, with its own session.
+
+    A script error or a console error on any of them fails the test, whatever it checked: a
+    page can throw on every update and still show some of the text a test looks for.
+    """
     contexts = []
+    errors: list[str] = []
 
     def make() -> Page:
         context = browser.new_context(viewport={"width": 1280, "height": 900})
         context.set_default_timeout(30_000)
         contexts.append(context)
-        return context.new_page()
+        page = context.new_page()
+        page.on("pageerror", lambda exc: errors.append(f"pageerror: {exc}"))
+        page.on("console", lambda msg: errors.append(f"console error: {msg.text} {msg.location}")
+                if msg.type == "error" else None)
+        return page
 
     yield make
     if getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed:
@@ -106,6 +115,7 @@ def new_page(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Calla
                                 full_page=True)
     for context in contexts:
         context.close()
+    assert not errors, "the page reported errors:\n" + "\n".join(dict.fromkeys(errors))
 
 
 @pytest.hookimpl(wrapper=True)
