@@ -1,7 +1,9 @@
 """`fleet up`: the whole stack on one machine, supervised, stopped as one by Ctrl-C.
 
 Starts the controller, one worker per visible GPU (or N CPU workers, each pinned to its own
-cores), the gateway and the chat web UI, as child processes. Nothing it started outlives it.
+cores), the gateway and the chat web UI, as child processes (fleet/supervisor.py). Once the stack
+is up, a service that dies is started again while the others keep serving. Nothing it started
+outlives it.
 They share one cluster token, handed to each in its environment (never its argv, which `ps`
 shows): FLEET_CLUSTER_TOKEN if set, else the token in --cluster-token-file, generated there on
 first use.
@@ -10,17 +12,16 @@ first use.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
+import errno
 import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -34,10 +35,10 @@ from fleet.cluster_auth import (
     load_or_create_token_file,
 )
 from fleet.logs import setup_logging
+from fleet.supervisor import Service, Stack, wait_until
 from fleet.tls import CA_FILE_ENV, client_ssl_context
 
 logger = logging.getLogger("fleet.up")
-_PR_SET_PDEATHSIG = 1
 
 
 def visible_gpus(env: dict[str, str] | None = None) -> list[str]:
@@ -99,67 +100,6 @@ def split_cores(cores: Sequence[int], workers: int) -> list[str]:
     return out
 
 
-@dataclass
-class Service:
-    name: str
-    argv: list[str]
-    proc: subprocess.Popen[bytes] | None = None
-    env: dict[str, str] = field(default_factory=dict)
-
-
-def _child_setup() -> None:
-    # If `fleet up` itself is killed, its services are told to stop (and workers stop engines).
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-class Stack:
-    def __init__(self, services: list[Service]) -> None:
-        self.services = services
-
-    def start(self, service: Service) -> None:
-        logger.info("starting %s: %s", service.name, " ".join(service.argv))
-        # The token comes in FLEET_CLUSTER_TOKEN; a token file variable beside it would clash.
-        env = {k: v for k, v in os.environ.items() if k != "FLEET_CLUSTER_TOKEN_FILE"}
-        service.proc = subprocess.Popen(
-            service.argv, env={**env, **service.env},
-            # Own session: the terminal's Ctrl-C reaches only us, and we stop services in order.
-            start_new_session=True, preexec_fn=_child_setup,
-        )
-
-    def exited(self) -> list[Service]:
-        return [s for s in self.services if s.proc is not None and s.proc.poll() is not None]
-
-    def stop(self, timeout: float) -> None:
-        running = [s for s in self.services if s.proc is not None and s.proc.poll() is None]
-        for service in running:
-            assert service.proc is not None
-            with contextlib.suppress(ProcessLookupError):
-                service.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for service in running:
-            assert service.proc is not None
-            try:
-                service.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                logger.warning("%s did not stop in time; killing it", service.name)
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(service.proc.pid, signal.SIGKILL)
-                service.proc.wait()
-
-
-def _wait_until(check: Callable[[], bool], deadline: float, stack: Stack, what: str) -> None:
-    while time.monotonic() < deadline:
-        if dead := stack.exited():
-            names = ", ".join(f"{s.name} (exit {s.proc.returncode})" for s in dead if s.proc)
-            raise RuntimeError(f"{names} stopped while waiting for {what}")
-        with contextlib.suppress(httpx.HTTPError):
-            if check():
-                return
-        time.sleep(0.5)
-    raise RuntimeError(f"timed out waiting for {what}")
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fleet up",
@@ -181,6 +121,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--webui-port", type=int, default=7860,
                         help="Port of the chat web UI (default 7860).")
     parser.add_argument("--no-webui", action="store_true", help="Do not start the web UI.")
+    parser.add_argument("--webui-log-dir", type=Path,
+                        help="The web UI logs finished chats and 👍/👎/flag feedback here, and "
+                        "shows feedback buttons (default: no log, no buttons).")
     parser.add_argument("--api-keys", help="Comma-separated client API keys for the gateway.")
     parser.add_argument(
         "--cluster-token-file", type=Path,
@@ -242,13 +185,37 @@ def plan(args: argparse.Namespace, engine_args: list[str], model: str,
         # The key travels in the environment, where `ps` does not show it.
         key = {"FLEET_WEBUI_API_KEY": args.api_keys.split(",")[0].strip()} \
             if args.api_keys else {}
+        log = ["--log-dir", str(args.webui_log_dir.resolve())] if args.webui_log_dir else []
         services.append(Service("webui", [py, "-m", "webui", "--host", args.host, "--port",
                                           str(args.webui_port), "--gateway-url", gateway_url,
-                                          *tls], env=key))
+                                          *log, *tls], env=key))
     if args.ssl_ca_file:
         for service in services:
             service.env[CA_FILE_ENV] = str(Path(args.ssl_ca_file).resolve())
     return services
+
+
+def taken_ports(args: argparse.Namespace) -> list[str]:
+    """The services' ports that something else on this machine holds already, each described
+    for the user with the flag that moves it."""
+    ports = [("controller", "--controller-port", args.controller_port),
+             ("gateway", "--gateway-port", args.gateway_port)]
+    if not args.no_webui:
+        ports.append(("web UI", "--webui-port", args.webui_port))
+    taken = []
+    for name, flag, port in ports:
+        family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            # As uvicorn binds: a port in TIME_WAIT after our own last run is free.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((args.host, port))
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                taken.append(f"port {port} on {args.host}, for the {name}, is in use by another "
+                             f"program (another `fleet up`?); stop it or choose one with {flag}")
+    return taken
 
 
 def cluster_token(token_file: Path | None) -> tuple[str, str]:
@@ -277,19 +244,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("fleet up: TLS needs both --ssl-certfile and --ssl-keyfile", file=sys.stderr)
         return 2
     try:
+        taken = taken_ports(args)
         token, token_source = cluster_token(args.cluster_token_file)
         services = plan(args, engine_args, model, token)
-    except (ValueError, ValidationError) as exc:
+    except (ValueError, ValidationError, OSError) as exc:
         print(f"fleet up: {exc}", file=sys.stderr)
+        return 2
+    if taken:
+        print("\n".join(f"fleet up: {line}" for line in taken), file=sys.stderr)
         return 2
     stack = Stack(services)
 
     def _on_signal(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, _on_signal)
-    # Also when started with SIGINT ignored (a background job of a non-interactive shell).
-    signal.signal(signal.SIGINT, _on_signal)
+    # SIGHUP too: the terminal `fleet up` runs in went away. SIGINT also when started with it
+    # ignored (a background job of a non-interactive shell).
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, _on_signal)
     host, scheme = _reachable(args.host), _scheme(args)
     controller_url = f"{scheme}://{host}:{args.controller_port}"
     gateway_url = f"{scheme}://{host}:{args.gateway_port}"
@@ -299,8 +271,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with httpx.Client(timeout=3.0, verify=verify) as http:
             stack.start(services[0])
             deadline = time.monotonic() + 60
-            _wait_until(lambda: http.get(f"{controller_url}/health").is_success, deadline, stack,
-                        "the controller")
+            wait_until(lambda: http.get(f"{controller_url}/health").is_success, deadline, stack,
+                       "the controller")
             for service in services[1:]:
                 stack.start(service)
             headers = {"Authorization": f"Bearer {args.api_keys.split(',')[0]}"} \
@@ -315,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"{gateway_url}/v1/models", headers=headers).json()["data"] != [] and (
                     webui_url is None or http.get(f"{webui_url}/health").is_success)
 
-            _wait_until(_all_ready, deadline, stack, f"{workers} worker(s) to be ready")
+            wait_until(_all_ready, deadline, stack, f"{workers} worker(s) to be ready")
         webui_line = f"  web UI:      {webui_url}\n" if webui_url else ""
         print(
             f"\nllm-fleet is up: model '{model_name or model}' on {workers} worker(s).\n"
@@ -326,13 +298,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"Press Ctrl-C to stop.\n",
             flush=True,
         )
-        while not (dead := stack.exited()):
+        while True:
+            stack.supervise()
             time.sleep(0.5)
-        for service in dead:
-            assert service.proc is not None
-            logger.error("%s exited with code %s; stopping the stack",
-                         service.name, service.proc.returncode)
-        return 1
     except KeyboardInterrupt:
         logger.info("stopping the stack")
         return 0

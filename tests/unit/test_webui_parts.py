@@ -94,6 +94,14 @@ def test_fleet_up_starts_the_web_ui_after_the_gateway_with_the_first_key() -> No
     assert "k1" not in " ".join(webui.argv)
 
 
+def test_fleet_up_keeps_no_chat_log_unless_told_where() -> None:
+    args, engine = _parser().parse_known_args([])
+    assert "--log-dir" not in plan(args, engine, "/models/m", "t" * 32)[-1].argv
+    args, engine = _parser().parse_known_args(["--webui-log-dir", "chat-log"])
+    webui = plan(args, engine, "/models/m", "t" * 32)[-1]
+    assert webui.argv[webui.argv.index("--log-dir") + 1] == str(Path("chat-log").resolve())
+
+
 def test_fleet_up_without_the_web_ui() -> None:
     args, engine = _parser().parse_known_args(["--no-webui"])
     assert "webui" not in [s.name for s in plan(args, engine, "/models/m", "t" * 32)]
