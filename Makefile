@@ -9,7 +9,7 @@ ENGINE ?= $(shell if nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then echo gpu; 
 STAMP := $(VENV)/.installed-$(ENGINE)
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: setup model browser run test test-unit lint clean
+.PHONY: setup model browser run check test test-unit lint clean
 
 setup: $(STAMP)
 
@@ -34,14 +34,19 @@ run: model
 browser:
 	@command -v chromium >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium)
 
-test: model browser
+# The style guide's checks: lint, then mypy --strict as pyproject.toml configures it.
+check: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m mypy
+
+# check first: a lint or type error fails before the model is prepared.
+test: check model browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-unit: setup
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
-lint: setup
-	$(BIN)/ruff check .
+lint: check
 
 clean:
 	rm -rf $(VENV) build *.egg-info
