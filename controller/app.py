@@ -27,7 +27,7 @@ from fleet.errors import ErrorResponse, NotFoundError, install_error_handlers
 
 logger = logging.getLogger(__name__)
 
-_ERRORS = {
+_ERRORS: dict[int | str, dict[str, object]] = {
     400: {"model": ErrorResponse, "description": "Invalid request"},
     404: {"model": ErrorResponse, "description": "Unknown worker"},
 }

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from controller.protocol import Heartbeat, Registration, Snapshot, WorkerRecord, WorkerState
 
@@ -104,7 +104,7 @@ class Registry:
         return gone
 
     def workers(self, model: str | None = None) -> list[WorkerRecord]:
-        records = self._workers.values()
+        records: Iterable[WorkerRecord] = self._workers.values()
         if model is not None:
             records = [r for r in records if model in r.model_names]
         return sorted(records, key=lambda r: r.worker_id)

@@ -20,7 +20,7 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ CHATML_STOPS = ("<|im_end|>", "<|endoftext|>")
 CHATML = "chatml"  # the value of --chat-template that asks for the built-in template
 
 
-class TemplateSource(str, Enum):
+class TemplateSource(StrEnum):
     MODEL = "model"  # the tokenizer's own chat_template
     CHATML = "chatml"  # the built-in fallback
     FILE = "file"  # --chat-template FILE

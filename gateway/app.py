@@ -8,7 +8,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 from fastapi import FastAPI, Request
@@ -20,7 +20,7 @@ from starlette.responses import Response
 from fleet.cluster_auth import bearer
 from fleet.errors import ErrorResponse, FleetError, PermissionDeniedError, install_error_handlers
 from gateway import validation
-from gateway.asgi import GenerateRoutes
+from gateway.asgi import GenerateRoutes, RelayResponse
 from gateway.auth import ANONYMOUS, Authenticator
 from gateway.breaker import Breakers
 from gateway.engine_client import EngineClient
@@ -134,7 +134,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         return model if table.snapshot is not None and model in table.snapshot.models \
             else "unknown"
 
-    async def _generate(request: Request, path: str, schema: type[BaseModel]) -> Response:
+    async def _generate(request: Request, path: str,
+                        schema: type[BaseModel]) -> Response | RelayResponse:
         started = time.monotonic()
         request_id = f"fleet-{os.urandom(16).hex()}"  # as unique as uuid4, cheaper
         model, policy, caller = "unknown", "-", ANONYMOUS
@@ -177,17 +178,18 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         metrics.requests.labels(model, str(response.status_code), policy).inc()
         return response
 
-    async def chat_completions(request: Request) -> Response:
+    async def chat_completions(request: Request) -> Response | RelayResponse:
         return await _generate(request, "/v1/chat/completions", ChatCompletionRequest)
 
-    async def completions(request: Request) -> Response:
+    async def completions(request: Request) -> Response | RelayResponse:
         return await _generate(request, "/v1/completions", CompletionRequest)
 
     # Served by GenerateRoutes (gateway/asgi.py) before FastAPI routes anything; declared here
-    # for the OpenAPI spec and for anything that walks the routes.
-    app.post("/v1/chat/completions", responses=_GENERATED,
+    # for the OpenAPI spec and for anything that walks the routes. response_model=None: the
+    # handlers' return type (RelayResponse is no Starlette Response) is not a schema.
+    app.post("/v1/chat/completions", response_model=None, responses=_GENERATED,
              openapi_extra=_body_schema(ChatCompletionRequest))(chat_completions)
-    app.post("/v1/completions", responses=_GENERATED,
+    app.post("/v1/completions", response_model=None, responses=_GENERATED,
              openapi_extra=_body_schema(CompletionRequest))(completions)
     GenerateRoutes.install(app, {"/v1/chat/completions": chat_completions,
                                  "/v1/completions": completions})
@@ -209,6 +211,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @app.get("/health", response_model=TableHealth)
     async def health() -> TableHealth:
+        controller: Literal["ok", "stale", "never-synced"]
         if table.synced_at is None:
             controller = "never-synced"
         else:

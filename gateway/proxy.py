@@ -66,7 +66,7 @@ def usage_from_sse_tail(tail: bytes) -> dict[str, Any] | None:
         with contextlib.suppress(ValueError):
             usage = pydantic_core.from_json(tail[start + 6:stop if stop >= 0 else len(tail)])
             if isinstance(usage, dict) and (usage := usage.get("usage")):
-                return usage  # type: ignore[no-any-return]
+                return usage
         end = start
     return None
 

@@ -116,10 +116,13 @@ def _longest_prompt(request: GenerationRequest, chars_per_token: float) -> int:
     prompt = request.prompt
     if isinstance(prompt, str):
         return math.ceil(len(prompt) / chars_per_token)
-    if prompt and isinstance(prompt[0], int):
-        return len(prompt)  # one prompt as token ids: exact
-    return max((len(p) if isinstance(p, list) else math.ceil(len(p) / chars_per_token)
-                for p in prompt), default=0)
+    longest = 0
+    for p in prompt:
+        if isinstance(p, int):
+            return len(prompt)  # one prompt as token ids: exact
+        longest = max(longest, len(p) if isinstance(p, list)
+                      else math.ceil(len(p) / chars_per_token))
+    return longest
 
 
 def check_limits(request: GenerationRequest, limits: InputLimits,

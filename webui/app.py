@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
@@ -88,7 +88,7 @@ def create_app(settings: WebUISettings, client: AsyncOpenAI | None = None) -> gr
     async def answer(
         request: gr.Request, base: list[Message], text: str, model: str | None, system: str,
         params: Params, conversation_id: str, *, keep: list[Message], restore: str,
-    ) -> AsyncIterator[dict[Any, Any]]:
+    ) -> AsyncGenerator[dict[Any, Any], None]:
         """Stream one answer to `text` after `base`; commit it to the history when it ends.
 
         When the turn fails or is stopped before its first word, the history stays `keep`, and

@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import openai
 from openai import AsyncOpenAI
+from openai.types.chat import ChatCompletionMessageParam
 
 Message = dict[str, str]
 _T = TypeVar("_T")
@@ -116,7 +117,7 @@ async def _unless_stopped(awaitable: Awaitable[_T], stop: asyncio.Event) -> _T:
 async def stream_answer(
     client: AsyncOpenAI, model: str, messages: list[Message], params: Params,
     stop: asyncio.Event,
-) -> AsyncIterator[str]:
+) -> AsyncGenerator[str, None]:
     """Yield the answer's text as it arrives, piece by piece, until it ends or `stop` is set.
 
     On Stop (or if the caller goes away) the HTTP response is closed at once: the gateway sees
@@ -124,9 +125,10 @@ async def stream_answer(
     Errors are the `openai` exceptions; `describe_error` words them.
     """
     try:
+        # Role and content strings: the shape the SDK's TypedDicts name, checked by the gateway.
+        sdk_messages = cast("list[ChatCompletionMessageParam]", messages)
         stream = await _unless_stopped(client.chat.completions.create(
-            model=model, messages=messages, stream=True,  # type: ignore[arg-type]
-            **params.as_dict(),
+            model=model, messages=sdk_messages, stream=True, **params.as_dict(),
         ), stop)
     except Stopped:
         return

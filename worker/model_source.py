@@ -55,7 +55,8 @@ async def resolve_model(settings: WorkerSettings) -> tuple[str, list[str]]:
         logger.info("downloading from ModelScope model=%s dir=%s", settings.model,
                     settings.download_dir)
         # snapshot_download blocks on network and disk.
-        path = await asyncio.to_thread(_modelscope_download, settings.model, settings.download_dir)
-        return path, []
+        downloaded = await asyncio.to_thread(_modelscope_download, settings.model,
+                                             settings.download_dir)
+        return downloaded, []
     extra = ["--download-dir", str(settings.download_dir)] if settings.download_dir else []
     return settings.model, extra

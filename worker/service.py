@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import uvicorn
+from pydantic import HttpUrl
 
 from controller.protocol import Heartbeat, Registration, WorkerLoad, WorkerState
 from fleet.chat_template import CHATML, EngineTemplateFiles, plan_template, write_engine_files
@@ -70,7 +71,7 @@ class Worker:
     def _registration(self) -> Registration:
         return Registration(
             worker_id=self.worker_id,
-            engine_url=self.engine_url,
+            engine_url=HttpUrl(self.engine_url),
             engine_api_key=self.engine_api_key,
             model_names=self.model_names,
             max_model_len=self.max_model_len,

@@ -77,13 +77,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"Worker: {worker.worker_id} at {worker.engine_url} ({worker.device})")
     print(f"USER: {args.message}")
     print("ASSISTANT: ", end="", flush=True)
-    client = openai.OpenAI(
+    engine = openai.OpenAI(
         base_url=f"{str(worker.engine_url).rstrip('/')}/v1",
         api_key=worker.engine_api_key or "none", timeout=120.0, max_retries=0,
         http_client=openai.DefaultHttpxClient(verify=verify),
     )
     try:
-        stream = client.chat.completions.create(
+        stream = engine.chat.completions.create(
             model=args.model_name,
             messages=[{"role": "user", "content": args.message}],
             max_tokens=args.max_tokens, temperature=args.temperature, stream=True,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pydantic import Field, ValidationError
 
-from fleet.batch.jobs import Defaults, InputError, ResultsFile, read_input
+from fleet.batch.jobs import BatchLine, Defaults, InputError, ResultsFile, read_input
 from fleet.batch.online import BatchAborted, run_online
 from fleet.batch.report import Progress, Tally
 from fleet.client.settings import ClientSettings, add_client_flags
@@ -84,7 +84,7 @@ class BatchSettings(ClientSettings):
         return cls(**values, engine_args=engine_args)
 
 
-def _run(settings: BatchSettings, jobs: list, results: ResultsFile, tally: Tally,
+def _run(settings: BatchSettings, jobs: Sequence[BatchLine], results: ResultsFile, tally: Tally,
          progress: Progress) -> None:
     if settings.offline:
         from fleet.batch.offline import run_offline

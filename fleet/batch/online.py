@@ -44,7 +44,7 @@ def backoff_delay(attempt: int, *, base: float, cap: float, retry_after: float |
                   rand: Callable[[], float] = random.random) -> float:
     """Seconds before try `attempt + 1` (attempt counts from 0): base * 2^attempt, capped, with
     jitter in [1/2, 1] of that, and never less than the server's Retry-After (itself capped)."""
-    delay = min(cap, base * 2 ** attempt) * (0.5 + rand() / 2)
+    delay = min(cap, base * 2.0 ** attempt) * (0.5 + rand() / 2)
     return max(delay, min(retry_after or 0.0, cap))
 
 
@@ -71,7 +71,7 @@ class OnlineRunner:
         resource = self.client.chat.completions if job.url == CHAT else self.client.completions
         try:
             # The rest of the body goes as it is: vLLM's extra parameters included.
-            raw = await resource.with_raw_response.create(  # type: ignore[call-overload]
+            raw = await resource.with_raw_response.create(
                 model=model, **{key: main}, extra_body=body,
             )
         except openai.OpenAIError as exc:

@@ -12,9 +12,10 @@ import copy
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import openai
+from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 
 try:  # The HTTP library under the openai client: httpx2 since openai 3, httpx before.
     import httpx2 as _http
@@ -80,7 +81,7 @@ class ChatStream(Iterator[str]):
         self._before = history
         self._query = query
         self._sampling = sampling
-        self._stream: openai.Stream[Any] | None = None
+        self._stream: openai.Stream[ChatCompletionChunk] | None = None
         self._pieces: list[str] = []
         self.finish_reason: str | None = None
         self.usage: dict[str, int] | None = None
@@ -97,12 +98,18 @@ class ChatStream(Iterator[str]):
         return [*_message_copy(self._before), {"role": "user", "content": self._query},
                 {"role": "assistant", "content": self.text}]
 
-    def _open(self) -> openai.Stream[Any]:
+    def _open(self) -> openai.Stream[ChatCompletionChunk]:
+        # The caller's messages are plain dicts; the SDK's TypedDicts name their shape but
+        # check nothing at run time, and the gateway validates them.
+        messages = cast("list[ChatCompletionMessageParam]", self._messages)
         try:
-            return self._client.chat.completions.create(  # type: ignore[call-overload,no-any-return]
-                model=self._model, messages=self._messages, stream=True,
+            # Typed here: with the sampling keywords spread from a dict[str, Any], mypy cannot
+            # tell which overload stream=True picks.
+            stream: openai.Stream[ChatCompletionChunk] = self._client.chat.completions.create(
+                model=self._model, messages=messages, stream=True,
                 stream_options={"include_usage": True}, **self._sampling.request_kwargs(),
             )
+            return stream
         except openai.OpenAIError as exc:
             self.closed = True
             raise from_openai(exc) from exc

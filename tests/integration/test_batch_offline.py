@@ -11,7 +11,8 @@ import pytest
 
 from tests.integration.harness import MODEL_NAME
 
-pytestmark = pytest.mark.integration
+# Past the default 600 s, so the run's own 600 s timeout is the one that fires.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(700)]
 
 
 def offline(model_path: Path, source: Path, output: Path) -> subprocess.CompletedProcess[str]:

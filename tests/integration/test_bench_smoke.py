@@ -12,7 +12,9 @@ import pytest
 
 from tests.integration.harness import API_KEY, CLUSTER_TOKEN, Stack, free_port
 
-pytestmark = pytest.mark.integration
+# Past the default 600 s: a bench run may take up to its own 900 s timeout (routing_bench.py
+# installs vLLM's router in a venv on first use).
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1000)]
 BENCH_DIR = Path(__file__).parents[2] / "bench"
 BENCH = BENCH_DIR / "serve_bench.py"
 

@@ -1,6 +1,9 @@
-"""Unit tests see none of the caller's shared credentials: settings read them from the env."""
+"""Unit tests see none of the caller's shared credentials (settings read them from the env),
+and each gets 60 s."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
@@ -12,3 +15,12 @@ SHARED_SETTINGS = ("FLEET_CLUSTER_TOKEN", "FLEET_CLUSTER_TOKEN_FILE", "FLEET_REA
 def _no_shared_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in SHARED_SETTINGS:
         monkeypatch.delenv(name, raising=False)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Unit tests get 60 s, not the default 600 (the slowest takes about 3 s): a hang in pure
+    logic shows in a minute. This hook sees the whole session's items, hence the path test."""
+    here = Path(__file__).parent
+    for item in items:
+        if item.path.is_relative_to(here) and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(60))
