@@ -6,8 +6,13 @@ benchmark's fixture a bare relay (uvicorn, raw ASGI, no features) costs 340-410 
 around httptools' parser, the one uvicorn uses (bench/RESULTS.md). It does only what the
 gateway asks of it:
 
-- one POST at a time per connection, connections kept alive in a pool per engine and dropped
-  after `keepalive_timeout` idle seconds (below uvicorn's 5 s, so vLLM never closes one under us);
+- one request at a time per connection (POST, GET, DELETE, ...), connections kept alive in a pool
+  per engine and dropped after `keepalive_timeout` idle seconds (below uvicorn's 5 s, so vLLM
+  never closes one under us);
+- a body given whole (Content-Length) or as an async iterator of bytes, sent as it comes with
+  chunked transfer encoding, pausing while the engine is behind;
+- the response's status and the few headers a client needs (`RELAYED_HEADERS`), read once per
+  response: the body's chunks are passed on as they come, unparsed;
 - a connect timeout, and a read timeout on silence, checked by one timer per request that
   rearms itself rather than one per chunk;
 - TCP keep-alive probes and TCP_USER_TIMEOUT, so that an engine host cut off by the network
@@ -23,10 +28,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import AsyncIterable, Awaitable, Mapping
 from dataclasses import dataclass
 
 import httptools
@@ -34,6 +40,12 @@ import yarl
 
 _HIGH_WATER = 256 * 1024  # bytes read ahead of the client before reading pauses
 _MAX_IDLE_PER_ENGINE = 1024
+# The response headers passed back, lower-cased: what a client of the gateway may need.
+RELAYED_HEADERS = frozenset({"content-type", "retry-after", "content-disposition",
+                             "cache-control"})
+_RELAYED = frozenset(h.encode() for h in RELAYED_HEADERS)
+# A request body: whole, or streamed through as it arrives.
+RequestBody = bytes | AsyncIterable[bytes] | None
 
 
 class EngineError(Exception):
@@ -111,12 +123,15 @@ class _Connection(asyncio.Protocol):
         self._got_bytes = False
         self._complete = False
         self._keep_alive = False
+        self._body_sent = True
         self._error: EngineError | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._read_timeout = 0.0
         self._last_data = 0.0
         self.status = 0
         self.content_type: str | None = None
+        self.headers: list[tuple[str, str]] = []
+        self._writable: asyncio.Future[None] | None = None  # set while writing is paused
 
     # --- asyncio.Protocol ---
 
@@ -135,8 +150,18 @@ class _Connection(asyncio.Protocol):
             self._fail(EngineBroke(f"the engine's answer is not valid HTTP: {exc}"))
             self.abort()
 
+    def pause_writing(self) -> None:
+        if self._writable is None:
+            self._writable = self._loop.create_future()
+
+    def resume_writing(self) -> None:
+        writable, self._writable = self._writable, None
+        if writable is not None and not writable.done():
+            writable.set_result(None)
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.alive = False
+        self.resume_writing()
         if self._parser is not None and not self._complete:
             if self._error is None:
                 reason = f": {exc}" if exc else ""
@@ -150,8 +175,12 @@ class _Connection(asyncio.Protocol):
     # --- httptools callbacks ---
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if name.lower() == b"content-type":
-            self.content_type = value.decode("latin-1")
+        name = name.lower()
+        if name in _RELAYED:
+            text = value.decode("latin-1")
+            self.headers.append((name.decode("latin-1"), text))
+            if name == b"content-type":
+                self.content_type = text
 
     def on_headers_complete(self) -> None:
         assert self._parser is not None and self._head is not None
@@ -176,19 +205,37 @@ class _Connection(asyncio.Protocol):
 
     # --- the exchange ---
 
-    def send(self, request: bytes, read_timeout: float) -> None:
+    def send(self, request: bytes, read_timeout: float, body_follows: bool = False) -> None:
+        """Write the request (its head only, when `body_follows` from `write_body`)."""
         assert self.transport is not None
         self._parser = httptools.HttpResponseParser(self)
         self._head = self._loop.create_future()
         self._chunks.clear()
         self._buffered = 0
         self._got_bytes = self._complete = self._keep_alive = False
+        self._body_sent = not body_follows
         self._error = None
-        self.status, self.content_type = 0, None
+        self.status, self.content_type, self.headers = 0, None, []
         self._read_timeout = read_timeout
         self._last_data = self._loop.time()
         self._timer = self._loop.call_later(read_timeout, self._check_silence)
         self.transport.write(request)
+
+    async def write_body(self, body: AsyncIterable[bytes]) -> None:
+        """Send `body` in chunked encoding after `send`'s head, waiting while the engine is
+        behind; stops early if the connection ends or the answer is complete."""
+        assert self.transport is not None
+        transport = self.transport
+        async for chunk in body:
+            if not self.alive or self._complete or self._error is not None:
+                return
+            if chunk:
+                transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+            if self._writable is not None:
+                await self._writable
+        if self.alive:
+            transport.write(b"0\r\n\r\n")
+            self._body_sent = True
 
     async def head(self) -> None:
         assert self._head is not None
@@ -217,7 +264,8 @@ class _Connection(asyncio.Protocol):
 
     @property
     def reusable(self) -> bool:
-        return self.alive and self._complete and self._keep_alive and not self._chunks
+        return (self.alive and self._complete and self._keep_alive and self._body_sent
+                and not self._chunks)
 
     def finish(self) -> None:
         """The exchange is over; the connection may carry another one."""
@@ -274,6 +322,7 @@ class EngineResponse:
         self._conn: _Connection | None = conn
         self.status = conn.status
         self.content_type = conn.content_type
+        self.headers = conn.headers  # the ones in RELAYED_HEADERS, lower-cased, as they came
 
     async def read(self) -> bytes:
         parts = []
@@ -315,15 +364,33 @@ class EngineClient:
     async def post(self, endpoint: Endpoint, body: bytes,
                    headers: Mapping[str, str]) -> EngineResponse:
         """Send `body` and wait for the answer's status line and headers."""
-        lines = [f"POST {endpoint.target} HTTP/1.1\r\nHost: {endpoint.host_header}\r\n"
-                 f"Content-Length: {len(body)}\r\n"]
+        return await self.request("POST", endpoint, headers, body)
+
+    async def request(self, method: str, endpoint: Endpoint, headers: Mapping[str, str],
+                      body: RequestBody = None) -> EngineResponse:
+        """Send a request and wait for the answer's status line and headers.
+
+        `body` is bytes (sent with Content-Length), an async iterator of bytes (sent with
+        chunked transfer encoding as it comes), or None (no body: GET, DELETE)."""
+        if not method.isalpha() or not method.isupper():
+            raise ValueError(f"not an HTTP method: {method!r}")
+        lines = [f"{method} {endpoint.target} HTTP/1.1\r\nHost: {endpoint.host_header}\r\n"]
+        if isinstance(body, bytes):
+            lines.append(f"Content-Length: {len(body)}\r\n")
+        elif body is not None:
+            lines.append("Transfer-Encoding: chunked\r\n")
         for name, value in headers.items():
             if "\r" in value or "\n" in value:
                 raise ValueError(f"header {name} has a line break")
             lines.append(f"{name}: {value}\r\n")
         lines.append("\r\n")
-        request = "".join(lines).encode("latin-1") + body
+        head = "".join(lines).encode("latin-1")
         key = (endpoint.scheme, endpoint.host, endpoint.port)
+        if body is not None and not isinstance(body, bytes):
+            # A streamed body cannot be sent twice, so it never goes on a kept-alive connection
+            # that the engine may be closing: a new connection's failure means the engine's.
+            return await self._exchange(key, await self._connect(endpoint), head, body)
+        request = head + body if body is not None else head
         conn = self._take(key)
         if conn is not None:
             try:
@@ -334,15 +401,39 @@ class EngineClient:
                 pass
         return await self._exchange(key, await self._connect(endpoint), request)
 
-    async def _exchange(self, key: tuple[str, str, int], conn: _Connection,
-                        request: bytes) -> EngineResponse:
-        conn.send(request, self.read_timeout)
+    async def _exchange(self, key: tuple[str, str, int], conn: _Connection, request: bytes,
+                        body: AsyncIterable[bytes] | None = None) -> EngineResponse:
+        conn.send(request, self.read_timeout, body_follows=body is not None)
         try:
-            await conn.head()
+            if body is None:
+                await conn.head()
+            else:
+                await self._send_body(conn, body)
         except BaseException:
             conn.abort()
             raise
         return EngineResponse(self, key, conn)
+
+    @staticmethod
+    async def _send_body(conn: _Connection, body: AsyncIterable[bytes]) -> None:
+        """Stream the body while waiting for the head: an engine may answer (say, 413) before
+        the body ends, and then the rest is not sent."""
+        writer = asyncio.ensure_future(conn.write_body(body))
+        head = asyncio.ensure_future(conn.head())
+        try:
+            await asyncio.wait((writer, head), return_when=asyncio.FIRST_COMPLETED)
+            if writer.done():
+                writer.result()  # the body's own error (its client left) ends the exchange
+                await head
+            else:
+                await head
+                writer.cancel()  # and the connection is not reused: the body did not end
+        finally:
+            for task in (writer, head):
+                if not task.done():
+                    task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await writer
 
     def close(self) -> None:
         for conns in self._idle.values():
