@@ -15,7 +15,9 @@ from gateway.routing import (
     RouteRequest,
     SessionAffinity,
 )
-from gateway.routing_table import Limits, OverloadedError, RoutingTable
+from fleet.errors import OverloadedError
+from gateway.controller_sync import ControllerSync
+from gateway.routing_table import Limits, Outcome, RoutingTable
 
 
 def worker(wid: str, model: str = "m", state: WorkerState = WorkerState.READY,
@@ -187,7 +189,7 @@ def test_full_workers_queue_then_429() -> None:
         with pytest.raises(OverloadedError) as info:
             await t.acquire(req())  # the queue (of one) is full
         assert info.value.status_code == 429 and info.value.headers["Retry-After"]
-        t.release(first.worker.worker_id)
+        first.settle(Outcome.DONE)
         second = await asyncio.wait_for(waiting, 1)
         assert second.worker.worker_id == "a" and t.inflight["a"] == 1
 
@@ -211,9 +213,9 @@ def test_table_goes_stale_but_keeps_routing_when_no_controller_answers() -> None
 
     async def sync_against_nothing() -> None:
         async with aiohttp.ClientSession() as session:
-            task = asyncio.create_task(
-                t.sync_forever(session, ["http://127.0.0.1:9", "http://127.0.0.1:7"], 0.05)
-            )
+            sync = ControllerSync(t, session, ["http://127.0.0.1:9", "http://127.0.0.1:7"],
+                                  interval=0.05)
+            task = asyncio.create_task(sync.run_forever())
             deadline = asyncio.get_running_loop().time() + 5
             while not t.stale:
                 assert asyncio.get_running_loop().time() < deadline
