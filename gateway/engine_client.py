@@ -231,6 +231,9 @@ class _Connection(asyncio.Protocol):
                 return
             if chunk:
                 transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                # An engine still taking the body is not silent: the read timeout is for
+                # an engine that has the whole request and says nothing.
+                self._last_data = self._loop.time()
             if self._writable is not None:
                 await self._writable
         if self.alive:
