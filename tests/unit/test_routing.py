@@ -234,3 +234,18 @@ def test_restarted_controller_does_not_empty_the_table_while_warming_up() -> Non
     assert sorted(w.worker_id for w in t.models()["m"]) == ["a", "b"]
     t.update(fresh.model_copy(update={"warming_up": False, "generation": 2}))
     assert [w.worker_id for w in t.models()["m"]] == ["b"]
+
+
+def test_the_table_tells_every_policy_which_workers_left() -> None:
+    class Recording(LeastLoad):
+        def __init__(self) -> None:
+            super().__init__(random.Random(0))
+            self.told: list[set[str]] = []
+
+        def forget(self, live_worker_ids: set[str]) -> None:
+            self.told.append(live_worker_ids)
+
+    default, override = Recording(), Recording()
+    t = table(worker("a"), worker("b", model="n"), policy=default, overrides={"n": override})
+    t.update(t.snapshot.model_copy(update={"generation": 2, "workers": [worker("b", model="n")]}))
+    assert default.told[-1] == override.told[-1] == {"b"}
