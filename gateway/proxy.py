@@ -40,12 +40,10 @@ from gateway.engine_client import (
     EngineTimeout,
 )
 from gateway.metrics import GatewayMetrics
-from gateway.routed_request import RoutedRequest, UsageHook
+from gateway.routed_request import RoutedRequest
 from gateway.routing_table import Lease, Outcome, RoutingTable
 
 logger = logging.getLogger(__name__)
-
-__all__ = ["Proxy", "RETRY_STATUSES", "UsageHook", "sse_error_event", "usage_from_sse_tail"]
 
 RETRY_STATUSES = frozenset({502, 503, 504})
 _TAIL_BYTES = 4096
@@ -100,16 +98,14 @@ class Proxy:
 
     async def forward(self, request: RoutedRequest, watch: ClientWatch
                       ) -> Response | RelayResponse:
-        """Choose a worker and send the request, retrying elsewhere while no answer began.
-
-        `watch` is closed here, or by the relay of a stream when it ends."""
+        """Choose a worker and send the request, retrying elsewhere while no answer began."""
         try:
             response = await self._forward(request, watch)
         except BaseException:
             watch.close()
             raise
         if not isinstance(response, RelayResponse):
-            watch.close()
+            watch.close()  # a stream's relay closes it when the stream ends
         return response
 
     async def _forward(self, request: RoutedRequest, watch: ClientWatch

@@ -7,7 +7,8 @@ import aiohttp
 import pytest
 
 from controller.protocol import Snapshot, WorkerLoad, WorkerRecord, WorkerState
-from fleet.errors import NotFoundError, ServiceUnavailableError
+from fleet.errors import NotFoundError, OverloadedError, ServiceUnavailableError
+from gateway.controller_sync import ControllerSync
 from gateway.routing import (
     CacheAware,
     LeastLoad,
@@ -15,8 +16,6 @@ from gateway.routing import (
     RouteRequest,
     SessionAffinity,
 )
-from fleet.errors import OverloadedError
-from gateway.controller_sync import ControllerSync
 from gateway.routing_table import Limits, Outcome, RoutingTable
 
 
