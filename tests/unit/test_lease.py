@@ -17,8 +17,12 @@ from hypothesis import strategies as st
 
 from controller.protocol import Snapshot, WorkerRecord, WorkerState
 from fleet.errors import FleetError, OverloadedError
-from gateway.asgi import RelayResponse
+from gateway.asgi import ClientWatch, RelayResponse
 from gateway.breaker import Breakers, BreakerState
+from gateway.engine_client import EngineClient
+from gateway.metrics import GatewayMetrics
+from gateway.proxy import Proxy
+from gateway.routed_request import RoutedRequest
 from gateway.routing import LeastLoad, RouteRequest
 from gateway.routing_table import Lease, Limits, Outcome, RoutingTable
 
@@ -209,3 +213,36 @@ def test_a_relay_that_never_began_still_runs_its_close() -> None:
     with pytest.raises(OSError):
         asyncio.run(response({"type": "http"}, receive, send))
     assert closed == [True] and ran == []
+
+
+def test_a_request_cancelled_while_waiting_for_the_engine_gives_its_worker_back() -> None:
+    """Cancelling the request's task (the server shutting down) mid-send: the proxy's
+    catch-all settles the lease that no branch foresaw."""
+    class SilentEngines(EngineClient):
+        async def request(self, *args: object, **kwargs: object):  # type: ignore[override]
+            sent.set()
+            await asyncio.Event().wait()  # never answers
+
+    sent = asyncio.Event()
+
+    async def receive() -> dict:
+        await asyncio.Event().wait()  # the client stays
+        return {}
+
+    async def scenario() -> tuple[dict[str, int], bool]:
+        table, _ = _table(Clock())
+        engines = SilentEngines(connect_timeout=1, read_timeout=60, dead_peer_timeout=10)
+        proxy = Proxy(engines, table, GatewayMetrics(table), max_attempts=3)
+        routed = RoutedRequest(request_id="r", started=0.0, path="/v1/chat/completions",
+                               route=RouteRequest(model="m"))
+        task = asyncio.create_task(proxy.forward(routed, ClientWatch(receive)))
+        await asyncio.wait_for(sent.wait(), 5)
+        held = dict(table.inflight)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not table.inflight
+        return held, all(table.breakers[w].allows() for w in WORKERS)
+
+    held, allowed = asyncio.run(scenario())
+    assert sum(held.values()) == 1 and allowed
