@@ -82,6 +82,15 @@ class RateLimitError(FleetError):
     code = "rate_limit_exceeded"
 
 
+class OverloadedError(FleetError):
+    """Every worker of a model is at the gateway's in-flight cap and its queue is full, or a
+    request waited in the queue too long; carries Retry-After."""
+
+    status_code = 429
+    type = "rate_limit_error"
+    code = "overloaded"
+
+
 class NotFoundError(FleetError):
     status_code = 404
     type = "invalid_request_error"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any, Literal
@@ -18,14 +17,16 @@ from pydantic import BaseModel
 from starlette.responses import Response
 
 from fleet.cluster_auth import bearer
-from fleet.errors import ErrorResponse, FleetError, PermissionDeniedError, install_error_handlers
+from fleet.errors import ErrorResponse, install_error_handlers
 from gateway import validation
 from gateway.asgi import GenerateRoutes, RelayResponse
-from gateway.auth import ANONYMOUS, Authenticator
+from gateway.auth import Authenticator
 from gateway.breaker import Breakers
+from gateway.controller_sync import ControllerSync
 from gateway.engine_client import EngineClient
-from gateway.limits import KeyLimiter, ask_for_usage, usage_charger
+from gateway.limits import KeyLimiter
 from gateway.metrics import GatewayMetrics
+from gateway.pipeline import Pipeline
 from gateway.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -34,7 +35,7 @@ from gateway.protocol import (
     TableHealth,
 )
 from gateway.proxy import Proxy
-from gateway.routing import POLICIES, CacheAware, RouteRequest, RoutingPolicy
+from gateway.routing import POLICIES, CacheAware, RoutingPolicy
 from gateway.routing_table import Limits, RoutingTable
 from gateway.settings import GatewaySettings
 
@@ -82,32 +83,31 @@ def build_table(settings: GatewaySettings) -> RoutingTable:
 def create_app(settings: GatewaySettings) -> FastAPI:
     auth = Authenticator(settings.load_keys(), settings.keys_file)
     limiter = KeyLimiter()
-    limits = settings.input_limits()
     table = build_table(settings)
     metrics = GatewayMetrics(table)
+    table.on_latency = metrics.observe_latency
     if not auth.enabled:
         logger.warning("no API keys configured: the gateway accepts every client")
+    # The controller is asked once a second, through aiohttp; the engines carry every request,
+    # through the gateway's lean client (gateway/engine_client.py). Both verify against the
+    # given CA.
+    tls = settings.ssl_context()
+    engines = EngineClient(connect_timeout=settings.connect_timeout,
+                           read_timeout=settings.read_timeout,
+                           dead_peer_timeout=settings.dead_peer_timeout, ssl_context=tls)
+    proxy = Proxy(engines, table, metrics, max_attempts=settings.max_attempts,
+                  retry_backoff=settings.retry_backoff)
+    pipeline = Pipeline(settings, auth=auth, limiter=limiter, table=table, metrics=metrics,
+                        proxy=proxy)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # The controller is asked once a second, through aiohttp; the engines carry every
-        # request, through the gateway's lean client (gateway/engine_client.py). Both verify
-        # against the given CA.
-        tls = settings.ssl_context()
-        engines = EngineClient(connect_timeout=settings.connect_timeout,
-                               read_timeout=settings.read_timeout,
-                               dead_peer_timeout=settings.dead_peer_timeout, ssl_context=tls)
         connector = aiohttp.TCPConnector(ssl=tls)
         async with aiohttp.ClientSession(connector=connector) as session:
-            app.state.proxy = Proxy(
-                engines, table, metrics,
-                max_attempts=settings.max_attempts,
-                retry_backoff=settings.retry_backoff,
-            )
-            tasks = [asyncio.create_task(table.sync_forever(
-                session, settings.controller_addresses, settings.sync_interval,
-                headers=bearer(settings.controller_token()),
-            ))]
+            sync = ControllerSync(table, session, settings.controller_addresses,
+                                  interval=settings.sync_interval,
+                                  headers=bearer(settings.controller_token()))
+            tasks = [asyncio.create_task(sync.run_forever())]
             if auth.keys_file is not None:
                 tasks.append(asyncio.create_task(
                     auth.watch_forever(settings.keys_reload_interval, limiter.forget)
@@ -129,67 +129,17 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.state.limiter = limiter
     install_error_handlers(app)
 
-    def _model_label(model: str) -> str:
-        # Client-chosen names would make the label set unbounded.
-        return model if table.snapshot is not None and model in table.snapshot.models \
-            else "unknown"
-
-    async def _generate(request: Request, path: str,
-                        schema: type[BaseModel]) -> Response | RelayResponse:
-        started = time.monotonic()
-        request_id = f"fleet-{os.urandom(16).hex()}"  # as unique as uuid4, cheaper
-        model, policy, caller = "unknown", "-", ANONYMOUS
-        try:
-            request_id = validation.request_id(request.headers.get("x-request-id")) \
-                or request_id
-            caller = auth.authenticate(request.headers.get("authorization"))
-            validation.check_headers(request, limits, settings.session_header)
-            body = await validation.read_body(request, limits.max_body_bytes)
-            parsed = validation.parse(body, schema)
-            assert isinstance(parsed, ChatCompletionRequest | CompletionRequest)
-            if not caller.entry.allows(parsed.model):
-                raise PermissionDeniedError(
-                    f"This API key may not use model '{parsed.model}'.", param="model"
-                )
-            model, policy = _model_label(parsed.model), table.policy_for(parsed.model).name
-            max_model_len = table.max_model_len(parsed.model)
-            validation.check_limits(parsed, limits, max_model_len)
-            limiter.admit(caller)
-            on_usage = None
-            if caller.entry.tpm is not None:
-                options = parsed.stream_options
-                if parsed.stream and not (options and options.include_usage):
-                    body = ask_for_usage(body)
-                on_usage = usage_charger(limiter, caller, parsed, max_model_len)
-            route = RouteRequest(
-                model=parsed.model,
-                session=request.headers.get(settings.session_header) or parsed.user,
-                render_prompt=parsed.prompt_text,
-            )
-            proxy: Proxy = request.app.state.proxy
-            response = await proxy.forward(request, path, body, route, bool(parsed.stream),
-                                           request_id, started, on_usage)
-        except FleetError as exc:
-            metrics.requests.labels(model, str(exc.status_code), policy).inc()
-            exc.headers.setdefault("X-Request-Id", request_id)
-            logger.info("refused request_id=%s key=%s model=%s status=%d code=%s", request_id,
-                        caller.name, model, exc.status_code, exc.code)
-            raise
-        metrics.requests.labels(model, str(response.status_code), policy).inc()
-        return response
-
     async def chat_completions(request: Request) -> Response | RelayResponse:
-        return await _generate(request, "/v1/chat/completions", ChatCompletionRequest)
+        return await pipeline.generate(request, "/v1/chat/completions", ChatCompletionRequest)
 
     async def completions(request: Request) -> Response | RelayResponse:
-        return await _generate(request, "/v1/completions", CompletionRequest)
+        return await pipeline.generate(request, "/v1/completions", CompletionRequest)
 
     # Served by GenerateRoutes (gateway/asgi.py) before FastAPI routes anything; declared here
-    # for the OpenAPI spec and for anything that walks the routes. response_model=None: the
-    # handlers' return type (RelayResponse is no Starlette Response) is not a schema.
-    app.post("/v1/chat/completions", response_model=None, responses=_GENERATED,
+    # for the OpenAPI spec and for anything that walks the routes.
+    app.post("/v1/chat/completions", responses=_GENERATED, response_model=None,
              openapi_extra=_body_schema(ChatCompletionRequest))(chat_completions)
-    app.post("/v1/completions", response_model=None, responses=_GENERATED,
+    app.post("/v1/completions", responses=_GENERATED, response_model=None,
              openapi_extra=_body_schema(CompletionRequest))(completions)
     GenerateRoutes.install(app, {"/v1/chat/completions": chat_completions,
                                  "/v1/completions": completions})
@@ -222,7 +172,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                            routable_workers=table.routable_count(),
                            models=sorted(table.models()))
 
-    _add_body_schemas(app, [ChatCompletionRequest, CompletionRequest], limits)
+    _add_body_schemas(app, [ChatCompletionRequest, CompletionRequest], settings.input_limits())
     return app
 
 

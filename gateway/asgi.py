@@ -79,25 +79,35 @@ class ClientWatch:
 
 class RelayResponse:
     """A streamed answer: the engine's bytes go to the client as they arrive, one ASGI message
-    each, with no task group around them."""
+    each, with no task group around them.
+
+    `on_close` runs once the response is over, however it ended: it lets go of what the body
+    would have let go of, had it begun (a body generator that never ran has no `finally`)."""
 
     def __init__(self, body: AsyncIterator[bytes], status_code: int,
-                 headers: dict[str, str], media_type: str) -> None:
+                 headers: dict[str, str], media_type: str,
+                 on_close: Callable[[], object] | None = None) -> None:
         self.body = body
         self.status_code = status_code
         self.headers = headers
         self.media_type = media_type
+        self.on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
         raw.append((b"content-type", self.media_type.encode("latin-1")))
-        await send({"type": "http.response.start", "status": self.status_code, "headers": raw})
         try:
-            async for chunk in self.body:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.start", "status": self.status_code,
+                        "headers": raw})
+            try:
+                async for chunk in self.body:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            finally:
+                with contextlib.suppress(Exception):
+                    await self.body.aclose()  # type: ignore[attr-defined]
         finally:
-            with contextlib.suppress(Exception):
-                await self.body.aclose()  # type: ignore[attr-defined]
+            if self.on_close is not None:
+                self.on_close()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 

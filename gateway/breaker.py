@@ -48,9 +48,18 @@ class CircuitBreaker:
             state is BreakerState.HALF_OPEN and not self._trial_out
         )
 
-    def acquire(self) -> None:
+    def acquire(self) -> bool:
+        """Count a request sent to the worker; True if it is the half-open trial."""
         if self.state is BreakerState.HALF_OPEN:
             self._trial_out = True
+            return True
+        return False
+
+    def abandon_trial(self) -> None:
+        """The trial request ended with no verdict on the worker (its client left, or the
+        gateway stopped it): the next request may try instead."""
+        if self._state is BreakerState.HALF_OPEN:
+            self._trial_out = False
 
     def record_success(self) -> None:
         if self._state is not BreakerState.CLOSED:

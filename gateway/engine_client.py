@@ -6,8 +6,13 @@ benchmark's fixture a bare relay (uvicorn, raw ASGI, no features) costs 340-410 
 around httptools' parser, the one uvicorn uses (bench/RESULTS.md). It does only what the
 gateway asks of it:
 
-- one POST at a time per connection, connections kept alive in a pool per engine and dropped
-  after `keepalive_timeout` idle seconds (below uvicorn's 5 s, so vLLM never closes one under us);
+- one request at a time per connection (POST, GET, DELETE, ...), connections kept alive in a pool
+  per engine and dropped after `keepalive_timeout` idle seconds (below uvicorn's 5 s, so vLLM
+  never closes one under us);
+- a body given whole (Content-Length) or as an async iterator of bytes, sent as it comes with
+  chunked transfer encoding, pausing while the engine is behind;
+- the response's status and the few headers a client needs (`RELAYED_HEADERS`), read once per
+  response: the body's chunks are passed on as they come, unparsed;
 - a connect timeout, and a read timeout on silence, checked by one timer per request that
   rearms itself rather than one per chunk;
 - TCP keep-alive probes and TCP_USER_TIMEOUT, so that an engine host cut off by the network
@@ -17,58 +22,37 @@ gateway asks of it:
 
 Errors say when they happened: `EngineConnectError` before any byte of an answer (the request
 may go to another engine), `EngineTimeout` on silence, `EngineBroke` in the middle of an answer.
+One connection, the asyncio protocol, is gateway/engine_connection.py; this module holds the
+pool, the requests and the responses.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import socket
+import contextlib
 import ssl
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import AsyncIterable, Awaitable, Mapping
 from dataclasses import dataclass
 
-import httptools
 import yarl
 
-_HIGH_WATER = 256 * 1024  # bytes read ahead of the client before reading pauses
+from gateway.engine_connection import (
+    RELAYED_HEADERS,
+    EngineBroke,
+    EngineConnectError,
+    EngineConnection,
+    EngineError,
+    EngineTimeout,
+    set_dead_peer_options,
+)
+
+__all__ = ["RELAYED_HEADERS", "EngineBroke", "EngineClient", "EngineConnectError", "EngineError",
+           "EngineResponse", "EngineTimeout", "Endpoint", "RequestBody", "set_dead_peer_options"]
+
 _MAX_IDLE_PER_ENGINE = 1024
-
-
-class EngineError(Exception):
-    """A request to an engine failed."""
-
-
-class EngineConnectError(EngineError):
-    """No answer began: connecting failed, or the connection ended before the first byte."""
-
-
-class EngineTimeout(EngineError):
-    """The engine took the request and sent nothing for the read timeout."""
-
-
-class EngineBroke(EngineError):
-    """The connection ended, or sent garbage, in the middle of an answer."""
-
-
-def set_dead_peer_options(sock: socket.socket, dead_peer_timeout: float) -> None:
-    """TCP keep-alive probes once a connection has been idle for half of `dead_peer_timeout`,
-    and TCP_USER_TIMEOUT ending it when what it sent (a request or a probe) has gone
-    unacknowledged for `dead_peer_timeout`.
-
-    A host cut off by the network (or powered off) refuses nothing: without these, a request
-    written to it waits for the read timeout (minutes) and a stream from it just stops. An engine
-    that is busy but reachable still acknowledges, however long it takes to answer.
-    """
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    options = [("TCP_KEEPIDLE", max(1, round(dead_peer_timeout / 2))),
-               ("TCP_KEEPINTVL", max(1, round(dead_peer_timeout / 6))),
-               ("TCP_KEEPCNT", 3),
-               ("TCP_USER_TIMEOUT", round(dead_peer_timeout * 1000))]
-    for name, value in options:
-        if hasattr(socket, name):  # Linux has them all; elsewhere keep-alive's defaults
-            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+# A request body: whole, or streamed through as it arrives.
+RequestBody = bytes | AsyncIterable[bytes] | None
 
 
 @dataclass(frozen=True)
@@ -94,186 +78,17 @@ class Endpoint:
         return cls(parsed.scheme, parsed.host, parsed.port, target, host_header)
 
 
-class _Connection(asyncio.Protocol):
-    """One kept-alive connection, carrying one request/response at a time."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self.transport: asyncio.Transport | None = None
-        self.alive = True
-        self.idle_since = 0.0
-        self._parser: httptools.HttpResponseParser | None = None
-        self._head: asyncio.Future[None] | None = None
-        self._waiter: asyncio.Future[None] | None = None
-        self._chunks: collections.deque[bytes] = collections.deque()
-        self._buffered = 0
-        self._paused = False
-        self._got_bytes = False
-        self._complete = False
-        self._keep_alive = False
-        self._error: EngineError | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._read_timeout = 0.0
-        self._last_data = 0.0
-        self.status = 0
-        self.content_type: str | None = None
-
-    # --- asyncio.Protocol ---
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
-
-    def data_received(self, data: bytes) -> None:
-        if self._parser is None:  # nothing asked: an engine speaking out of turn
-            self.abort()
-            return
-        self._last_data = self._loop.time()
-        self._got_bytes = True
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self._fail(EngineBroke(f"the engine's answer is not valid HTTP: {exc}"))
-            self.abort()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.alive = False
-        if self._parser is not None and not self._complete:
-            if self._error is None:
-                reason = f": {exc}" if exc else ""
-                if self._got_bytes:
-                    self._fail(EngineBroke(f"the engine closed the connection mid-answer{reason}"))
-                else:
-                    self._fail(EngineConnectError(
-                        f"the engine closed the connection before answering{reason}"))
-        self._wake()
-
-    # --- httptools callbacks ---
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if name.lower() == b"content-type":
-            self.content_type = value.decode("latin-1")
-
-    def on_headers_complete(self) -> None:
-        assert self._parser is not None and self._head is not None
-        self.status = self._parser.get_status_code()
-        if not self._head.done():
-            self._head.set_result(None)
-
-    def on_body(self, body: bytes) -> None:
-        self._chunks.append(body)
-        self._buffered += len(body)
-        if self._buffered > _HIGH_WATER and not self._paused and self.transport is not None:
-            self._paused = True
-            self.transport.pause_reading()
-        self._wake()
-
-    def on_message_complete(self) -> None:
-        assert self._parser is not None
-        self._complete = True
-        self._keep_alive = self._parser.should_keep_alive()
-        self._stop_timer()
-        self._wake()
-
-    # --- the exchange ---
-
-    def send(self, request: bytes, read_timeout: float) -> None:
-        assert self.transport is not None
-        self._parser = httptools.HttpResponseParser(self)
-        self._head = self._loop.create_future()
-        self._chunks.clear()
-        self._buffered = 0
-        self._got_bytes = self._complete = self._keep_alive = False
-        self._error = None
-        self.status, self.content_type = 0, None
-        self._read_timeout = read_timeout
-        self._last_data = self._loop.time()
-        self._timer = self._loop.call_later(read_timeout, self._check_silence)
-        self.transport.write(request)
-
-    async def head(self) -> None:
-        assert self._head is not None
-        await self._head
-
-    async def read_chunk(self) -> bytes:
-        """The next bytes of the body as they came (several chunks joined); b"" at its end."""
-        while not self._chunks:
-            if self._error is not None:
-                raise self._error
-            if self._complete:
-                return b""
-            self._waiter = self._loop.create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        chunk = self._chunks.popleft() if len(self._chunks) == 1 else b"".join(self._chunks)
-        self._chunks.clear()
-        self._buffered = 0
-        if self._paused and self.transport is not None:
-            self._paused = False
-            self._last_data = self._loop.time()  # the silence clock restarts with reading
-            self.transport.resume_reading()
-        return chunk
-
-    @property
-    def reusable(self) -> bool:
-        return self.alive and self._complete and self._keep_alive and not self._chunks
-
-    def finish(self) -> None:
-        """The exchange is over; the connection may carry another one."""
-        self._stop_timer()
-        self._parser = None
-        self._head = None
-
-    def abort(self) -> None:
-        self._stop_timer()
-        self.alive = False
-        if self.transport is not None:
-            self.transport.abort()
-
-    # --- internals ---
-
-    def _fail(self, error: EngineError) -> None:
-        if self._error is None:
-            self._error = error
-        if self._head is not None and not self._head.done():
-            self._head.set_exception(error)
-            self._head.exception()  # retrieved here: nobody may be awaiting it any more
-        self._stop_timer()
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def _check_silence(self) -> None:
-        silent = self._loop.time() - self._last_data
-        if self._paused:  # the client is behind, not the engine
-            silent = 0.0
-        if silent < self._read_timeout:
-            self._timer = self._loop.call_later(self._read_timeout - silent, self._check_silence)
-            return
-        self._timer = None
-        self._fail(EngineTimeout(f"the engine sent nothing for {self._read_timeout:g}s"))
-        self._wake()
-        self.abort()
-
-    def _stop_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-
 class EngineResponse:
     """An engine's answer: status and content type at once, the body as it comes."""
 
     def __init__(self, client: EngineClient, key: tuple[str, str, int],
-                 conn: _Connection) -> None:
+                 conn: EngineConnection) -> None:
         self._client = client
         self._key = key
-        self._conn: _Connection | None = conn
+        self._conn: EngineConnection | None = conn
         self.status = conn.status
         self.content_type = conn.content_type
+        self.headers = conn.headers  # the ones in RELAYED_HEADERS, lower-cased, as they came
 
     async def read(self) -> bytes:
         parts = []
@@ -309,21 +124,39 @@ class EngineClient:
         self._dead_peer_timeout = dead_peer_timeout
         self._ssl = ssl_context or ssl.create_default_context()
         self._keepalive_timeout = keepalive_timeout
-        self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
+        self._idle: dict[tuple[str, str, int], list[EngineConnection]] = {}
         self._sweeper: asyncio.TimerHandle | None = None
 
     async def post(self, endpoint: Endpoint, body: bytes,
                    headers: Mapping[str, str]) -> EngineResponse:
         """Send `body` and wait for the answer's status line and headers."""
-        lines = [f"POST {endpoint.target} HTTP/1.1\r\nHost: {endpoint.host_header}\r\n"
-                 f"Content-Length: {len(body)}\r\n"]
+        return await self.request("POST", endpoint, headers, body)
+
+    async def request(self, method: str, endpoint: Endpoint, headers: Mapping[str, str],
+                      body: RequestBody = None) -> EngineResponse:
+        """Send a request and wait for the answer's status line and headers.
+
+        `body` is bytes (sent with Content-Length), an async iterator of bytes (sent with
+        chunked transfer encoding as it comes), or None (no body: GET, DELETE)."""
+        if not method.isalpha() or not method.isupper():
+            raise ValueError(f"not an HTTP method: {method!r}")
+        lines = [f"{method} {endpoint.target} HTTP/1.1\r\nHost: {endpoint.host_header}\r\n"]
+        if isinstance(body, bytes):
+            lines.append(f"Content-Length: {len(body)}\r\n")
+        elif body is not None:
+            lines.append("Transfer-Encoding: chunked\r\n")
         for name, value in headers.items():
             if "\r" in value or "\n" in value:
                 raise ValueError(f"header {name} has a line break")
             lines.append(f"{name}: {value}\r\n")
         lines.append("\r\n")
-        request = "".join(lines).encode("latin-1") + body
+        head = "".join(lines).encode("latin-1")
         key = (endpoint.scheme, endpoint.host, endpoint.port)
+        if body is not None and not isinstance(body, bytes):
+            # A streamed body cannot be sent twice, so it never goes on a kept-alive connection
+            # that the engine may be closing: a new connection's failure means the engine's.
+            return await self._exchange(key, await self._connect(endpoint), head, body)
+        request = head + body if body is not None else head
         conn = self._take(key)
         if conn is not None:
             try:
@@ -334,15 +167,39 @@ class EngineClient:
                 pass
         return await self._exchange(key, await self._connect(endpoint), request)
 
-    async def _exchange(self, key: tuple[str, str, int], conn: _Connection,
-                        request: bytes) -> EngineResponse:
-        conn.send(request, self.read_timeout)
+    async def _exchange(self, key: tuple[str, str, int], conn: EngineConnection, request: bytes,
+                        body: AsyncIterable[bytes] | None = None) -> EngineResponse:
+        conn.send(request, self.read_timeout, body_follows=body is not None)
         try:
-            await conn.head()
+            if body is None:
+                await conn.head()
+            else:
+                await self._send_body(conn, body)
         except BaseException:
             conn.abort()
             raise
         return EngineResponse(self, key, conn)
+
+    @staticmethod
+    async def _send_body(conn: EngineConnection, body: AsyncIterable[bytes]) -> None:
+        """Stream the body while waiting for the head: an engine may answer (say, 413) before
+        the body ends, and then the rest is not sent."""
+        writer = asyncio.ensure_future(conn.write_body(body))
+        head = asyncio.ensure_future(conn.head())
+        try:
+            await asyncio.wait((writer, head), return_when=asyncio.FIRST_COMPLETED)
+            if writer.done():
+                writer.result()  # the body's own error (its client left) ends the exchange
+                await head
+            else:
+                await head
+                writer.cancel()  # and the connection is not reused: the body did not end
+        finally:
+            for task in (writer, head):
+                if not task.done():
+                    task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await writer
 
     def close(self) -> None:
         for conns in self._idle.values():
@@ -353,7 +210,7 @@ class EngineClient:
             self._sweeper.cancel()
             self._sweeper = None
 
-    def _take(self, key: tuple[str, str, int]) -> _Connection | None:
+    def _take(self, key: tuple[str, str, int]) -> EngineConnection | None:
         conns = self._idle.get(key)
         now = time.monotonic()
         while conns:
@@ -363,7 +220,7 @@ class EngineClient:
             conn.abort()
         return None
 
-    def _give_back(self, key: tuple[str, str, int], conn: _Connection) -> None:
+    def _give_back(self, key: tuple[str, str, int], conn: EngineConnection) -> None:
         reusable = conn.reusable
         conn.finish()
         conns = self._idle.setdefault(key, [])
@@ -396,13 +253,13 @@ class EngineClient:
             self._sweeper = asyncio.get_running_loop().call_later(
                 self._keepalive_timeout / 2, self._sweep)
 
-    async def _connect(self, endpoint: Endpoint) -> _Connection:
+    async def _connect(self, endpoint: Endpoint) -> EngineConnection:
         loop = asyncio.get_running_loop()
         tls = self._ssl if endpoint.scheme == "https" else None
         try:
             async with asyncio.timeout(self._connect_timeout):
                 transport, conn = await loop.create_connection(
-                    lambda: _Connection(loop), endpoint.host, endpoint.port, ssl=tls,
+                    lambda: EngineConnection(loop), endpoint.host, endpoint.port, ssl=tls,
                     server_hostname=endpoint.host if tls else None)
         except TimeoutError:
             raise EngineConnectError(

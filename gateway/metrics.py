@@ -72,6 +72,10 @@ class GatewayMetrics:
         )
         self.registry.register(_TableCollector(table))
 
+    def observe_latency(self, model: str, seconds: float) -> None:
+        """The routing table's latency hook: told when a worker's answer ends."""
+        self.latency.labels(model).observe(seconds)
+
     def count_usage(self, model: str, usage: dict[str, object] | None) -> None:
         if not usage:
             return

@@ -3,6 +3,10 @@
 The client's body goes upstream as it came, and the engine's bytes come back as they arrive:
 no per-token parsing on the streaming path. Only the last few KiB of a stream are kept, to read
 the usage event if the client asked for one.
+
+Each attempt holds its worker through a routing-table `Lease`, settled once with the attempt's
+`Outcome` wherever it ends; a stream's lease goes with its relay, and is settled when the relay
+ends, or by the response if the relay never began.
 """
 
 from __future__ import annotations
@@ -13,11 +17,10 @@ import json
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pydantic_core
-from fastapi import Request
 from starlette.responses import Response
 
 from controller.protocol import WorkerRecord
@@ -37,13 +40,11 @@ from gateway.engine_client import (
     EngineTimeout,
 )
 from gateway.metrics import GatewayMetrics
-from gateway.routing import RouteRequest
-from gateway.routing_table import RoutingTable
+from gateway.routed_request import RoutedRequest
+from gateway.routing_table import Lease, Outcome, RoutingTable
 
 logger = logging.getLogger(__name__)
 
-# Told the usage of a response when it ends: None when it had none (a stream cut off).
-UsageHook = Callable[[dict[str, Any] | None], None]
 RETRY_STATUSES = frozenset({502, 503, 504})
 _TAIL_BYTES = 4096
 
@@ -95,14 +96,11 @@ class Proxy:
         delay = self._retry_backoff * (2 ** (attempt - 1)) * self._rng.uniform(0.5, 1.5)
         await asyncio.sleep(min(delay, 2.0))
 
-    async def forward(
-        self, request: Request, path: str, body: bytes, route: RouteRequest, stream: bool,
-        request_id: str, started: float, on_usage: UsageHook | None = None,
-    ) -> Response | RelayResponse:
-        watch = ClientWatch(request.receive)
+    async def forward(self, request: RoutedRequest, watch: ClientWatch
+                      ) -> Response | RelayResponse:
+        """Choose a worker and send the request, retrying elsewhere while no answer began."""
         try:
-            response = await self._forward(watch, path, body, route, stream, request_id,
-                                           started, on_usage)
+            response = await self._forward(request, watch)
         except BaseException:
             watch.close()
             raise
@@ -110,122 +108,137 @@ class Proxy:
             watch.close()  # a stream's relay closes it when the stream ends
         return response
 
-    async def _forward(
-        self, watch: ClientWatch, path: str, body: bytes, route: RouteRequest, stream: bool,
-        request_id: str, started: float, on_usage: UsageHook | None,
-    ) -> Response | RelayResponse:
-        table, model = self._table, route.model
-        tried: set[str] = set()
+    async def _forward(self, request: RoutedRequest, watch: ClientWatch
+                       ) -> Response | RelayResponse:
+        assert request.route is not None, "the pipeline routes only parsed requests"
+        table, model, tried = self._table, request.route.model, request.tried
         last_error = ""
-        for attempt in range(self._max_attempts):
+        # A body streamed through from the client is gone once sent: it goes to one worker.
+        attempts = 1 if request.upload is not None else self._max_attempts
+        for attempt in range(attempts):
             if attempt:
                 await self._backoff(attempt)
             try:
-                choice = await table.acquire(route, exclude=tried)
+                lease = await table.acquire(request.route, exclude=tried,
+                                            started=request.started)
             except FleetError:
                 if not tried:
                     raise
                 break
-            worker = choice.worker
-            wid = worker.worker_id
-            tried.add(wid)
+            tried.add(lease.worker_id)
             logger.debug("route request_id=%s model=%s policy=%s worker=%s attempt=%d reason=%s",
-                         request_id, model, table.policy_for(model).name, wid, attempt + 1,
-                         choice.reason)
+                         request.request_id, model, request.policy, lease.worker_id, attempt + 1,
+                         lease.reason)
             try:
-                upstream = await watch.guard(self._send(worker, path, body, request_id))
-            except ClientGone:
-                table.release(wid)
-                logger.info("client left before the first byte request_id=%s", request_id)
-                return Response(status_code=499)
-            except EngineTimeout:
-                # The engine took the request and went quiet: sending it elsewhere could run it
-                # twice, so the client hears about it.
-                table.release(wid)
-                table.breakers[wid].record_failure()
-                raise GatewayTimeoutError(
-                    f"Worker {wid} sent nothing for {self._engines.read_timeout:g}s."
-                ) from None
-            except EngineConnectError as exc:
-                table.release(wid)
-                # Refused or reset: the worker is gone, whatever the controller still says.
-                table.breakers[wid].record_failure(fatal=True)
-                last_error = f"{wid}: {type(exc).__name__}: {exc}"
-                self._metrics.retries.labels(model, "connect").inc()
-                logger.warning("upstream failed request_id=%s worker=%s attempt=%d error=%s",
-                               request_id, wid, attempt + 1, last_error)
+                response = await self._attempt(request, lease, watch)
+            except BaseException:
+                # Whatever was not foreseen below (a cancelled task, a bug) still gives the
+                # worker back; a settled lease ignores it.
+                lease.settle(Outcome.CANCELLED)
+                raise
+            if isinstance(response, str):
+                last_error = response
                 continue
-            except EngineError as exc:
-                # It began an answer and broke it off, or answered garbage: the request may have
-                # run, so it is not sent again.
-                table.release(wid)
-                table.breakers[wid].record_failure()
-                raise BadGatewayError(f"Worker {wid} broke off its answer: {exc}") from None
-            if upstream.status in RETRY_STATUSES:
-                upstream.release()
-                table.release(wid)
-                table.breakers[wid].record_failure()
-                last_error = f"{wid}: HTTP {upstream.status}"
-                self._metrics.retries.labels(model, str(upstream.status)).inc()
-                logger.warning("upstream refused request_id=%s worker=%s status=%d",
-                               request_id, wid, upstream.status)
-                continue
-            table.breakers[wid].record_success()
-            headers = {"X-Request-Id": request_id, "X-Fleet-Worker": wid}
-            content_type = upstream.content_type or "application/json"
-            if stream and upstream.status == 200:
-                return RelayResponse(
-                    self._relay(upstream, worker, model, request_id, started, watch, on_usage),
-                    status_code=200, headers=headers, media_type=content_type,
-                )
-            try:
-                payload = await watch.guard(upstream.read())
-            except ClientGone:
-                return Response(status_code=499)
-            except EngineError as exc:
-                table.breakers[wid].record_failure()
-                raise BadGatewayError(f"Worker {wid} broke off its answer: {exc!r}") from None
-            finally:
-                upstream.release()
-                table.release(wid)
-            if upstream.status == 200:
-                usage = None
-                with contextlib.suppress(ValueError, AttributeError):
-                    usage = pydantic_core.from_json(payload).get("usage")
-                    self._metrics.count_usage(model, usage)
-                if on_usage is not None:
-                    on_usage(usage)
-            self._metrics.latency.labels(model).observe(time.monotonic() - started)
-            return Response(payload, status_code=upstream.status, headers=headers,
-                            media_type=content_type)
+            return response
         raise ServiceUnavailableError(
             f"No worker for model '{model}' could take the request after {len(tried)} "
             f"attempt(s); last error: {last_error}. Retry shortly.",
             code="upstream_unavailable", headers={"Retry-After": "2"},
         )
 
-    async def _send(
-        self, worker: WorkerRecord, path: str, body: bytes, request_id: str
-    ) -> EngineResponse:
-        headers = {"Content-Type": "application/json", "X-Request-Id": request_id}
+    async def _attempt(self, request: RoutedRequest, lease: Lease, watch: ClientWatch
+                       ) -> Response | RelayResponse | str:
+        """One attempt on the leased worker: the response, or why to try another worker."""
+        wid, model, request_id = lease.worker_id, lease.model, request.request_id
+        try:
+            upstream = await watch.guard(self._send(lease.worker, request))
+        except ClientGone:
+            lease.settle(Outcome.CLIENT_GONE)
+            logger.info("client left before the first byte request_id=%s", request_id)
+            return Response(status_code=499)
+        except EngineTimeout:
+            # The engine took the request and went quiet: sending it elsewhere could run it
+            # twice, so the client hears about it.
+            lease.settle(Outcome.TIMEOUT)
+            raise GatewayTimeoutError(
+                f"Worker {wid} sent nothing for {self._engines.read_timeout:g}s."
+            ) from None
+        except EngineConnectError as exc:
+            # Refused or reset: the worker is gone, whatever the controller still says.
+            lease.settle(Outcome.CONNECT_ERROR)
+            error = f"{wid}: {type(exc).__name__}: {exc}"
+            self._metrics.retries.labels(model, "connect").inc()
+            logger.warning("upstream failed request_id=%s worker=%s attempt=%d error=%s",
+                           request_id, wid, request.attempts, error)
+            return error
+        except EngineError as exc:
+            # It began an answer and broke it off, or answered garbage: the request may have
+            # run, so it is not sent again.
+            lease.settle(Outcome.ENGINE_ERROR)
+            raise BadGatewayError(f"Worker {wid} broke off its answer: {exc}") from None
+        if upstream.status in RETRY_STATUSES:
+            upstream.release()
+            lease.settle(Outcome.RETRY_STATUS)
+            self._metrics.retries.labels(model, str(upstream.status)).inc()
+            logger.warning("upstream refused request_id=%s worker=%s status=%d",
+                           request_id, wid, upstream.status)
+            return f"{wid}: HTTP {upstream.status}"
+        lease.answered()
+        headers = {"X-Request-Id": request_id, "X-Fleet-Worker": wid}
+        content_type = upstream.content_type or "application/json"
+        if request.stream and upstream.status == 200:
+            def abandon() -> None:  # the response ended before its relay began
+                upstream.close()
+                watch.close()
+                lease.settle(Outcome.CLIENT_GONE)
+
+            return RelayResponse(
+                self._relay(upstream, lease, request, watch),
+                status_code=200, headers=headers, media_type=content_type, on_close=abandon,
+            )
+        try:
+            payload = await watch.guard(upstream.read())
+        except ClientGone:
+            lease.settle(Outcome.CLIENT_GONE)
+            return Response(status_code=499)
+        except EngineError as exc:
+            lease.settle(Outcome.ENGINE_ERROR)
+            raise BadGatewayError(f"Worker {wid} broke off its answer: {exc!r}") from None
+        finally:
+            upstream.release()
+        lease.settle(Outcome.DONE)
+        if upstream.status == 200:
+            usage = None
+            with contextlib.suppress(ValueError, AttributeError):
+                usage = pydantic_core.from_json(payload).get("usage")
+                self._metrics.count_usage(model, usage)
+            if request.on_usage is not None:
+                request.on_usage(usage)
+        return Response(payload, status_code=upstream.status, headers=headers,
+                        media_type=content_type)
+
+    async def _send(self, worker: WorkerRecord, request: RoutedRequest) -> EngineResponse:
+        headers = {"Content-Type": request.content_type, "X-Request-Id": request.request_id}
         if worker.engine_api_key:
             headers["Authorization"] = f"Bearer {worker.engine_api_key}"
+        path = request.path
         endpoint = self._endpoints.get((worker.engine_url, path))
         if endpoint is None:  # parsed once per engine and path, not per request
             if len(self._endpoints) > 4096:  # engines come and go on new ports
                 self._endpoints.clear()
             endpoint = self._endpoints[(worker.engine_url, path)] = Endpoint.from_url(
                 f"{str(worker.engine_url).rstrip('/')}{path}")
-        return await self._engines.post(endpoint, body, headers)
+        return await self._engines.request(request.method, endpoint, headers,
+                                           request.upstream_body)
 
     async def _relay(
-        self, upstream: EngineResponse, worker: WorkerRecord, model: str,
-        request_id: str, started: float, watch: ClientWatch,
-        on_usage: UsageHook | None = None,
+        self, upstream: EngineResponse, lease: Lease, request: RoutedRequest,
+        watch: ClientWatch,
     ) -> AsyncIterator[bytes]:
+        model, request_id, started = lease.model, request.request_id, request.started
         # A client that leaves closes the engine's connection at once, even mid-prefill.
         watch.on_gone(upstream.close)
-        finished = False
+        outcome = Outcome.CLIENT_GONE  # until the stream ends otherwise
         first = True
         # The last two chunks: enough for the usage event, without copying every chunk.
         previous = last = b""
@@ -237,28 +250,32 @@ class Proxy:
                     first = False
                 previous, last = last, chunk
                 yield chunk
-            finished = True
+            outcome = Outcome.DONE
         except EngineError as exc:
             if watch.gone:
                 # We closed the engine's connection because the client left: not the worker's
                 # fault, and nobody is listening for an error event.
                 logger.info("client left mid-stream request_id=%s", request_id)
                 return
-            self._table.breakers[worker.worker_id].record_failure(fatal=True)
+            outcome = Outcome.STREAM_BROKE
+            lease.settle(outcome)  # the breaker opens before the client hears of it
             logger.warning("stream broke request_id=%s worker=%s error=%r",
-                           request_id, worker.worker_id, exc)
+                           request_id, lease.worker_id, exc)
             yield sse_error_event(f"The worker serving this stream failed: {exc!r}")
+        except asyncio.CancelledError:
+            outcome = Outcome.CANCELLED
+            raise
         finally:
             # On a client disconnect this closes the engine's connection, and vLLM aborts the
             # request; a finished stream returns its connection to the pool.
             watch.close()
+            finished = outcome is Outcome.DONE
             if finished:
                 upstream.release()
             else:
                 upstream.close()
-            self._table.release(worker.worker_id)
-            self._metrics.latency.labels(model).observe(time.monotonic() - started)
+            lease.settle(outcome)
             usage = usage_from_sse_tail((previous + last)[-_TAIL_BYTES:]) if finished else None
             self._metrics.count_usage(model, usage)
-            if on_usage is not None:
-                on_usage(usage)
+            if request.on_usage is not None:
+                request.on_usage(usage)

@@ -50,6 +50,9 @@ class RoutingPolicy(Protocol):
         inflight: Mapping[str, int],
     ) -> Choice: ...
 
+    def forget(self, live_worker_ids: set[str]) -> None:
+        """Drop what the policy keeps about workers not in `live_worker_ids` (they left)."""
+
 
 def load_score(worker: WorkerRecord, inflight: Mapping[str, int]) -> float:
     """Our own requests in flight to the worker, plus its engine queue and KV-cache pressure."""
@@ -77,6 +80,9 @@ class LeastLoad:
         best, score, other = (a, sa, sb) if sa <= sb else (b, sb, sa)
         return Choice(best, f"load {score:.1f} vs {other:.1f}")
 
+    def forget(self, live_worker_ids: set[str]) -> None:
+        pass  # keeps nothing per worker
+
 
 class RoundRobin:
     name = "round-robin"
@@ -91,6 +97,9 @@ class RoundRobin:
         counter = self._counters.setdefault(request.model, itertools.count())
         ordered = sorted(candidates, key=lambda w: w.worker_id)
         return Choice(ordered[next(counter) % len(ordered)], "next in turn")
+
+    def forget(self, live_worker_ids: set[str]) -> None:
+        pass  # counts per model, not per worker
 
 
 class CacheAware:
@@ -199,6 +208,9 @@ class SessionAffinity:
         point = _hash64(request.session)
         index = bisect.bisect(self._ring, (point, "")) % len(self._ring)
         return Choice(by_id[self._ring[index][1]], "session hash")
+
+    def forget(self, live_worker_ids: set[str]) -> None:
+        pass  # the ring is rebuilt from each request's candidates
 
 
 POLICIES: dict[str, Callable[[], RoutingPolicy]] = {

@@ -3,33 +3,88 @@
 Requests are routed from this table alone, with no controller round-trip per request. The table
 also owns what routing needs besides the snapshot: in-flight counts, circuit breakers, routing
 policies, and the bounded queue for requests that find every worker at its in-flight cap.
+
+A request holds its worker through a `Lease`, taken by `acquire` and settled exactly once with
+an `Outcome`: that one call gives back the in-flight count, tells the breaker, and reports the
+latency, on every exit path. (The controller sync that fills the table lives in
+gateway/controller_sync.py.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import enum
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-import aiohttp
-
 from controller.protocol import Snapshot, WorkerRecord, WorkerState
-from fleet.errors import FleetError, NotFoundError, ServiceUnavailableError
+from fleet.errors import NotFoundError, OverloadedError, ServiceUnavailableError
 from gateway.breaker import Breakers
-from gateway.routing import CacheAware, Choice, LeastLoad, RouteRequest, RoutingPolicy
+from gateway.routing import Choice, LeastLoad, RouteRequest, RoutingPolicy
 
 logger = logging.getLogger(__name__)
 
 ROUTABLE = (WorkerState.READY,)
+# Told the model and seconds from arrival to the end of each answer a worker gave.
+LatencyHook = Callable[[str, float], None]
 
 
-class OverloadedError(FleetError):
-    status_code = 429
-    type = "rate_limit_error"
-    code = "overloaded"
+class Outcome(enum.Enum):
+    """How a request's hold on a worker ended, and so what its breaker hears."""
+
+    DONE = "done"                      # answered to the end
+    CLIENT_GONE = "client_gone"        # the client left: no verdict on the worker
+    CANCELLED = "cancelled"            # the gateway stopped it (shutdown): no verdict
+    RETRY_STATUS = "retry_status"      # 502/503/504 before any body: a failure, tried elsewhere
+    CONNECT_ERROR = "connect_error"    # refused or reset before answering: the worker is gone
+    TIMEOUT = "timeout"                # took the request and went silent
+    ENGINE_ERROR = "engine_error"      # broke off or garbled a plain answer
+    STREAM_BROKE = "stream_broke"      # cut, or went silent in, a stream it had begun: gone
+
+
+_FAILURES = {Outcome.RETRY_STATUS: False, Outcome.TIMEOUT: False, Outcome.ENGINE_ERROR: False,
+             Outcome.CONNECT_ERROR: True, Outcome.STREAM_BROKE: True}  # outcome: fatal
+
+
+class Lease:
+    """One request's hold on one worker: counted in flight from `acquire` until `settle`."""
+
+    __slots__ = ("_table", "worker", "reason", "model", "started", "_trial", "answered_at",
+                 "outcome")
+
+    def __init__(self, table: RoutingTable, choice: Choice, model: str, started: float,
+                 trial: bool) -> None:
+        self._table = table
+        self.worker = choice.worker
+        self.reason = choice.reason
+        self.model = model
+        self.started = started
+        self._trial = trial
+        self.answered_at: float | None = None
+        self.outcome: Outcome | None = None
+
+    @property
+    def worker_id(self) -> str:
+        return self.worker.worker_id
+
+    def answered(self) -> None:
+        """The worker's answer began with a status the client gets: it is alive, so its
+        breaker closes now rather than when a long stream ends."""
+        if self.answered_at is None and self.outcome is None:
+            self.answered_at = time.monotonic()
+            self._table.breakers[self.worker_id].record_success()
+
+    def settle(self, outcome: Outcome) -> bool:
+        """End the hold; True the first time. Later calls change nothing, so every exit path
+        may settle, and the first to know the outcome wins."""
+        if self.outcome is not None:
+            return False
+        self.outcome = outcome
+        self._table._settle(self, outcome)
+        return True
 
 
 @dataclass
@@ -59,6 +114,7 @@ class RoutingTable:
         self.queued: collections.Counter[str] = collections.Counter()
         self._by_model: dict[str, list[WorkerRecord]] = {}
         self._changed = asyncio.Event()
+        self.on_latency: LatencyHook | None = None
 
     def policy_for(self, model: str) -> RoutingPolicy:
         return self.overrides.get(model, self.policy)
@@ -88,12 +144,15 @@ class RoutingTable:
             live = {w.worker_id for w in snapshot.workers}
             self.breakers.forget(live)
             for policy in (self.policy, *self.overrides.values()):
-                if isinstance(policy, CacheAware):
-                    policy.forget(live)
+                policy.forget(live)
             self._wake_waiters()
         self.snapshot = snapshot
         self.synced_at = time.monotonic()
         self.stale = False
+
+    def mark_stale(self) -> None:
+        """No controller answers: keep routing on the last snapshot, and say so."""
+        self.stale = True
 
     def _routable(self, workers: Iterable[WorkerRecord], exclude: set[str]) -> list[WorkerRecord]:
         return [
@@ -153,14 +212,19 @@ class RoutingTable:
                 return None
         return self.policy_for(request.model).choose(request, candidates, self.inflight)
 
-    async def acquire(self, request: RouteRequest, exclude: set[str] | None = None) -> Choice:
-        """Choose a worker and count the request in flight to it; queue while all are full."""
+    async def acquire(self, request: RouteRequest, exclude: set[str] | None = None,
+                      started: float | None = None) -> Lease:
+        """Choose a worker and hold it for the request; queue while all are full.
+
+        `started` is the request's arrival (monotonic), which its latency counts from."""
         choice = self.choose(request, exclude)
         if choice is None:
             choice = await self._queue(request, exclude)
-        self.inflight[choice.worker.worker_id] += 1
-        self.breakers[choice.worker.worker_id].acquire()
-        return choice
+        wid = choice.worker.worker_id
+        self.inflight[wid] += 1
+        trial = self.breakers[wid].acquire()
+        return Lease(self, choice, request.model,
+                     time.monotonic() if started is None else started, trial)
 
     async def _queue(self, request: RouteRequest, exclude: set[str] | None) -> Choice:
         limits, model = self.limits, request.model
@@ -194,51 +258,21 @@ class RoutingTable:
             if self.queued[model] <= 0:
                 del self.queued[model]
 
-    def release(self, worker_id: str) -> None:
-        self.inflight[worker_id] -= 1
-        if self.inflight[worker_id] <= 0:
-            del self.inflight[worker_id]
+    def _settle(self, lease: Lease, outcome: Outcome) -> None:
+        wid = lease.worker_id
+        self.inflight[wid] -= 1
+        if self.inflight[wid] <= 0:
+            del self.inflight[wid]
+        breaker = self.breakers[wid]
+        fatal = _FAILURES.get(outcome)
+        if fatal is not None:
+            breaker.record_failure(fatal=fatal)
+        elif lease.answered_at is None:
+            if outcome is Outcome.DONE:  # an answer that ended before anyone called answered()
+                lease.answered_at = time.monotonic()
+                breaker.record_success()
+            elif lease._trial:
+                breaker.abandon_trial()
         self._wake_waiters()
-
-    async def sync_once(self, session: aiohttp.ClientSession, controller: str,
-                        headers: Mapping[str, str] | None = None) -> None:
-        async with session.get(
-            f"{controller}/snapshot", timeout=aiohttp.ClientTimeout(total=2.0), headers=headers
-        ) as response:
-            response.raise_for_status()
-            self.update(Snapshot.model_validate_json(await response.read()))
-
-    async def sync_forever(
-        self, session: aiohttp.ClientSession, controllers: list[str], interval: float,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        """Sync from the first controller that answers, starting with the last good one.
-
-        `headers` carry the token that lets the gateway read the snapshot."""
-        controllers = [c.rstrip("/") for c in controllers]
-        current = 0
-        while True:
-            for attempt in range(len(controllers)):
-                index = (current + attempt) % len(controllers)
-                try:
-                    await self.sync_once(session, controllers[index], headers)
-                except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
-                    refused = isinstance(exc, aiohttp.ClientResponseError) and \
-                        exc.status in (401, 403)
-                    if refused and not self.stale:
-                        logger.error("controller refused the gateway's token address=%s: set "
-                                     "FLEET_READ_TOKEN or FLEET_CLUSTER_TOKEN error=%r",
-                                     controllers[index], exc)
-                    elif not self.stale:
-                        logger.warning("controller sync failed address=%s error=%r",
-                                       controllers[index], exc)
-                    continue
-                if index != current:
-                    logger.info("syncing from controller address=%s", controllers[index])
-                current = index
-                break
-            else:
-                if not self.stale:
-                    logger.warning("no controller answers; routing on the last table")
-                self.stale = True
-            await asyncio.sleep(interval)
+        if lease.answered_at is not None and self.on_latency is not None:
+            self.on_latency(lease.model, time.monotonic() - lease.started)

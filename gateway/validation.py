@@ -15,7 +15,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import pydantic_core
 from fastapi import Request
@@ -25,6 +25,7 @@ from fleet.errors import InvalidRequestError, validation_error
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
 
 GenerationRequest = ChatCompletionRequest | CompletionRequest
+Model = TypeVar("Model", bound=BaseModel)
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 _JSON_TYPES = ("application/json",)
@@ -89,7 +90,7 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
-def parse(body: bytes, schema: type[BaseModel]) -> BaseModel:
+def parse(body: bytes, schema: type[Model]) -> Model:
     """The body as `schema`: 400 for empty, non-JSON, non-object or wrongly typed input."""
     if not body:
         raise InvalidRequestError("The request body is empty; expected a JSON object.")

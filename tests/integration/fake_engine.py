@@ -7,6 +7,10 @@ It answers chat and completion requests at once with a fixed few words, streamed
 `max_tokens` (default `--chunks`, 8), capped at `--chunks` words. `--interval-ms` paces the
 streamed chunks, as an engine paces its tokens; `--delay-ms` holds every answer back before
 its first byte, as a long prefill does. It counts the requests it got at `GET /stats`.
+
+For the ways an engine fails: `--status 503` answers every generation request with that status,
+`--cut-after N` drops the connection after N streamed chunks, and `--no-listen` registers an
+address where nothing listens (connections are refused).
 """
 
 from __future__ import annotations
@@ -49,6 +53,9 @@ async def _generate(request: web.Request) -> web.StreamResponse:
     body = await request.json()
     if request.app["delay"]:
         await asyncio.sleep(request.app["delay"])
+    if request.app["status"] != 200:
+        return web.json_response({"error": {"message": "fake engine refuses", "type": "x"}},
+                                 status=request.app["status"])
     chat = request.path.endswith("/chat/completions")
     kind = "chat.completion" if chat else "text_completion"
     base = {"id": "fake-1", "created": int(time.time()), "model": body.get("model")}
@@ -61,7 +68,12 @@ async def _generate(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await response.prepare(request)
     chunk_kind = "chat.completion.chunk" if chat else "text_completion"
+    cut_after = request.app["cut_after"]
     for i, word in enumerate(words):
+        if cut_after is not None and i == cut_after:
+            assert request.transport is not None
+            request.transport.abort()  # mid-answer: the chunked body never ends
+            return response
         finish = "stop" if i == len(words) - 1 else None
         event = {**base, "object": chunk_kind, "choices": [_choice(chat, word, True, finish)]}
         await response.write(f"data: {json.dumps(event)}\n\n".encode())
@@ -112,6 +124,9 @@ async def _serve(args: argparse.Namespace) -> None:
     app["model"], app["requests"] = args.model, 0
     app["chunks"], app["interval"] = args.chunks, args.interval_ms / 1000
     app["delay"] = args.delay_ms / 1000
+    app["status"], app["cut_after"] = args.status, args.cut_after
+    if args.no_listen:
+        await register_forever(args)
     app.router.add_post("/v1/chat/completions", _generate)
     app.router.add_post("/v1/completions", _generate)
     app.router.add_get("/v1/models", _models)
@@ -143,6 +158,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="pause between streamed chunks (default 0)")
     parser.add_argument("--delay-ms", type=float, default=0.0,
                         help="pause before each answer's first byte (default 0)")
+    parser.add_argument("--status", type=int, default=200,
+                        help="answer generation requests with this status (default 200)")
+    parser.add_argument("--cut-after", type=int, default=None,
+                        help="drop the connection after this many streamed chunks")
+    parser.add_argument("--no-listen", action="store_true",
+                        help="register, but listen nowhere: connections are refused")
     asyncio.run(_serve(parser.parse_args(argv)))
     return 0
 

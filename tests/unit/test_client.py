@@ -36,7 +36,7 @@ from fleet.client import (
     StreamError,
     api_base,
 )
-from gateway.routing_table import OverloadedError as GatewayOverloaded
+from fleet.errors import OverloadedError as GatewayOverloaded
 
 Handler = Callable[[httpx2.Request], httpx2.Response]
 HISTORY = [{"role": "user", "content": "What is the capital of France?"},

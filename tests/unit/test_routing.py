@@ -7,7 +7,8 @@ import aiohttp
 import pytest
 
 from controller.protocol import Snapshot, WorkerLoad, WorkerRecord, WorkerState
-from fleet.errors import NotFoundError, ServiceUnavailableError
+from fleet.errors import NotFoundError, OverloadedError, ServiceUnavailableError
+from gateway.controller_sync import ControllerSync
 from gateway.routing import (
     CacheAware,
     LeastLoad,
@@ -15,7 +16,7 @@ from gateway.routing import (
     RouteRequest,
     SessionAffinity,
 )
-from gateway.routing_table import Limits, OverloadedError, RoutingTable
+from gateway.routing_table import Limits, Outcome, RoutingTable
 
 
 def worker(wid: str, model: str = "m", state: WorkerState = WorkerState.READY,
@@ -187,7 +188,7 @@ def test_full_workers_queue_then_429() -> None:
         with pytest.raises(OverloadedError) as info:
             await t.acquire(req())  # the queue (of one) is full
         assert info.value.status_code == 429 and info.value.headers["Retry-After"]
-        t.release(first.worker.worker_id)
+        first.settle(Outcome.DONE)
         second = await asyncio.wait_for(waiting, 1)
         assert second.worker.worker_id == "a" and t.inflight["a"] == 1
 
@@ -211,9 +212,9 @@ def test_table_goes_stale_but_keeps_routing_when_no_controller_answers() -> None
 
     async def sync_against_nothing() -> None:
         async with aiohttp.ClientSession() as session:
-            task = asyncio.create_task(
-                t.sync_forever(session, ["http://127.0.0.1:9", "http://127.0.0.1:7"], 0.05)
-            )
+            sync = ControllerSync(t, session, ["http://127.0.0.1:9", "http://127.0.0.1:7"],
+                                  interval=0.05)
+            task = asyncio.create_task(sync.run_forever())
             deadline = asyncio.get_running_loop().time() + 5
             while not t.stale:
                 assert asyncio.get_running_loop().time() < deadline
@@ -232,3 +233,18 @@ def test_restarted_controller_does_not_empty_the_table_while_warming_up() -> Non
     assert sorted(w.worker_id for w in t.models()["m"]) == ["a", "b"]
     t.update(fresh.model_copy(update={"warming_up": False, "generation": 2}))
     assert [w.worker_id for w in t.models()["m"]] == ["b"]
+
+
+def test_the_table_tells_every_policy_which_workers_left() -> None:
+    class Recording(LeastLoad):
+        def __init__(self) -> None:
+            super().__init__(random.Random(0))
+            self.told: list[set[str]] = []
+
+        def forget(self, live_worker_ids: set[str]) -> None:
+            self.told.append(live_worker_ids)
+
+    default, override = Recording(), Recording()
+    t = table(worker("a"), worker("b", model="n"), policy=default, overrides={"n": override})
+    t.update(t.snapshot.model_copy(update={"generation": 2, "workers": [worker("b", model="n")]}))
+    assert default.told[-1] == override.told[-1] == {"b"}

@@ -16,6 +16,7 @@ import uvicorn
 from controller.app import create_app as create_controller
 from controller.protocol import Registration
 from controller.settings import ControllerSettings
+from gateway.controller_sync import ControllerSync
 from gateway.routing import LeastLoad
 from gateway.routing_table import RoutingTable
 from worker.registration import ControllerClient
@@ -91,8 +92,9 @@ def test_gateway_syncs_from_the_controller_that_answers(controller_url: str) -> 
 
     async def scenario() -> None:
         async with aiohttp.ClientSession() as session:
-            task = asyncio.create_task(table.sync_forever(
-                session, ["http://127.0.0.1:9", controller_url], 0.05))
+            sync = ControllerSync(table, session, ["http://127.0.0.1:9", controller_url],
+                                  interval=0.05)
+            task = asyncio.create_task(sync.run_forever())
             deadline = asyncio.get_running_loop().time() + 5
             while table.snapshot is None:
                 assert asyncio.get_running_loop().time() < deadline

@@ -1,0 +1,44 @@
+"""One routed request, as the pipeline carries it from parsing to its settled end.
+
+Everything a step needs about the request is here, so steps take one object rather than the same
+eight values each: what to send where (method, path, body), who asked (caller), what routing looks
+at (route), and how the answer is accounted (stream flag, arrival time, usage hook, attempts).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.auth import ANONYMOUS, Caller
+from gateway.routing import RouteRequest
+
+# Told the usage of a response when it ends: None when it had none (a stream cut off).
+UsageHook = Callable[[dict[str, Any] | None], None]
+
+
+@dataclass
+class RoutedRequest:
+    request_id: str
+    started: float  # monotonic arrival time: latency and time to first byte count from here
+    path: str
+    method: str = "POST"
+    model: str = "unknown"  # the metrics label: a served model's name, or "unknown"
+    caller: Caller = ANONYMOUS
+    body: bytes = b""  # read whole, as a JSON request is: sent as it came
+    upload: AsyncIterable[bytes] | None = None  # or a body streamed through as it arrives
+    content_type: str = "application/json"
+    stream: bool = False
+    route: RouteRequest | None = None
+    on_usage: UsageHook | None = None
+    policy: str = "-"
+    tried: set[str] = field(default_factory=set)  # workers this request was sent to
+
+    @property
+    def upstream_body(self) -> bytes | AsyncIterable[bytes]:
+        return self.upload if self.upload is not None else self.body
+
+    @property
+    def attempts(self) -> int:
+        return len(self.tried)
