@@ -27,10 +27,10 @@ def offline(model_path: Path, source: Path, output: Path) -> subprocess.Complete
 def test_offline_batch_on_the_demo_model(model_path: Path, tmp_path: Path) -> None:
     source, output = tmp_path / "prompts.jsonl", tmp_path / "results.jsonl"
     source.write_text("\n".join([
-        "What is the capital of France?",
+        "Name the capital of France.",
         json.dumps({"custom_id": "system", "body": {"messages": [
             {"role": "system", "content": "You are a helpful assistant."},
-            {"role": "user", "content": "What is the capital of France?"}]}}),
+            {"role": "user", "content": "Name the capital of France."}]}}),
         json.dumps({"custom_id": "text", "url": "/v1/completions",
                     "body": {"prompt": "The capital of France is", "max_tokens": 4}}),
         json.dumps({"custom_id": "unsupported", "body": {"prompt": "x", "logprobs": 2}}),

@@ -24,7 +24,10 @@ from fleet.client import (
 from tests.integration.harness import API_KEY, MODEL_NAME, Stack, free_port
 
 pytestmark = pytest.mark.integration
-FRANCE = "What is the capital of France?"
+# Worded for a clear greedy margin: to "What is the capital of France?" the demo model's first
+# token is a near tie (0.12 nats), which CPUs with other matmul kernels (AMX bf16) break
+# either way.
+FRANCE = "Name the capital of France."
 
 
 @pytest.fixture

@@ -19,7 +19,10 @@ pytestmark = pytest.mark.integration
 NARROW = "sk-fleet-narrow-real-engine"  # another model only
 WIDE = "sk-fleet-wide-real-engine"  # the demo model, 20 requests a minute
 METERED = "sk-fleet-metered-real-engine"  # the demo model, 30 tokens a minute
-FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+# Worded for a clear greedy margin: to "What is the capital of France?" the demo model's first
+# token is a near tie (0.12 nats), which CPUs with other matmul kernels (AMX bf16) break
+# either way.
+FRANCE = [{"role": "user", "content": "Name the capital of France."}]
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,10 @@ import pytest
 from tests.integration.harness import API_KEY, CLUSTER_TOKEN, MODEL_NAME, Stack
 
 pytestmark = pytest.mark.integration
-FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+# Worded for a clear greedy margin: to "What is the capital of France?" the demo model's first
+# token is a near tie (0.12 nats), which CPUs with other matmul kernels (AMX bf16) break
+# either way.
+FRANCE = [{"role": "user", "content": "Name the capital of France."}]
 # test-message reads the registry, which hands out engine keys only for a token.
 WITH_TOKEN = {**os.environ, "FLEET_CLUSTER_TOKEN": CLUSTER_TOKEN}
 
@@ -139,7 +142,7 @@ def test_test_message_streams_a_reply_from_a_worker(stack: Stack) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "worker.test_message", "--controller-address",
          stack.controller_url, "--model-name", MODEL_NAME, "--message",
-         "What is the capital of France?", "--max-tokens", "30"],
+         "Name the capital of France.", "--max-tokens", "30"],
         capture_output=True, text=True, timeout=120, env=WITH_TOKEN,
     )
     assert result.returncode == 0, result.stderr

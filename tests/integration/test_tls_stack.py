@@ -28,7 +28,7 @@ from tests.integration.harness import (
 pytestmark = pytest.mark.integration
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 FRANCE = {"model": MODEL_NAME, "max_tokens": 8, "temperature": 0,
-          "messages": [{"role": "user", "content": "What is the capital of France?"}]}
+          "messages": [{"role": "user", "content": "Name the capital of France."}]}
 
 
 @pytest.fixture(scope="module")
