@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from playwright.sync_api import Page
 
 NewPage = Callable[[], "Page"]
-FRANCE = "What is the capital of France?"
+FRANCE = "Name the capital of France."  # a clear greedy margin (test_openai_api.py says why)
 STORY = "Write a very long story about a dragon who learns to fly. Make it at least 2000 words."
 CODE = "Write a Python function that adds two numbers."
 
