@@ -19,9 +19,12 @@ from fleet.client.chat import api_base
 class GatewayAddress(BaseSettings):
     """The gateway's URL and key, as every client of it (these commands, the web UI) takes them."""
 
-    gateway_url: str = "http://127.0.0.1:8000"
+    gateway_url: str = Field("http://127.0.0.1:8000",
+                             description="The gateway's URL, with or without /v1.")
     # A SecretStr prints as '**********', so the key stays out of reprs, logs and pages.
-    api_key: SecretStr | None = None
+    api_key: SecretStr | None = Field(
+        None, description="API key for the gateway (better in the environment: flags show in "
+        "`ps`).")
 
     @field_validator("gateway_url")
     @classmethod
