@@ -137,8 +137,9 @@ def build_parser(cls: type[BaseSettings], prog: str, description: str) -> argpar
     passthrough = _passthrough(cls)
     parser = argparse.ArgumentParser(
         prog=prog, description=textwrap.fill(description, width=78),
-        # An engine flag must reach vLLM whole, not be taken for an abbreviation of ours.
-        allow_abbrev=passthrough is None,
+        # An engine flag must reach vLLM whole, not be taken for an abbreviation of ours, and
+        # `--cluster-token SECRET` must not pass for `--cluster-token-file`.
+        allow_abbrev=False,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
