@@ -50,7 +50,10 @@ class EnvOnly:
 
 @dataclass(frozen=True)
 class Passthrough:
-    """The flags the parser does not know, unchanged (a list of str): vLLM's engine arguments."""
+    """The flags the parser does not know, unchanged (a list of str): vLLM's engine arguments.
+    With `only_with`, unknown flags are an error unless that (boolean) flag is given."""
+
+    only_with: str | None = None
 
 
 class Setting(NamedTuple):
@@ -129,8 +132,13 @@ def settings_of(cls: type[BaseSettings]) -> list[Setting]:
     return out
 
 
-def _passthrough(cls: type[BaseSettings]) -> str | None:
-    return next((n for n, i in cls.model_fields.items() if _metadata(i, Passthrough)), None)
+def settings_by_name(cls: type[BaseSettings]) -> dict[str, Setting]:
+    return {s.name: s for s in settings_of(cls)}
+
+
+def _passthrough(cls: type[BaseSettings]) -> tuple[str, Passthrough] | None:
+    return next(((n, p) for n, i in cls.model_fields.items()
+                 if (p := _metadata(i, Passthrough)) is not None), None)
 
 
 def build_parser(cls: type[BaseSettings], prog: str, description: str) -> argparse.ArgumentParser:
@@ -198,11 +206,15 @@ class CliSettings(BaseSettings):
         parser = cls.cli_parser()
         passthrough = _passthrough(cls)
         if passthrough is None:
-            values = vars(parser.parse_args(argv))
-        else:
-            args, rest = parser.parse_known_args(argv)
-            values = vars(args)
-            if rest:
-                values[passthrough] = rest
+            return cls(**vars(parser.parse_args(argv)))
+        args, rest = parser.parse_known_args(argv)
+        values = vars(args)
+        name, rule = passthrough
+        if rest and rule.only_with is not None and not values.get(rule.only_with):
+            flag = settings_by_name(cls)[rule.only_with].flag
+            parser.error(f"unrecognized arguments: {' '.join(rest)} (only with {flag} do flags "
+                         "go to vLLM)")
+        if rest:
+            values[name] = rest
         return cls(**values)
 

@@ -11,6 +11,8 @@ import pytest
 from pydantic_settings import BaseSettings
 
 from controller.settings import ControllerSettings
+from fleet.batch.cli import BatchSettings
+from fleet.chat_cli import ChatSettings
 from fleet.launcher import UpSettings
 from fleet.settings_cli import Setting, settings_of
 from gateway.settings import GatewaySettings
@@ -24,6 +26,8 @@ SECTIONS: dict[str, type[BaseSettings]] = {
     "fleet gateway": GatewaySettings,
     "fleet webui": WebUISettings,
     "fleet up": UpSettings,
+    "fleet chat": ChatSettings,
+    "fleet batch": BatchSettings,
 }
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from controller.settings import ControllerSettings
+from fleet.batch.cli import BatchSettings
+from fleet.chat_cli import ChatSettings
 from fleet.launcher import UpSettings
 from fleet.settings_cli import CliSettings, settings_of
 from gateway.app import build_table
@@ -18,7 +20,8 @@ from worker.settings import WorkerSettings
 from worker.test_message import MessageSettings
 
 SERVICES: list[type[CliSettings]] = [ControllerSettings, WorkerSettings, GatewaySettings,
-                                     WebUISettings, UpSettings, MessageSettings]
+                                     WebUISettings, UpSettings, MessageSettings, ChatSettings,
+                                     BatchSettings]
 SECRETS = {"FLEET_CLUSTER_TOKEN", "FLEET_READ_TOKEN", "FLEET_WORKER_ENGINE_API_KEY"}
 
 
