@@ -9,10 +9,11 @@ the README's flag tables to the same declarations.
 Precedence stays as pydantic-settings has it: a flag given on the command line (an init value)
 over the environment over the default. Flags not given are left out, never passed as None.
 
-Why not pydantic-settings' own `CliSettingsSource`: it names flags after aliases (the shared
-`FLEET_CLUSTER_TOKEN_FILE`), parses lists as JSON, and the worker and `fleet up` must hand the
-flags they do not know to vLLM unchanged (`parse_known_args`), which a `Passthrough` field
-declares here.
+Why not pydantic-settings' own `CliSettingsSource` (2.16): a field with an alias gets a flag
+named after it (`--FLEET-CLUSTER-TOKEN-FILE`, beside `--cluster-token-file`), its help shows
+types (`{str,null}`), and unknown flags can be ignored but not kept, while the worker, `fleet up`
+and `fleet batch --offline` hand them to vLLM unchanged (argparse's `parse_known_args`; a
+`Passthrough` field says where they go).
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def show_default(info: FieldInfo) -> str:
     """The default as `--help` and the README show it."""
     if info.is_required():
         return "required"
-    value = info.default if info.default_factory is None else info.default_factory()  # type: ignore[call-arg]
+    value = info.get_default(call_default_factory=True)
     if value is None or value == [] or value == {}:
         return "none"
     if isinstance(value, enum.Enum):
@@ -150,7 +151,7 @@ def build_parser(cls: type[BaseSettings], prog: str, description: str) -> argpar
         allow_abbrev=False,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
+    groups: dict[str, Any] = {}  # argparse's mutually exclusive groups, by name
     secrets = []
     for setting in settings_of(cls):
         info = cls.model_fields[setting.name]
@@ -186,7 +187,9 @@ def build_parser(cls: type[BaseSettings], prog: str, description: str) -> argpar
     if secrets:
         notes.append("Environment only (a flag would show in `ps`):\n" + "\n".join(secrets))
     if passthrough is not None:
-        notes.append("Any other flag is passed to vLLM unchanged.")
+        only_with = passthrough[1].only_with
+        when = f" (with {settings_by_name(cls)[only_with].flag})" if only_with else ""
+        notes.append(f"Any other flag is passed to vLLM unchanged{when}.")
     parser.epilog = "\n\n".join(notes) or None
     return parser
 
