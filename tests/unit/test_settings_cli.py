@@ -4,6 +4,7 @@ environment, and the worker and `fleet up` hand unknown flags to vLLM."""
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,11 @@ from fleet.chat_cli import ChatSettings
 from fleet.launcher import UpSettings
 from fleet.settings_cli import CliSettings, settings_of
 from gateway.app import build_table
+from gateway.breaker import Breakers
+from gateway.proxy import Proxy
+from gateway.routing import CacheAware
 from gateway.settings import GatewaySettings
+from gateway.validation import InputLimits
 from webui.settings import WebUISettings
 from worker.settings import WorkerSettings
 from worker.test_message import MessageSettings
@@ -108,3 +113,18 @@ def test_the_gateway_as_started_caps_in_flight_requests_at_its_declared_default(
     table = build_table(GatewaySettings())
     declared = GatewaySettings.model_fields["max_inflight_per_worker"].default
     assert table.limits.max_inflight_per_worker == declared == 512
+
+
+def test_the_gateway_parts_defaults_are_the_settings_defaults() -> None:
+    """The policies keep defaults of their own, for tests that build them bare; they must be the
+    declared ones, or a part built without settings behaves unlike the gateway users start."""
+    declared = {n: f.get_default(call_default_factory=True)
+                for n, f in GatewaySettings.model_fields.items()}
+    breakers, cache_aware, limits = Breakers(), CacheAware(), InputLimits()
+    assert (breakers.threshold, breakers.cooldown) == \
+        (declared["breaker_threshold"], declared["breaker_cooldown"])
+    assert (cache_aware.match_threshold, cache_aware.balance_abs, cache_aware.balance_rel) == \
+        (declared["cache_match_threshold"], declared["balance_abs"], declared["balance_rel"])
+    assert limits == GatewaySettings().input_limits()
+    retry_backoff = inspect.signature(Proxy).parameters["retry_backoff"].default
+    assert retry_backoff == declared["retry_backoff"]
