@@ -7,46 +7,50 @@ the engine aborts it) and keeps the part already shown; at the prompt it only cl
 
 from __future__ import annotations
 
-import argparse
+import json
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Any, TextIO
+from typing import Annotated, Any, TextIO
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 from fleet.client.chat import Chat, Message
 from fleet.client.errors import FleetAPIError
-from fleet.client.settings import ClientSettings, add_client_flags, json_object
+from fleet.client.settings import ClientSettings
+from fleet.settings_cli import Flag
 
 HELP = "Commands: /reset  /system TEXT  /exit   (Ctrl-C stops an answer, Ctrl-D quits)"
 STOPPED = "[stopped]"
 
 
 class ChatSettings(ClientSettings):
-    model: str | None = None
-    system: str | None = None
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    max_tokens: int | None = Field(None, ge=1)
-    stop: list[str] | None = None
-    extra_body: dict[str, Any] = Field(default_factory=dict)
+    cli_prog = "fleet chat"
+    cli_description = __doc__.split("\n")[0]
 
+    model: str | None = Field(None, description="Model to chat with; none: the only one served.")
+    system: str | None = Field(None, description="System prompt.")
+    temperature: float | None = Field(None, ge=0, le=2,
+                                      description="Sampling temperature; none: the engine's.")
+    top_p: float | None = Field(None, gt=0, le=1, description="Top p; none: the engine's.")
+    max_tokens: int | None = Field(None, ge=1, description="Longest answer, in tokens.")
+    stop: Annotated[list[str] | None, Flag(repeat=True)] = Field(
+        None, description="Stop string (repeatable; in the environment a JSON list).")
+    extra_body: Annotated[dict[str, Any], Flag(metavar="JSON")] = Field(
+        default_factory=dict,
+        description='Engine-specific sampling parameters as a JSON object, e.g. \'{"top_k": 20}\'.')
+
+    @field_validator("extra_body", mode="before")
     @classmethod
-    def from_cli(cls, argv: Sequence[str] | None = None) -> ChatSettings:
-        parser = argparse.ArgumentParser(prog="fleet chat", description=__doc__.split("\n")[0])
-        parser.add_argument("--model", help="Model to chat with (default: the only one served).")
-        parser.add_argument("--system", help="System prompt.")
-        parser.add_argument("--temperature", type=float)
-        parser.add_argument("--top-p", type=float)
-        parser.add_argument("--max-tokens", type=int, help="Longest answer, in tokens.")
-        parser.add_argument("--stop", action="append", help="Stop string (repeatable).")
-        parser.add_argument("--extra-body", type=json_object,
-                            help="Engine-specific sampling parameters as JSON, e.g. "
-                            "'{\"top_k\": 20}'.")
-        add_client_flags(parser)
-        args = parser.parse_args(argv)
-        return cls(**{k: v for k, v in vars(args).items() if v is not None})
+    def _json_object(cls, value: object) -> object:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError as exc:
+                raise ValueError(f"not JSON: {exc}") from None
+            if not isinstance(value, dict):
+                raise ValueError('expected a JSON object, e.g. \'{"top_k": 20}\'')
+        return value
 
 
 def _pick_model(wanted: str | None, served: list[str]) -> str:

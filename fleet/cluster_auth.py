@@ -12,13 +12,15 @@ is `controller.auth`.
 
 from __future__ import annotations
 
-import argparse
 import os
 import secrets
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from fleet.settings_cli import EnvOnly
 
 CLUSTER_TOKEN_ENV = "FLEET_CLUSTER_TOKEN"
 READ_TOKEN_ENV = "FLEET_READ_TOKEN"
@@ -85,8 +87,12 @@ class ClusterTokenSettings(BaseSettings):
 
     model_config = SettingsConfigDict(populate_by_name=True)
 
-    cluster_token: SecretStr | None = Field(None, validation_alias=CLUSTER_TOKEN_ENV)
-    cluster_token_file: Path | None = Field(None, validation_alias="FLEET_CLUSTER_TOKEN_FILE")
+    cluster_token: Annotated[SecretStr | None, EnvOnly()] = Field(
+        None, validation_alias=CLUSTER_TOKEN_ENV,
+        description="The cluster token (at least 16 characters); none: no token.")
+    cluster_token_file: Path | None = Field(
+        None, validation_alias="FLEET_CLUSTER_TOKEN_FILE",
+        description="File holding the cluster token, instead of FLEET_CLUSTER_TOKEN.")
 
     @model_validator(mode="after")
     def _load_cluster_token(self) -> ClusterTokenSettings:
@@ -100,8 +106,12 @@ class ReadTokenSettings(BaseSettings):
 
     model_config = SettingsConfigDict(populate_by_name=True)
 
-    read_token: SecretStr | None = Field(None, validation_alias=READ_TOKEN_ENV)
-    read_token_file: Path | None = Field(None, validation_alias="FLEET_READ_TOKEN_FILE")
+    read_token: Annotated[SecretStr | None, EnvOnly()] = Field(
+        None, validation_alias=READ_TOKEN_ENV,
+        description="A second token that reads the registry but cannot change it.")
+    read_token_file: Path | None = Field(
+        None, validation_alias="FLEET_READ_TOKEN_FILE",
+        description="File holding the read token, instead of FLEET_READ_TOKEN.")
 
     @model_validator(mode="after")
     def _load_read_token(self) -> ReadTokenSettings:
@@ -115,20 +125,6 @@ class ControllerCredentials(ClusterTokenSettings, ReadTokenSettings):
     def controller_token(self) -> str | None:
         token = self.read_token or self.cluster_token
         return token.get_secret_value() if token else None
-
-
-def add_token_flags(parser: argparse.ArgumentParser, *, read: bool) -> None:
-    """`--cluster-token-file` (and `--read-token-file`). Tokens themselves are never flags:
-    `ps` shows every process's command line."""
-    parser.add_argument(
-        "--cluster-token-file",
-        help="File holding the cluster token (or set FLEET_CLUSTER_TOKEN).",
-    )
-    if read:
-        parser.add_argument(
-            "--read-token-file",
-            help="File holding the read-only token (or set FLEET_READ_TOKEN).",
-        )
 
 
 def bearer(token: str | None) -> dict[str, str]:

@@ -11,7 +11,6 @@ first use.
 
 from __future__ import annotations
 
-import argparse
 import errno
 import logging
 import os
@@ -23,9 +22,11 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Annotated
 
 import httpx
-from pydantic import ValidationError
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import SettingsConfigDict
 
 from fleet.cluster_auth import (
     CLUSTER_TOKEN_ENV,
@@ -35,6 +36,7 @@ from fleet.cluster_auth import (
     load_or_create_token_file,
 )
 from fleet.logs import setup_logging
+from fleet.settings_cli import CliSettings, Passthrough
 from fleet.supervisor import Service, Stack, wait_until
 from fleet.tls import CA_FILE_ENV, client_ssl_context
 
@@ -100,45 +102,59 @@ def split_cores(cores: Sequence[int], workers: int) -> list[str]:
     return out
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fleet up",
-        description="Run controller, workers and gateway on this machine. Unknown flags go to "
-        "every vLLM engine.",
-    )
-    parser.add_argument("--model", help="Model path or id (default: the demo model, prepared "
-                        "on first use).")
-    parser.add_argument("--model-name", help="Name to serve the model as.")
-    parser.add_argument("--cpu-workers", type=int, default=1,
-                        help="CPU workers when no GPU is visible (default 1).")
-    parser.add_argument("--cpus", help="CPU cores to share out among CPU workers, e.g. 0 or 0-3 "
-                        "(default: every core this process may use).")
-    parser.add_argument("--gpus-per-worker", type=int, default=1,
-                        help="GPUs per worker, tensor parallel inside it (default 1).")
-    parser.add_argument("--host", default="127.0.0.1", help="Bind address of every service.")
-    parser.add_argument("--controller-port", type=int, default=21001)
-    parser.add_argument("--gateway-port", type=int, default=8000)
-    parser.add_argument("--webui-port", type=int, default=7860,
-                        help="Port of the chat web UI (default 7860).")
-    parser.add_argument("--no-webui", action="store_true", help="Do not start the web UI.")
-    parser.add_argument("--webui-log-dir", type=Path,
-                        help="The web UI logs finished chats and 👍/👎/flag feedback here, and "
-                        "shows feedback buttons (default: no log, no buttons).")
-    parser.add_argument("--api-keys", help="Comma-separated client API keys for the gateway.")
-    parser.add_argument(
-        "--cluster-token-file", type=Path,
-        help="The cluster token the services share; created with a random token (mode 0600) if "
-        f"missing (default: FLEET_CLUSTER_TOKEN if set, else {default_token_file()}).",
-    )
-    parser.add_argument("--ssl-certfile", help="Every service serves HTTPS with this certificate "
-                        "(it must name --host, and 127.0.0.1).")
-    parser.add_argument("--ssl-keyfile", help="The certificate's private key.")
-    parser.add_argument("--ssl-ca-file", help="The CA every service verifies the others with.")
-    parser.add_argument("--startup-timeout", type=float, default=900.0,
-                        help="Seconds to wait for the model to be served (default 900).")
-    parser.add_argument("--drain-timeout", type=float, default=30.0,
-                        help="Seconds workers get to finish requests on Ctrl-C (default 30).")
-    return parser
+class UpSettings(CliSettings):
+    """What `fleet up` starts: flags over FLEET_UP_* environment variables over defaults."""
+
+    model_config = SettingsConfigDict(env_prefix="FLEET_UP_")
+    cli_prog = "fleet up"
+    cli_description = ("Run controller, workers and gateway on this machine. Unknown flags go "
+                       "to every vLLM engine.")
+
+    model: str | None = Field(
+        None, description="Model path or id for every worker; none: the demo model, prepared "
+        "on first use.")
+    model_name: str | None = Field(
+        None, description="Name to serve the model as; none: the folder name or id.")
+    cpu_workers: int = Field(
+        1, ge=1, description="CPU workers when no GPU is visible; the cores are shared out "
+        "among them.")
+    cpus: str | None = Field(
+        None, description="CPU cores to share out among CPU workers, e.g. 0 or 0-3; none: every "
+        "core this process may use.")
+    gpus_per_worker: int = Field(
+        1, ge=1, description="GPUs per worker, tensor parallel inside it, for a model too big "
+        "for one GPU.")
+    host: str = Field("127.0.0.1", description="Bind address of every service.")
+    controller_port: int = Field(21001, ge=0, le=65535, description="Port of the controller.")
+    gateway_port: int = Field(8000, ge=0, le=65535, description="Port of the gateway.")
+    webui_port: int = Field(7860, ge=0, le=65535, description="Port of the chat web UI.")
+    no_webui: bool = Field(False, description="Do not start the web UI.")
+    webui_log_dir: Path | None = Field(
+        None, description="The web UI logs finished chats and 👍/👎/flag feedback here, and "
+        "shows feedback buttons (its --log-dir); none: no log, no buttons.")
+    api_keys: str | None = Field(None, description="Comma-separated client API keys for the "
+                                 "gateway; the web UI gets the first.")
+    cluster_token_file: Path | None = Field(
+        None, description="The cluster token the services share; created with a random token "
+        "(mode 0600) if missing. None: FLEET_CLUSTER_TOKEN if set, else "
+        "~/.cache/fleet/cluster-token.")
+    ssl_certfile: Path | None = Field(
+        None, description="Every service serves HTTPS with this certificate (it must name "
+        "--host, and 127.0.0.1).")
+    ssl_keyfile: Path | None = Field(None, description="The certificate's private key.")
+    ssl_ca_file: Path | None = Field(None,
+                                     description="The CA every service verifies the others with.")
+    startup_timeout: float = Field(
+        900.0, gt=0, description="Seconds to wait for the model to be served.")
+    drain_timeout: float = Field(
+        30.0, ge=0, description="Seconds workers get to finish requests on Ctrl-C.")
+    engine_args: Annotated[list[str], Passthrough()] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _cert_and_key(self) -> UpSettings:
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("TLS needs both --ssl-certfile and --ssl-keyfile")
+        return self
 
 
 def _reachable(host: str) -> str:
@@ -146,15 +162,15 @@ def _reachable(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "::") else host
 
 
-def _scheme(args: argparse.Namespace) -> str:
+def _scheme(args: UpSettings) -> str:
     return "https" if args.ssl_certfile else "http"
 
 
-def plan(args: argparse.Namespace, engine_args: list[str], model: str,
-         cluster_token: str) -> list[Service]:
+def plan(args: UpSettings, model: str, cluster_token: str) -> list[Service]:
     py = sys.executable
+    engine_args = args.engine_args
     controller_url = f"{_scheme(args)}://{args.host}:{args.controller_port}"
-    tls = ["--ssl-certfile", args.ssl_certfile, "--ssl-keyfile", args.ssl_keyfile] \
+    tls = ["--ssl-certfile", str(args.ssl_certfile), "--ssl-keyfile", str(args.ssl_keyfile)] \
         if args.ssl_certfile else []
     token = {CLUSTER_TOKEN_ENV: cluster_token}
     services = [Service("controller", [py, "-m", "controller", "--host", args.host,
@@ -191,11 +207,11 @@ def plan(args: argparse.Namespace, engine_args: list[str], model: str,
                                           *log, *tls], env=key))
     if args.ssl_ca_file:
         for service in services:
-            service.env[CA_FILE_ENV] = str(Path(args.ssl_ca_file).resolve())
+            service.env[CA_FILE_ENV] = str(args.ssl_ca_file.resolve())
     return services
 
 
-def taken_ports(args: argparse.Namespace) -> list[str]:
+def taken_ports(args: UpSettings) -> list[str]:
     """The services' ports that something else on this machine holds already, each described
     for the user with the flag that moves it."""
     ports = [("controller", "--controller-port", args.controller_port),
@@ -231,7 +247,11 @@ def cluster_token(token_file: Path | None) -> tuple[str, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args, engine_args = _parser().parse_known_args(argv)
+    try:
+        args = UpSettings.from_cli(argv)
+    except ValidationError as exc:
+        print(f"fleet up: invalid settings: {exc}", file=sys.stderr)
+        return 2
     setup_logging("info", "up")
     model, model_name = args.model, args.model_name
     if model is None:
@@ -240,13 +260,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = str(ensure_demo_model())
         model_name = model_name or DEMO_MODEL_NAME
         args.model_name = model_name
-    if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
-        print("fleet up: TLS needs both --ssl-certfile and --ssl-keyfile", file=sys.stderr)
-        return 2
     try:
         taken = taken_ports(args)
         token, token_source = cluster_token(args.cluster_token_file)
-        services = plan(args, engine_args, model, token)
+        services = plan(args, model, token)
     except (ValueError, ValidationError, OSError) as exc:
         print(f"fleet up: {exc}", file=sys.stderr)
         return 2
@@ -266,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     controller_url = f"{scheme}://{host}:{args.controller_port}"
     gateway_url = f"{scheme}://{host}:{args.gateway_port}"
     webui_url = None if args.no_webui else f"{scheme}://{host}:{args.webui_port}"
-    verify = client_ssl_context(Path(args.ssl_ca_file) if args.ssl_ca_file else None)
+    verify = client_ssl_context(args.ssl_ca_file)
     try:
         with httpx.Client(timeout=3.0, verify=verify) as http:
             stack.start(services[0])

@@ -6,7 +6,6 @@ clients verify against `FLEET_SSL_CA_FILE` (or `--ssl-ca-file`), else the system
 
 from __future__ import annotations
 
-import argparse
 import ssl
 from pathlib import Path
 from typing import Any
@@ -25,8 +24,8 @@ def _readable(path: Path, what: str) -> None:
 class ServerTLSSettings(BaseSettings):
     """A certificate and its key; both or neither."""
 
-    ssl_certfile: Path | None = None
-    ssl_keyfile: Path | None = None
+    ssl_certfile: Path | None = Field(None, description="Serve HTTPS with this certificate (PEM).")
+    ssl_keyfile: Path | None = Field(None, description="The certificate's private key (PEM).")
 
     @model_validator(mode="after")
     def _cert_and_key(self) -> ServerTLSSettings:
@@ -57,7 +56,10 @@ class ClientTLSSettings(BaseSettings):
 
     model_config = SettingsConfigDict(populate_by_name=True)
 
-    ssl_ca_file: Path | None = Field(None, validation_alias=CA_FILE_ENV)
+    ssl_ca_file: Path | None = Field(
+        None, validation_alias=CA_FILE_ENV,
+        description="Verify the services' certificates against this CA (PEM); none: the "
+        "system's CAs.")
 
     @model_validator(mode="after")
     def _ca_exists(self) -> ClientTLSSettings:
@@ -72,16 +74,3 @@ class ClientTLSSettings(BaseSettings):
 def client_ssl_context(ca_file: Path | None = None) -> ssl.SSLContext:
     """Verifies hostnames and certificates: against `ca_file`, or the system's CAs."""
     return ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
-
-
-def add_server_tls_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ssl-certfile", help="Serve HTTPS with this certificate (PEM).")
-    parser.add_argument("--ssl-keyfile", help="The certificate's private key (PEM).")
-
-
-def add_client_tls_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--ssl-ca-file",
-        help="Verify the services' certificates against this CA (PEM; or set FLEET_SSL_CA_FILE; "
-        "default: the system's CAs).",
-    )

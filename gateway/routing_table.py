@@ -89,9 +89,16 @@ class Lease:
 
 @dataclass
 class Limits:
-    max_inflight_per_worker: int = 0  # 0: no cap
-    queue_size: int = 1024
-    queue_timeout: float = 30.0
+    """The in-flight cap and the queue behind it. No defaults here: the gateway's come from its
+    settings (gateway/settings.py), the one place they are declared."""
+
+    max_inflight_per_worker: int  # 0: no cap
+    queue_size: int
+    queue_timeout: float
+
+
+# A table built without limits (tests, tools) caps nothing, so nothing ever queues.
+UNCAPPED = Limits(max_inflight_per_worker=0, queue_size=0, queue_timeout=0.0)
 
 
 class RoutingTable:
@@ -106,7 +113,7 @@ class RoutingTable:
         self.policy = policy or LeastLoad()
         self.overrides = dict(overrides or {})
         self.breakers = breakers or Breakers()
-        self.limits = limits or Limits()
+        self.limits = limits or UNCAPPED
         self.snapshot: Snapshot | None = None
         self.synced_at: float | None = None  # monotonic time of the last good sync
         self.stale = False

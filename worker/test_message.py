@@ -6,21 +6,33 @@ without the gateway in the way.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 
 import httpx
 import openai
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
+from pydantic_settings import SettingsConfigDict
 
 from controller.protocol import ModelList, WorkerList, WorkerRecord, WorkerState
-from fleet.cluster_auth import ControllerCredentials, add_token_flags, bearer
-from fleet.tls import ClientTLSSettings, add_client_tls_flags
+from fleet.cluster_auth import ControllerCredentials, bearer
+from fleet.settings_cli import CliSettings
+from fleet.tls import ClientTLSSettings
 
 
-class _ClientSettings(ControllerCredentials, ClientTLSSettings):
-    """The token (read or cluster) and the CA; from flags over the shared environment."""
+class MessageSettings(CliSettings, ControllerCredentials, ClientTLSSettings):
+    """The token (read or cluster) and the CA come from the shared environment too."""
+
+    model_config = SettingsConfigDict(env_prefix="FLEET_TEST_MESSAGE_")
+    cli_prog = "fleet test-message"
+    cli_description = "Send one chat message to a worker of a model."
+
+    controller_address: str = Field("http://127.0.0.1:21001", description="The controller's URL.")
+    model_name: str = Field(description="The model to ask a worker of.")
+    message: str = Field("Tell me a story with more than 1000 words.",
+                         description="The user message.")
+    max_tokens: int = Field(256, ge=1, description="Longest answer, in tokens.")
+    temperature: float = Field(0.0, ge=0, le=2, description="Sampling temperature.")
 
 
 def _pick(workers: list[WorkerRecord]) -> WorkerRecord | None:
@@ -29,26 +41,12 @@ def _pick(workers: list[WorkerRecord]) -> WorkerRecord | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="fleet test-message", description="Send one chat message to a worker of a model."
-    )
-    parser.add_argument("--controller-address", default="http://127.0.0.1:21001")
-    parser.add_argument("--model-name", required=True)
-    parser.add_argument("--message", default="Tell me a story with more than 1000 words.")
-    parser.add_argument("--max-tokens", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=0.0)
-    add_token_flags(parser, read=True)
-    add_client_tls_flags(parser)
-    args = parser.parse_args(argv)
-    controller = args.controller_address.rstrip("/")
     try:
-        settings = _ClientSettings(**{
-            k: getattr(args, k) for k in ("cluster_token_file", "read_token_file", "ssl_ca_file")
-            if getattr(args, k) is not None
-        })
+        settings = MessageSettings.from_cli(argv)
     except ValidationError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    controller = settings.controller_address.rstrip("/")
     verify = settings.ssl_context()
 
     try:
@@ -62,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 1
             models = ModelList.model_validate_json(listed.content)
             print(f"Models: {', '.join(models.models) or '(none)'}")
-            response = client.get(f"{controller}/models/{args.model_name}/workers")
+            response = client.get(f"{controller}/models/{settings.model_name}/workers")
     except httpx.HTTPError as exc:
         print(f"error: cannot reach the controller at {controller}: {exc}", file=sys.stderr)
         return 1
@@ -71,11 +69,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     worker = _pick(workers)
     if worker is None:
         states = ", ".join(f"{w.worker_id}={w.state.value}" for w in workers) or "none"
-        print(f"error: no ready worker serves model '{args.model_name}' (workers: {states})",
+        print(f"error: no ready worker serves model '{settings.model_name}' (workers: {states})",
               file=sys.stderr)
         return 1
     print(f"Worker: {worker.worker_id} at {worker.engine_url} ({worker.device})")
-    print(f"USER: {args.message}")
+    print(f"USER: {settings.message}")
     print("ASSISTANT: ", end="", flush=True)
     engine = openai.OpenAI(
         base_url=f"{str(worker.engine_url).rstrip('/')}/v1",
@@ -84,9 +82,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         stream = engine.chat.completions.create(
-            model=args.model_name,
-            messages=[{"role": "user", "content": args.message}],
-            max_tokens=args.max_tokens, temperature=args.temperature, stream=True,
+            model=settings.model_name,
+            messages=[{"role": "user", "content": settings.message}],
+            max_tokens=settings.max_tokens, temperature=settings.temperature, stream=True,
         )
         for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:

@@ -8,40 +8,54 @@ Running the same command again skips the lines already done (failed ones are tri
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, ValidationError
 
 from fleet.batch.jobs import BatchLine, Defaults, InputError, ResultsFile, read_input
 from fleet.batch.online import BatchAborted, run_online
 from fleet.batch.report import Progress, Tally
-from fleet.client.settings import ClientSettings, add_client_flags
+from fleet.client.settings import ClientSettings
 from fleet.logs import setup_logging
+from fleet.settings_cli import Flag, Passthrough
 
 logger = logging.getLogger(__name__)
 
 
 class BatchSettings(ClientSettings):
-    input: Path
-    output: Path
-    model: str
-    model_name: str | None = None  # offline: the name written into the results
-    offline: bool = False
-    concurrency: int = Field(32, ge=1, le=4096)
-    retries: int = Field(5, ge=0, le=100)
-    system: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    chunk_size: int = Field(256, ge=1)
-    chat_template: str | None = None
-    progress: bool = True
-    log_level: str = "warning"
-    engine_args: list[str] = Field(default_factory=list)
+    cli_prog = "fleet batch"
+    cli_description = __doc__.split("\n")[0]
+
+    input: Path = Field(description="JSONL in the OpenAI batch format, or plain text, one "
+                        "request per line.")
+    output: Path = Field(description="Results, JSONL (appended to).")
+    model: str = Field(description="Model name at the gateway; with --offline, its path or id.")
+    model_name: str | None = Field(
+        None, description="Offline: the model name in the results; none: the folder name or id.")
+    offline: bool = Field(False, description="Run vLLM here, no services. Unknown flags go to "
+                          "vLLM.")
+    concurrency: int = Field(32, ge=1, le=4096, description="Requests in flight.")
+    retries: int = Field(5, ge=0, le=100,
+                         description="More tries for a failed request, with backoff.")
+    system: str | None = Field(None, description="System prompt for plain-text lines.")
+    max_tokens: int | None = Field(None, ge=1, description="For lines that do not set it.")
+    temperature: float | None = Field(None, ge=0, le=2,
+                                      description="For lines that do not set it.")
+    chunk_size: int = Field(256, ge=1, description="Offline: lines per engine call; results are "
+                            "written per chunk.")
+    chat_template: str | None = Field(
+        None, description="Offline: template file, or 'chatml'; none: the tokenizer's, ChatML "
+        "if it has none.")
+    progress: Annotated[bool, Flag("--no-progress")] = Field(
+        True, description="A progress bar; --no-progress hides it.")
+    log_level: str = Field("warning", description="debug, info, warning or error.")
+    engine_args: Annotated[list[str], Passthrough(only_with="offline")] = Field(
+        default_factory=list)
 
     @property
     def served_name(self) -> str:
@@ -49,39 +63,6 @@ class BatchSettings(ClientSettings):
             return self.model_name
         path = Path(self.model).expanduser()
         return path.resolve().name if self.offline and path.exists() else self.model
-
-    @classmethod
-    def from_cli(cls, argv: Sequence[str] | None = None) -> BatchSettings:
-        parser = argparse.ArgumentParser(prog="fleet batch", description=__doc__.split("\n")[0])
-        parser.add_argument("--input", required=True,
-                            help="JSONL in the OpenAI batch format, or plain text, one per line.")
-        parser.add_argument("--output", required=True, help="Results, JSONL (appended to).")
-        parser.add_argument("--model", required=True,
-                            help="Model name at the gateway; with --offline, its path or id.")
-        parser.add_argument("--offline", action="store_true",
-                            help="Run vLLM here, no services. Unknown flags go to vLLM.")
-        parser.add_argument("--model-name", help="Offline: the model name in the results.")
-        parser.add_argument("--concurrency", type=int, help="Requests in flight (default 32).")
-        parser.add_argument("--retries", type=int,
-                            help="More tries for a failed request, with backoff (default 5).")
-        parser.add_argument("--system", help="System prompt for plain-text lines.")
-        parser.add_argument("--max-tokens", type=int, help="For lines that do not set it.")
-        parser.add_argument("--temperature", type=float, help="For lines that do not set it.")
-        parser.add_argument("--chunk-size", type=int,
-                            help="Offline: lines per engine call; results are written per chunk "
-                            "(default 256).")
-        parser.add_argument("--chat-template",
-                            help="Offline: template file, or 'chatml' (default: the tokenizer's, "
-                            "ChatML if it has none).")
-        parser.add_argument("--no-progress", dest="progress", action="store_false", default=None,
-                            help="No progress bar.")
-        parser.add_argument("--log-level", help="debug, info, warning (default) or error.")
-        add_client_flags(parser)
-        args, engine_args = parser.parse_known_args(argv)
-        if engine_args and not args.offline:
-            parser.error(f"unrecognized arguments: {' '.join(engine_args)}")
-        values = {k: v for k, v in vars(args).items() if v is not None}
-        return cls(**values, engine_args=engine_args)
 
 
 def _run(settings: BatchSettings, jobs: Sequence[BatchLine], results: ResultsFile, tally: Tally,

@@ -6,22 +6,22 @@ FLEET_CLIENT_API_KEY: flags show in `ps`.
 
 from __future__ import annotations
 
-import argparse
-import json
-from typing import Any
-
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fleet.client.chat import api_base
+from fleet.settings_cli import CliSettings
 
 
 class GatewayAddress(BaseSettings):
     """The gateway's URL and key, as every client of it (these commands, the web UI) takes them."""
 
-    gateway_url: str = "http://127.0.0.1:8000"
+    gateway_url: str = Field("http://127.0.0.1:8000",
+                             description="The gateway's URL, with or without /v1.")
     # A SecretStr prints as '**********', so the key stays out of reprs, logs and pages.
-    api_key: SecretStr | None = None
+    api_key: SecretStr | None = Field(
+        None, description="API key for the gateway (better in the environment: flags show in "
+        "`ps`).")
 
     @field_validator("gateway_url")
     @classmethod
@@ -40,31 +40,13 @@ class GatewayAddress(BaseSettings):
         return self.api_key.get_secret_value() if self.api_key else None
 
 
-class ClientSettings(GatewayAddress):
+class ClientSettings(CliSettings, GatewayAddress):
+    """What `fleet chat` and `fleet batch` share."""
+
     model_config = SettingsConfigDict(env_prefix="FLEET_CLIENT_")
 
-    timeout: float = Field(600.0, gt=0)
+    timeout: float = Field(600.0, gt=0, description="Longest wait for the gateway, in seconds.")
 
     @property
     def api_base(self) -> str:
         return api_base(self.gateway_url)
-
-
-def add_client_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--gateway-url", help="The gateway, with or without /v1 (default "
-                        "http://127.0.0.1:8000; env FLEET_CLIENT_GATEWAY_URL).")
-    parser.add_argument("--api-key", help="API key for the gateway (better: set "
-                        "FLEET_CLIENT_API_KEY, which stays out of the process list).")
-    parser.add_argument("--timeout", type=float,
-                        help="Longest wait for the gateway, in seconds (default 600).")
-
-
-def json_object(text: str) -> dict[str, Any]:
-    """An argparse type: a JSON object, e.g. --extra-body '{"top_k": 20}'."""
-    try:
-        value = json.loads(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("expected a JSON object, e.g. '{\"top_k\": 20}'")
-    return value

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from fleet.launcher import _parser, taken_ports
+from fleet.launcher import UpSettings, taken_ports
 from fleet.supervisor import Backoff, Service, Stack
 from tests.integration.harness import free_port
 
@@ -113,7 +113,7 @@ def test_a_taken_port_is_named_with_the_flag_that_moves_it() -> None:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        args, _ = _parser().parse_known_args([*ports, "--gateway-port", str(port)])
+        args = UpSettings.from_cli([*ports, "--gateway-port", str(port)])
         taken = taken_ports(args)
     assert len(taken) == 1
     assert f"port {port} on 127.0.0.1, for the gateway" in taken[0]
