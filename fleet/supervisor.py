@@ -78,16 +78,17 @@ class Stack:
         service.started_at = self._clock()
         service.restart_at = None
 
-    def exited(self) -> list[Service]:
-        """Services that were started and have exited since (not yet handled by supervise)."""
-        return [s for s in self.services if s.proc is not None and s.proc.poll() is not None]
+    def exited(self) -> list[tuple[Service, int]]:
+        """Services that were started and have exited since, with their exit codes (until
+        `supervise` takes note of them)."""
+        return [(s, code) for s in self.services
+                if s.proc is not None and (code := s.proc.poll()) is not None]
 
     def supervise(self) -> None:
         """One round: schedule a restart for each service that died, start those that are due."""
         now = self._clock()
-        for service in self.exited():
-            assert service.proc is not None
-            code, ran = service.proc.returncode, now - service.started_at
+        for service, code in self.exited():
+            ran = now - service.started_at
             service.proc = None
             service.quick_exits = 0 if ran >= self.backoff.stable_after \
                 else service.quick_exits + 1
@@ -110,28 +111,27 @@ class Stack:
     def stop(self, timeout: float) -> None:
         for service in self.services:
             service.restart_at = None
-        running = [s for s in self.services if s.proc is not None and s.proc.poll() is None]
-        for service in running:
-            assert service.proc is not None
+        running = [(s.name, s.proc) for s in self.services
+                   if s.proc is not None and s.proc.poll() is None]
+        for _, proc in running:
             with contextlib.suppress(ProcessLookupError):
-                service.proc.send_signal(signal.SIGTERM)
+                proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        for service in running:
-            assert service.proc is not None
+        for name, proc in running:
             try:
-                service.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                logger.warning("%s did not stop in time; killing it", service.name)
+                logger.warning("%s did not stop in time; killing it", name)
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(service.proc.pid, signal.SIGKILL)
-                service.proc.wait()
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
 
 def wait_until(check: Callable[[], bool], deadline: float, stack: Stack, what: str) -> None:
     """Poll `check` until it holds; any service exiting meanwhile ends the wait with an error."""
     while time.monotonic() < deadline:
         if dead := stack.exited():
-            names = ", ".join(f"{s.name} (exit {s.proc.returncode})" for s in dead if s.proc)
+            names = ", ".join(f"{service.name} (exit {code})" for service, code in dead)
             raise RuntimeError(f"{names} stopped while waiting for {what}")
         with contextlib.suppress(httpx.HTTPError):
             if check():
