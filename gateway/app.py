@@ -17,12 +17,13 @@ from pydantic import BaseModel
 from starlette.responses import Response
 
 from fleet.cluster_auth import bearer
-from fleet.errors import ErrorResponse, install_error_handlers
+from fleet.errors import ErrorResponse, FleetError, install_error_handlers
 from gateway import validation
-from gateway.asgi import GenerateRoutes, RelayResponse
+from gateway.asgi import GenerateRoutes, Handler, RelayResponse
 from gateway.auth import Authenticator
 from gateway.breaker import Breakers
 from gateway.controller_sync import ControllerSync
+from gateway.endpoints import ENDPOINTS, EngineEndpoint, anthropic_error, routed_paths
 from gateway.engine_client import EngineClient
 from gateway.limits import KeyLimiter
 from gateway.metrics import GatewayMetrics
@@ -32,6 +33,7 @@ from gateway.protocol import (
     CompletionRequest,
     ModelCard,
     ModelList,
+    ModelRequest,
     TableHealth,
 )
 from gateway.proxy import Proxy
@@ -141,8 +143,14 @@ def create_app(settings: GatewaySettings) -> FastAPI:
              openapi_extra=_body_schema(ChatCompletionRequest))(chat_completions)
     app.post("/v1/completions", responses=_GENERATED, response_model=None,
              openapi_extra=_body_schema(CompletionRequest))(completions)
-    GenerateRoutes.install(app, {"/v1/chat/completions": chat_completions,
-                                 "/v1/completions": completions})
+    routes: dict[str, Handler] = {"/v1/chat/completions": chat_completions,
+                                  "/v1/completions": completions}
+    for endpoint in ENDPOINTS.values():
+        routes[endpoint.path] = _model_route(pipeline, endpoint)
+        app.post(endpoint.path, summary=endpoint.summary, response_model=None,
+                 responses=_GENERATED, openapi_extra=_body_schema(ModelRequest)
+                 )(routes[endpoint.path])
+    GenerateRoutes.install(app, routes)
 
     @app.get("/v1/models", response_model=ModelList, responses=_ERRORS,
              openapi_extra=_BEARER)
@@ -150,8 +158,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         caller = auth.authenticate(request.headers.get("authorization"))
         created = int(time.time())
         cards = [
-            ModelCard(id=name, created=created, max_model_len=table.max_model_len(name))
-            for name in sorted(table.models()) if caller.entry.allows(name)
+            ModelCard(id=name, created=created, max_model_len=table.max_model_len(name),
+                      endpoints=routed_paths(workers))
+            for name, workers in sorted(table.models().items()) if caller.entry.allows(name)
         ]
         return ModelList(data=cards)
 
@@ -172,8 +181,27 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                            routable_workers=table.routable_count(),
                            models=sorted(table.models()))
 
-    _add_body_schemas(app, [ChatCompletionRequest, CompletionRequest], settings.input_limits())
+    _add_body_schemas(app, [ChatCompletionRequest, CompletionRequest, ModelRequest],
+                      settings.input_limits())
     return app
+
+
+def _model_route(pipeline: Pipeline, endpoint: EngineEndpoint) -> Handler:
+    """The handler of one model-addressed endpoint; Anthropic-shaped errors on Anthropic's."""
+
+    async def relay(request: Request) -> Response | RelayResponse:
+        return await pipeline.model_request(request, endpoint)
+
+    if endpoint.errors == "openai":
+        return relay
+
+    async def anthropic(request: Request) -> Response | RelayResponse:
+        try:
+            return await relay(request)
+        except FleetError as exc:
+            return anthropic_error(exc)
+
+    return anthropic
 
 
 _REF = "#/components/schemas/{model}"

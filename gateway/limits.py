@@ -131,7 +131,9 @@ def total_tokens(usage: dict[str, Any] | None) -> int | None:
     total = usage.get("total_tokens")
     if isinstance(total, int) and total >= 0:
         return total
-    parts = [usage.get(k) for k in ("prompt_tokens", "completion_tokens")]
+    # OpenAI's names, or Anthropic's (/v1/messages).
+    parts = [usage.get(k) for k in ("prompt_tokens", "completion_tokens", "input_tokens",
+                                    "output_tokens")]
     counted = [p for p in parts if isinstance(p, int) and p >= 0]
     return sum(counted) if counted else None
 
@@ -150,6 +152,18 @@ def usage_charger(limiter: KeyLimiter, caller: Caller,
             prompt = math.ceil(len(request.prompt_text()) / 4)
             tokens = prompt + (out_tokens or max_model_len or 1024)
         limiter.charge(caller, tokens)
+
+    return charge
+
+
+def usage_charger_for(limiter: KeyLimiter, caller: Caller,
+                      fallback: int) -> Callable[[dict[str, Any] | None], None]:
+    """The usage hook of a request the gateway did not read: the tokens of its usage, else
+    `fallback`."""
+
+    def charge(usage: dict[str, Any] | None) -> None:
+        tokens = total_tokens(usage)
+        limiter.charge(caller, fallback if tokens is None else tokens)
 
     return charge
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from fastapi import Request
 from starlette.responses import Response
@@ -25,8 +27,10 @@ from fleet.errors import FleetError, PermissionDeniedError
 from gateway import validation
 from gateway.asgi import ClientWatch, RelayResponse
 from gateway.auth import Authenticator
-from gateway.limits import KeyLimiter, ask_for_usage, usage_charger
+from gateway.endpoints import ENDPOINT_NAMES, EngineEndpoint
+from gateway.limits import KeyLimiter, ask_for_usage, usage_charger, usage_charger_for
 from gateway.metrics import GatewayMetrics
+from gateway.protocol import ChatCompletionRequest, CompletionRequest, ModelRequest
 from gateway.proxy import Proxy
 from gateway.routed_request import RoutedRequest
 from gateway.routing import RouteRequest
@@ -35,6 +39,7 @@ from gateway.settings import GatewaySettings
 from gateway.validation import GenerationRequest
 
 logger = logging.getLogger(__name__)
+Parsed = TypeVar("Parsed", bound=ChatCompletionRequest | CompletionRequest | ModelRequest)
 
 
 class Pipeline:
@@ -53,23 +58,51 @@ class Pipeline:
     async def generate(self, request: Request, path: str,
                        schema: type[GenerationRequest]) -> Response | RelayResponse:
         """A chat or completion request: its JSON body goes to a worker as it came."""
-        routed = RoutedRequest(request_id=f"fleet-{os.urandom(16).hex()}",  # as unique as uuid4
-                               started=time.monotonic(), path=path)
+        routed = self._arrived(path, ENDPOINT_NAMES[path])
+
+        async def prepare() -> None:
+            parsed = await self.parse(request, routed, schema)
+            self.authorize(routed, parsed.model)
+            self.limit(request, routed, parsed)
+
+        return await self._walk(request, routed, prepare)
+
+    async def model_request(self, request: Request,
+                            endpoint: EngineEndpoint) -> Response | RelayResponse:
+        """Any other request addressed to a model in its JSON body (embeddings, responses,
+        messages, tokenize, rerank, ...): to a worker of that model whose engine serves the
+        path, the body as it came."""
+        routed = self._arrived(endpoint.path, endpoint.name)
+
+        async def prepare() -> None:
+            parsed = await self.parse(request, routed, ModelRequest)
+            self.authorize(routed, parsed.model)
+            self.admit(request, routed, parsed.model)
+
+        return await self._walk(request, routed, prepare)
+
+    @staticmethod
+    def _arrived(path: str, endpoint: str) -> RoutedRequest:
+        return RoutedRequest(request_id=f"fleet-{os.urandom(16).hex()}",  # as unique as uuid4
+                             started=time.monotonic(), path=path, endpoint=endpoint)
+
+    async def _walk(self, request: Request, routed: RoutedRequest,
+                    prepare: Callable[[], Awaitable[None]]) -> Response | RelayResponse:
+        """identify → (parse → authorize → limit) → forward; refusals counted and logged."""
         try:
             self.identify(request, routed)
-            parsed = await self.parse(request, routed, schema)
-            self.authorize(routed, parsed)
-            self.limit(request, routed, parsed)
+            await prepare()
             response = await self._proxy.forward(routed, ClientWatch(request.receive))
         except FleetError as exc:
-            self._metrics.requests.labels(routed.model, str(exc.status_code), routed.policy).inc()
+            self._metrics.requests.labels(routed.model, str(exc.status_code), routed.policy,
+                                          routed.endpoint).inc()
             exc.headers.setdefault("X-Request-Id", routed.request_id)
-            logger.info("refused request_id=%s key=%s model=%s status=%d code=%s",
-                        routed.request_id, routed.caller.name, routed.model, exc.status_code,
-                        exc.code)
+            logger.info("refused request_id=%s key=%s model=%s path=%s status=%d code=%s",
+                        routed.request_id, routed.caller.name, routed.model, routed.path,
+                        exc.status_code, exc.code)
             raise
         self._metrics.requests.labels(routed.model, str(response.status_code),
-                                      routed.policy).inc()
+                                      routed.policy, routed.endpoint).inc()
         return response
 
     # --- the steps ---
@@ -78,26 +111,30 @@ class Pipeline:
         """The client's request id, if it gave a sane one, and who the client is."""
         routed.request_id = validation.request_id(request.headers.get("x-request-id")) \
             or routed.request_id
-        routed.caller = self._auth.authenticate(request.headers.get("authorization"))
+        headers = request.headers
+        # Anthropic's clients send their key as x-api-key.
+        key = headers.get("authorization") or (
+            f"Bearer {headers['x-api-key']}" if "x-api-key" in headers else None)
+        routed.caller = self._auth.authenticate(key)
 
-    async def parse(self, request: Request, routed: RoutedRequest,
-                    schema: type[GenerationRequest]) -> GenerationRequest:
+    async def parse(self, request: Request, routed: RoutedRequest, schema: type[Parsed]
+                    ) -> Parsed:
         validation.check_headers(request, self._limits, self._session_header)
         routed.body = await validation.read_body(request, self._limits.max_body_bytes)
         parsed = validation.parse(routed.body, schema)
         routed.stream = bool(parsed.stream)
         return parsed
 
-    def authorize(self, routed: RoutedRequest, parsed: GenerationRequest) -> None:
-        if not routed.caller.entry.allows(parsed.model):
+    def authorize(self, routed: RoutedRequest, model: str) -> None:
+        if not routed.caller.entry.allows(model):
             raise PermissionDeniedError(
-                f"This API key may not use model '{parsed.model}'.", param="model"
+                f"This API key may not use model '{model}'.", param="model"
             )
         table = self._table
         # Client-chosen names would make the label set unbounded.
-        known = table.snapshot is not None and parsed.model in table.snapshot.models
-        routed.model = parsed.model if known else "unknown"
-        routed.policy = table.policy_for(parsed.model).name
+        known = table.snapshot is not None and model in table.snapshot.models
+        routed.model = model if known else "unknown"
+        routed.policy = table.policy_for(model).name
 
     def limit(self, request: Request, routed: RoutedRequest, parsed: GenerationRequest) -> None:
         """The gateway's input limits and the key's rate limits; then what routing looks at."""
@@ -113,5 +150,19 @@ class Pipeline:
         routed.route = RouteRequest(
             model=parsed.model,
             session=request.headers.get(self._session_header) or parsed.user,
+            path=routed.path,
             render_prompt=parsed.prompt_text,
         )
+
+    def admit(self, request: Request, routed: RoutedRequest, model: str) -> None:
+        """The key's rate limits for a request the gateway does not read beyond its model:
+        tokens are charged from the answer's usage, where it reports one."""
+        caller = routed.caller
+        self._limiter.admit(caller)
+        if caller.entry.tpm is not None:
+            # Without a usage (a stream cut off, an endpoint that reports none), about a token
+            # for every four bytes of the request.
+            routed.on_usage = usage_charger_for(self._limiter, caller,
+                                                fallback=len(routed.body) // 4)
+        routed.route = RouteRequest(model=model, session=request.headers.get(
+            self._session_header), path=routed.path)

@@ -39,6 +39,14 @@ class _Generation(_Open):
     user: str | None = None
 
 
+class ModelRequest(_Open):
+    """What the gateway reads of a model-addressed request beyond generation (embeddings,
+    responses, messages, tokenize, ...); the engine checks the rest."""
+
+    model: str = Field(min_length=1, max_length=256)
+    stream: bool | None = False
+
+
 def _text(content: str | list[Any] | None) -> str:
     if isinstance(content, str):
         return content
@@ -95,6 +103,9 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "llm-fleet"
     max_model_len: int | None = None
+    endpoints: list[str] = Field(
+        default_factory=list,
+        description="The endpoints the gateway routes to this model: what its engines serve.")
 
 
 class ModelList(BaseModel):

@@ -23,6 +23,7 @@ class RoutedRequest:
     request_id: str
     started: float  # monotonic arrival time: latency and time to first byte count from here
     path: str
+    endpoint: str = "chat"  # the metrics label of the path
     method: str = "POST"
     model: str = "unknown"  # the metrics label: a served model's name, or "unknown"
     caller: Caller = ANONYMOUS

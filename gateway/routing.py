@@ -29,6 +29,7 @@ class RouteRequest:
 
     model: str
     session: str | None = None
+    path: str | None = None  # the engine endpoint; None: any worker of the model
     render_prompt: Callable[[], str] = field(default=lambda: "", repr=False)
 
     @cached_property
