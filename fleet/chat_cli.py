@@ -18,7 +18,7 @@ from pydantic import Field, ValidationError, field_validator
 from fleet.client.chat import Chat, Message
 from fleet.client.errors import FleetAPIError
 from fleet.client.settings import ClientSettings
-from fleet.settings_cli import Flag
+from fleetcore.settings_cli import Flag
 
 HELP = "Commands: /reset  /system TEXT  /exit   (Ctrl-C stops an answer, Ctrl-D quits)"
 STOPPED = "[stopped]"

@@ -20,7 +20,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from fleet.errors import FleetError, error_response
+from fleetcore.errors import FleetError, error_response
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

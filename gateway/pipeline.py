@@ -21,7 +21,7 @@ import time
 from fastapi import Request
 from starlette.responses import Response
 
-from fleet.errors import FleetError, PermissionDeniedError
+from fleetcore.errors import FleetError, PermissionDeniedError
 from gateway import validation
 from gateway.asgi import ClientWatch, RelayResponse
 from gateway.auth import Authenticator

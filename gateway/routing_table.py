@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from controller.protocol import Snapshot, WorkerRecord, WorkerState
-from fleet.errors import NotFoundError, OverloadedError, ServiceUnavailableError
+from fleetcore.errors import NotFoundError, OverloadedError, ServiceUnavailableError
 from gateway.breaker import Breakers
 from gateway.routing import Choice, LeastLoad, RouteRequest, RoutingPolicy
 
