@@ -10,7 +10,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator
 
-from fleet.json_types import NonNegativeInt, PositiveInt
+from fleetcore.json_types import NonNegativeInt, PositiveInt
 
 WORKER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$"
 # U+0085 is whitespace to Python and Rust (pydantic) but not to JSON Schema's ECMA regex, U+FEFF

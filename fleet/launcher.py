@@ -28,17 +28,17 @@ import httpx
 from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from fleet.cluster_auth import (
+from fleet.supervisor import Service, Stack, wait_until
+from fleetcore.cluster_auth import (
     CLUSTER_TOKEN_ENV,
     ClusterTokenSettings,
     bearer,
     default_token_file,
     load_or_create_token_file,
 )
-from fleet.logs import setup_logging
-from fleet.settings_cli import CliSettings, Passthrough
-from fleet.supervisor import Service, Stack, wait_until
-from fleet.tls import CA_FILE_ENV, client_ssl_context
+from fleetcore.logs import setup_logging
+from fleetcore.settings_cli import CliSettings, Passthrough
+from fleetcore.tls import CA_FILE_ENV, client_ssl_context
 
 logger = logging.getLogger("fleet.up")
 

@@ -16,8 +16,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 from starlette.responses import Response
 
-from fleet.cluster_auth import bearer
-from fleet.errors import ErrorResponse, FleetError, install_error_handlers
+from fleetcore.cluster_auth import bearer
+from fleetcore.errors import ErrorResponse, FleetError, install_error_handlers
 from gateway import validation
 from gateway.asgi import GenerateRoutes, Handler, RelayResponse
 from gateway.auth import Authenticator

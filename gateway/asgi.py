@@ -20,7 +20,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from fleet.errors import FleetError, error_response
+from fleetcore.errors import FleetError, ServerError, error_response
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -135,5 +135,5 @@ class GenerateRoutes:
             response = error_response(exc)
         except Exception:
             logger.exception("unhandled error path=%s", scope["path"])
-            response = error_response(FleetError("Internal error; the server logged the details."))
+            response = error_response(ServerError("Internal error; the server logged the details."))
         await response(scope, receive, send)

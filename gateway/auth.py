@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fleet.errors import AuthenticationError
+from fleetcore.errors import AuthenticationError
 from gateway.keys import KeyEntry, KeysFile, hash_key
 
 logger = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from typing import Literal
 from starlette.responses import JSONResponse
 
 from controller.protocol import WorkerRecord, WorkerState
-from fleet.errors import FleetError
+from fleetcore.errors import FleetError
 
 ErrorStyle = Literal["openai", "anthropic"]
 # What workers from before engine paths were reported serve (and what they were routed).

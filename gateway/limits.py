@@ -21,7 +21,7 @@ from typing import Any
 
 import pydantic_core
 
-from fleet.errors import RateLimitError
+from fleetcore.errors import RateLimitError
 from gateway.auth import Caller
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
 

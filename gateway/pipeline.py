@@ -23,7 +23,7 @@ from typing import TypeVar
 from fastapi import Request
 from starlette.responses import Response
 
-from fleet.errors import FleetError, PermissionDeniedError
+from fleetcore.errors import FleetError, PermissionDeniedError
 from gateway import validation
 from gateway.asgi import ClientWatch, RelayResponse
 from gateway.auth import Authenticator

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from fleet.json_types import JsonInt, PositiveInt
+from fleetcore.json_types import JsonInt, PositiveInt
 
 
 class _Open(BaseModel):

@@ -24,7 +24,7 @@ import pydantic_core
 from starlette.responses import Response
 
 from controller.protocol import WorkerRecord
-from fleet.errors import (
+from fleetcore.errors import (
     BadGatewayError,
     FleetError,
     GatewayTimeoutError,

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from controller.protocol import Snapshot, WorkerRecord, WorkerState
-from fleet.errors import (
+from fleetcore.errors import (
     InvalidRequestError,
     NotFoundError,
     OverloadedError,

@@ -17,7 +17,7 @@ import uvicorn
 from pydantic import HttpUrl, TypeAdapter
 
 from controller.protocol import EnginePaths, Heartbeat, Registration, WorkerLoad, WorkerState
-from fleet.chat_template import CHATML, EngineTemplateFiles, plan_template, write_engine_files
+from fleetcore.chat_template import CHATML, EngineTemplateFiles, plan_template, write_engine_files
 from worker.app import EmbeddedServer, WorkerMetrics, create_app
 from worker.engine import EngineFailed, EngineProcess, build_engine_command, free_port
 from worker.load import parse_load

@@ -89,8 +89,8 @@ def test_overload_returns_429_with_retry_after(pair: Stack) -> None:
         assert refused.json()["error"]["code"] == "overloaded"
         counted = [line for line in httpx.get(f"{url}/metrics").text.splitlines()
                    if line.startswith("fleet_gateway_requests_total")]
-        assert 'fleet_gateway_requests_total{endpoint="chat",model="SmolLM2-135M-Instruct",policy="least-load",' \
-               'status="429"} 3.0' in counted, counted
+        assert 'fleet_gateway_requests_total{endpoint="chat",model="SmolLM2-135M-Instruct",' \
+               'policy="least-load",status="429"} 3.0' in counted, counted
     finally:
         pair.stop("gw-tight")
 

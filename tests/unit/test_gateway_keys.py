@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet.errors import AuthenticationError
+from fleetcore.errors import AuthenticationError
 from gateway.auth import ANONYMOUS, Authenticator
 from gateway.keys import (
     KeyEntry,

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from fleet.errors import RateLimitError
+from fleetcore.errors import RateLimitError
 from gateway.auth import Caller
 from gateway.keys import KeyEntry
 from gateway.limits import (

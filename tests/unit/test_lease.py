@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from controller.protocol import Snapshot, WorkerRecord, WorkerState
-from fleet.errors import FleetError, OverloadedError
+from fleetcore.errors import FleetError, OverloadedError
 from gateway.asgi import ClientWatch, RelayResponse
 from gateway.breaker import Breakers, BreakerState
 from gateway.engine_client import EngineClient
