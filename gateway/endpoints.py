@@ -76,6 +76,7 @@ _ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error",
 
 def anthropic_error(exc: FleetError) -> JSONResponse:
     """The Anthropic error body for one of our errors, with its status and headers."""
-    kind = _ANTHROPIC_TYPES.get(exc.status_code, "api_error")
+    status = exc.status_code or 500  # a kind without a status is a client's: our bug here
+    kind = _ANTHROPIC_TYPES.get(status, "api_error")
     return JSONResponse({"type": "error", "error": {"type": kind, "message": exc.message}},
-                        status_code=exc.status_code, headers=exc.headers)
+                        status_code=status, headers=exc.headers)
