@@ -52,6 +52,10 @@ class KeyEntry(BaseModel):
     rpm: int | None = Field(None, ge=1, description="Requests per minute; none: no limit.")
     tpm: int | None = Field(None, ge=1, description="Tokens per minute; none: no limit.")
 
+    @property
+    def all_models(self) -> bool:
+        return self.models is None or ALL_MODELS in self.models
+
     def allows(self, model: str) -> bool:
         return self.models is None or ALL_MODELS in self.models or model in self.models
 
