@@ -75,7 +75,8 @@ class PermissionDeniedError(FleetError):
 
 
 class RateLimitError(FleetError):
-    """A client key over its requests- or tokens-per-minute limit; carries Retry-After."""
+    """A client key over its requests- or tokens-per-minute limit, or at its limit of requests
+    in flight; carries Retry-After."""
 
     status_code = 429
     type = "rate_limit_error"
