@@ -126,8 +126,8 @@ class KeyLimiter:
             wait = windows.tokens.retry_after(tpm, now)
             raise _over(f"{tpm} tokens per minute", wait)
         if concurrency is not None and windows.in_flight >= concurrency:
-            raise _refusal(f"This API key has {windows.in_flight} requests in flight, its "
-                           f"limit of requests at once.", _CONCURRENCY_RETRY_AFTER)
+            raise _refusal(f"This API key is at its limit of {concurrency} requests in flight "
+                           "at once.", _CONCURRENCY_RETRY_AFTER)
         windows.requests.add(1, now)
         return KeySlot(windows) if concurrency is not None else None
 
