@@ -128,7 +128,8 @@ class OverloadedError(FleetError):
 
 
 class RateLimitError(OverloadedError):
-    """429: a client key over its requests- or tokens-per-minute limit; carries Retry-After."""
+    """429: a client key over its requests- or tokens-per-minute limit, or at its limit of
+    requests in flight; carries Retry-After."""
 
     code = "rate_limit_exceeded"
 

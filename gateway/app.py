@@ -31,6 +31,7 @@ from gateway.pipeline import Pipeline
 from gateway.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    GatewayStatus,
     ModelCard,
     ModelList,
     ModelRequest,
@@ -168,18 +169,25 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/health", response_model=TableHealth)
-    async def health() -> TableHealth:
+    @app.get("/health", response_model=TableHealth | GatewayStatus,
+             openapi_extra=_BEARER_OPTIONAL)
+    async def health(request: Request) -> TableHealth | GatewayStatus:
+        """Always 200 while the gateway serves: probes and load balancers call it without a
+        key. With keys on, only a valid key sees the table, counted over the key's models."""
+        caller = auth.caller_or_none(request.headers.get("authorization"))
+        if caller is None:
+            return GatewayStatus()
         controller: Literal["ok", "stale", "never-synced"]
         if table.synced_at is None:
             controller = "never-synced"
         else:
             controller = "stale" if table.stale else "ok"
         age = None if table.synced_at is None else round(time.monotonic() - table.synced_at, 3)
-        workers = len(table.snapshot.workers) if table.snapshot else 0
+        allows = caller.entry.allows
+        workers, routable = table.worker_counts(None if caller.entry.all_models else allows)
         return TableHealth(controller=controller, table_age_s=age, workers=workers,
-                           routable_workers=table.routable_count(),
-                           models=sorted(table.models()))
+                           routable_workers=routable,
+                           models=sorted(m for m in table.models() if allows(m)))
 
     _add_body_schemas(app, [ChatCompletionRequest, CompletionRequest, ModelRequest],
                       settings.input_limits())
@@ -207,6 +215,7 @@ def _model_route(pipeline: Pipeline, endpoint: EngineEndpoint) -> Handler:
 _REF = "#/components/schemas/{model}"
 # Handlers check the key themselves (gateway/auth.py); the spec still says a bearer key is needed.
 _BEARER: dict[str, Any] = {"security": [{"bearer": []}]}
+_BEARER_OPTIONAL: dict[str, Any] = {"security": [{"bearer": []}, {}]}  # more with a key
 
 
 def _body_schema(model: type[BaseModel]) -> dict[str, object]:

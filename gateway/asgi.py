@@ -82,7 +82,8 @@ class RelayResponse:
     each, with no task group around them.
 
     `on_close` runs once the response is over, however it ended: it lets go of what the body
-    would have let go of, had it begun (a body generator that never ran has no `finally`)."""
+    would have let go of, had it begun (a body generator that never ran has no `finally`).
+    `add_close` adds more such callbacks, run after it in order."""
 
     def __init__(self, body: AsyncIterator[bytes], status_code: int,
                  headers: dict[str, str], media_type: str,
@@ -91,7 +92,17 @@ class RelayResponse:
         self.status_code = status_code
         self.headers = headers
         self.media_type = media_type
-        self.on_close = on_close
+        self._closers = [on_close] if on_close is not None else []
+
+    def add_close(self, callback: Callable[[], object]) -> None:
+        self._closers.append(callback)
+
+    def _close(self) -> None:
+        for close in self._closers:
+            try:
+                close()
+            except Exception:  # noqa: BLE001 - one failing callback must not skip the others
+                logger.exception("closing a relayed response failed callback=%r", close)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
@@ -106,8 +117,7 @@ class RelayResponse:
                 with contextlib.suppress(Exception):
                     await self.body.aclose()  # type: ignore[attr-defined]
         finally:
-            if self.on_close is not None:
-                self.on_close()
+            self._close()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 

@@ -4,8 +4,10 @@ parse → authorize → limits → choose and forward, with retries → relay �
 
 Each step takes the one `RoutedRequest` the walk carries and fills in what it learned. Steps
 raise `FleetError`s; `install_error_handlers` and `GenerateRoutes` turn those into the OpenAI
-error body, and `walk` counts and logs them. Choosing, forwarding and relaying are the proxy's
-(gateway/proxy.py); settling a worker's load is its lease's (gateway/routing_table.py).
+error body, and `generate` counts and logs them. Choosing, forwarding and relaying are the
+proxy's (gateway/proxy.py); settling a worker's load is its lease's (gateway/routing_table.py).
+Settling the request itself (its key's place in flight) is `generate`'s: when it raises or
+returns a plain answer, or, for a stream, when the relayed response is over however it ended.
 
 Generation requests (a JSON body, relayed unchanged) are the only walk for now; other kinds of
 request (multipart uploads streamed through, GET and DELETE of engine resources) are further
@@ -93,14 +95,20 @@ class Pipeline:
             self.identify(request, routed)
             await prepare()
             response = await self._proxy.forward(routed, ClientWatch(request.receive))
-        except FleetError as exc:
-            self._metrics.requests.labels(routed.model, str(exc.status_code), routed.policy,
-                                          routed.endpoint).inc()
-            exc.headers.setdefault("X-Request-Id", routed.request_id)
-            logger.info("refused request_id=%s key=%s model=%s path=%s status=%d code=%s",
-                        routed.request_id, routed.caller.name, routed.model, routed.path,
-                        exc.status_code, exc.code)
+        except BaseException as exc:
+            routed.settle()
+            if isinstance(exc, FleetError):
+                self._metrics.requests.labels(routed.model, str(exc.status_code),
+                                              routed.policy, routed.endpoint).inc()
+                exc.headers.setdefault("X-Request-Id", routed.request_id)
+                logger.info("refused request_id=%s key=%s model=%s path=%s status=%d code=%s",
+                            routed.request_id, routed.caller.name, routed.model, routed.path,
+                            exc.status_code, exc.code)
             raise
+        if isinstance(response, RelayResponse):
+            response.add_close(routed.settle)  # in flight until the stream's relay is over
+        else:
+            routed.settle()
         self._metrics.requests.labels(routed.model, str(response.status_code),
                                       routed.policy, routed.endpoint).inc()
         return response
@@ -141,7 +149,7 @@ class Pipeline:
         max_model_len = self._table.max_model_len(parsed.model)
         validation.check_limits(parsed, self._limits, max_model_len)
         caller = routed.caller
-        self._limiter.admit(caller)
+        routed.slot = self._limiter.admit(caller)
         if caller.entry.tpm is not None:
             options = parsed.stream_options
             if parsed.stream and not (options and options.include_usage):

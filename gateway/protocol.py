@@ -113,8 +113,16 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-class TableHealth(BaseModel):
+class GatewayStatus(BaseModel):
+    """`/health` for a caller without a valid key, when keys are on: what a load balancer needs
+    and nothing about models or workers."""
+
     status: Literal["ok"] = "ok"
+
+
+class TableHealth(GatewayStatus):
+    """`/health` without keys, or for a valid key: the table, counted over the key's models."""
+
     controller: Literal["ok", "stale", "never-synced"]
     table_age_s: float | None
     workers: int = Field(description="Workers in the gateway's table, in any state.")

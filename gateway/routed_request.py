@@ -3,6 +3,9 @@
 Everything a step needs about the request is here, so steps take one object rather than the same
 eight values each: what to send where (method, path, body), who asked (caller), what routing looks
 at (route), and how the answer is accounted (stream flag, arrival time, usage hook, attempts).
+
+What the request holds for its whole life, beyond any one worker's lease (its key's place among
+the key's requests in flight), it gives back through `settle`, once, however it ended.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.auth import ANONYMOUS, Caller
+from gateway.limits import KeySlot
 from gateway.routing import RouteRequest
 
 # Told the usage of a response when it ends: None when it had none (a stream cut off).
@@ -35,6 +39,8 @@ class RoutedRequest:
     on_usage: UsageHook | None = None
     policy: str = "-"
     tried: set[str] = field(default_factory=set)  # workers this request was sent to
+    slot: KeySlot | None = None  # its key's place in flight, for a key with a concurrency limit
+    settled: bool = False
 
     @property
     def upstream_body(self) -> bytes | AsyncIterable[bytes]:
@@ -43,3 +49,13 @@ class RoutedRequest:
     @property
     def attempts(self) -> int:
         return len(self.tried)
+
+    def settle(self) -> bool:
+        """The request ended (answered, refused, failed, abandoned): give back what it held.
+        True the first time; later calls change nothing, so every exit path may settle."""
+        if self.settled:
+            return False
+        self.settled = True
+        if self.slot is not None:
+            self.slot.release()
+        return True

@@ -174,9 +174,13 @@ class RoutingTable:
             and self.breakers.allows(w.worker_id)
         ]
 
-    def routable_count(self) -> int:
+    def worker_counts(self, serves: Callable[[str], bool] | None = None) -> tuple[int, int]:
+        """Workers in the table, and those routable now; with `serves`, only the workers of
+        at least one model it accepts."""
         workers = self.snapshot.workers if self.snapshot is not None else []
-        return len(self._routable(workers, set()))
+        if serves is not None:
+            workers = [w for w in workers if any(serves(m) for m in w.model_names)]
+        return len(workers), len(self._routable(workers, set()))
 
     def models(self) -> dict[str, list[WorkerRecord]]:
         """Models with at least one routable worker."""

@@ -46,7 +46,8 @@ def start_gateway(stack: Stack, name: str, *flags: str) -> str:
     url = f"http://127.0.0.1:{port}"
 
     def two_workers() -> bool:
-        return httpx.get(f"{url}/health", timeout=5).json()["routable_workers"] == 2
+        health = httpx.get(f"{url}/health", headers=AUTH, timeout=5).json()
+        return health["routable_workers"] == 2
 
     stack.wait_for(two_workers, f"{name} to see both workers", 30)
     return url
