@@ -23,7 +23,13 @@ from gateway.asgi import GenerateRoutes, Handler, RelayResponse
 from gateway.auth import Authenticator
 from gateway.breaker import Breakers
 from gateway.controller_sync import ControllerSync
-from gateway.endpoints import ENDPOINTS, EngineEndpoint, anthropic_error, routed_paths
+from gateway.endpoints import (
+    ENDPOINTS,
+    RESPONSES,
+    EngineEndpoint,
+    anthropic_error,
+    routed_paths,
+)
 from gateway.engine_client import EngineClient
 from gateway.limits import KeyLimiter
 from gateway.metrics import GatewayMetrics
@@ -151,7 +157,16 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         app.post(endpoint.path, summary=endpoint.summary, response_model=None,
                  responses=_GENERATED, openapi_extra=_body_schema(ModelRequest)
                  )(routes[endpoint.path])
-    GenerateRoutes.install(app, routes)
+    # Stored responses, by id: served under RESPONSES/ by GenerateRoutes; declared for the spec.
+    async def stored_response(request: Request, response_id: str) -> Response | RelayResponse:
+        return await pipeline.stored_response(request)
+
+    stored = RESPONSES + "/{response_id}"
+    app.get(stored, summary="Retrieve a stored response (OpenAI)", response_model=None,
+            responses=_GENERATED, openapi_extra=_BEARER)(stored_response)
+    app.post(stored + "/cancel", summary="Cancel a response in the background (OpenAI)",
+             response_model=None, responses=_GENERATED, openapi_extra=_BEARER)(stored_response)
+    GenerateRoutes.install(app, routes, under={RESPONSES + "/": pipeline.stored_response})
 
     @app.get("/v1/models", response_model=ModelList, responses=_ERRORS,
              openapi_extra=_BEARER)

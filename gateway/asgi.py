@@ -122,21 +122,34 @@ class RelayResponse:
 
 
 class GenerateRoutes:
-    """ASGI app: POST to one of `routes` goes to its handler, the rest to `app`."""
+    """ASGI app: POST to one of `routes`, or any method to a path under one of `under`, goes to
+    its handler; the rest to `app`."""
 
-    def __init__(self, app: ASGIApp, routes: dict[str, Handler]) -> None:
+    def __init__(self, app: ASGIApp, routes: dict[str, Handler],
+                 under: dict[str, Handler] | None = None) -> None:
         self.app = app
         self.routes = routes
+        self.under = under or {}
 
     @classmethod
-    def install(cls, app: Starlette, routes: dict[str, Handler]) -> None:
+    def install(cls, app: Starlette, routes: dict[str, Handler],
+                under: dict[str, Handler] | None = None) -> None:
         """Serve `routes` ahead of `app`'s middleware stack (built on its first request)."""
         build = app.build_middleware_stack
-        app.build_middleware_stack = lambda: cls(build(), routes)  # type: ignore[method-assign]
+        app.build_middleware_stack = (  # type: ignore[method-assign]
+            lambda: cls(build(), routes, under))
+
+    def _handler(self, scope: Scope) -> Handler | None:
+        if scope["type"] != "http":
+            return None
+        path = scope["path"]
+        if scope["method"] == "POST" and (handler := self.routes.get(path)) is not None:
+            return handler
+        return next((h for prefix, h in self.under.items() if path.startswith(prefix)), None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        handler = self.routes.get(scope["path"]) if scope["type"] == "http" else None
-        if handler is None or scope["method"] != "POST":
+        handler = self._handler(scope)
+        if handler is None:
             await self.app(scope, receive, send)
             return
         try:

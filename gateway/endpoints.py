@@ -19,6 +19,7 @@ from fleetcore.errors import FleetError
 ErrorStyle = Literal["openai", "anthropic"]
 # What workers from before engine paths were reported serve (and what they were routed).
 GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+RESPONSES = "/v1/responses"
 
 
 @dataclass(frozen=True)

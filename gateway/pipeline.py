@@ -25,15 +25,16 @@ from typing import TypeVar
 from fastapi import Request
 from starlette.responses import Response
 
-from fleetcore.errors import FleetError, PermissionDeniedError
+from fleetcore.errors import FleetError, NotFoundError, PermissionDeniedError
 from gateway import validation
 from gateway.asgi import ClientWatch, RelayResponse
 from gateway.auth import Authenticator
-from gateway.endpoints import ENDPOINT_NAMES, EngineEndpoint
+from gateway.endpoints import ENDPOINT_NAMES, RESPONSES, EngineEndpoint
 from gateway.limits import KeyLimiter, ask_for_usage, usage_charger, usage_charger_for
 from gateway.metrics import GatewayMetrics
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, ModelRequest
 from gateway.proxy import Proxy
+from gateway.response_ids import ResponseOwners
 from gateway.routed_request import RoutedRequest
 from gateway.routing import RouteRequest
 from gateway.routing_table import RoutingTable
@@ -56,6 +57,7 @@ class Pipeline:
         self._table = table
         self._metrics = metrics
         self._proxy = proxy
+        self.responses = ResponseOwners()
 
     async def generate(self, request: Request, path: str,
                        schema: type[GenerationRequest]) -> Response | RelayResponse:
@@ -80,6 +82,35 @@ class Pipeline:
             parsed = await self.parse(request, routed, ModelRequest)
             self.authorize(routed, parsed.model)
             self.admit(request, routed, parsed.model)
+            if endpoint.path == RESPONSES:
+                model = parsed.model
+                routed.on_answer = lambda first, worker_id: self.responses.learn(
+                    first, worker_id, model)
+
+        return await self._walk(request, routed, prepare)
+
+    async def stored_response(self, request: Request) -> Response | RelayResponse:
+        """GET, cancel or DELETE `/v1/responses/{id}[/...]`: to the worker whose engine made
+        that response and holds it."""
+        rest = request.url.path[len(RESPONSES) + 1:]
+        response_id, _, action = rest.partition("/")
+        query = f"?{request.url.query}" if request.url.query else ""
+        routed = self._arrived(f"{request.url.path}{query}", "responses")
+        routed.method = request.method
+        # What the engine's spec calls the path, to check that the engine serves it.
+        template = f"{RESPONSES}/{{response_id}}" + (f"/{action}" if action else "")
+
+        async def prepare() -> None:
+            owner = self.responses.owner(response_id)
+            if owner is None:
+                raise NotFoundError(
+                    f"No response '{response_id}' was made through this gateway (or it was "
+                    "long ago). Stored responses live in the engine that made them.",
+                    param="response_id", code="response_not_found")
+            self.authorize(routed, owner.model)
+            self.admit(request, routed, owner.model)
+            routed.route = RouteRequest(model=owner.model, path=template,
+                                        worker_id=owner.worker_id)
 
         return await self._walk(request, routed, prepare)
 
@@ -166,7 +197,7 @@ class Pipeline:
         """The key's rate limits for a request the gateway does not read beyond its model:
         tokens are charged from the answer's usage, where it reports one."""
         caller = routed.caller
-        self._limiter.admit(caller)
+        routed.slot = self._limiter.admit(caller)
         if caller.entry.tpm is not None:
             # Without a usage (a stream cut off, an endpoint that reports none), about a token
             # for every four bytes of the request.

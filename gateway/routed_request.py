@@ -20,6 +20,8 @@ from gateway.routing import RouteRequest
 
 # Told the usage of a response when it ends: None when it had none (a stream cut off).
 UsageHook = Callable[[dict[str, Any] | None], None]
+# Told the first bytes of a successful answer, and the worker that sent them.
+AnswerHook = Callable[[bytes, str], None]
 
 
 @dataclass
@@ -37,6 +39,7 @@ class RoutedRequest:
     stream: bool = False
     route: RouteRequest | None = None
     on_usage: UsageHook | None = None
+    on_answer: AnswerHook | None = None
     policy: str = "-"
     tried: set[str] = field(default_factory=set)  # workers this request was sent to
     slot: KeySlot | None = None  # its key's place in flight, for a key with a concurrency limit

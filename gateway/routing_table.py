@@ -234,6 +234,17 @@ class RoutingTable:
     def choose(self, request: RouteRequest, exclude: set[str] | None = None) -> Choice | None:
         """A worker under its in-flight cap, or None when all are at the cap."""
         candidates = self.candidates(request.model, exclude, request.path)
+        if (pin := request.worker_id) is not None:
+            if all(w.worker_id != pin for w in self._by_model.get(request.model, ())):
+                raise NotFoundError(
+                    f"Worker {pin}, which held what this request is about, has left the fleet.",
+                    code="worker_gone")
+            candidates = [w for w in candidates if w.worker_id == pin]
+            if not candidates:
+                raise ServiceUnavailableError(
+                    f"Worker {request.worker_id}, which holds what this request is about, is "
+                    "not available now.", code="no_worker_available",
+                    headers={"Retry-After": "2"})
         cap = self.limits.max_inflight_per_worker
         if cap:
             candidates = [w for w in candidates if self.inflight[w.worker_id] < cap]
