@@ -154,9 +154,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                                   "/v1/completions": completions}
     for endpoint in ENDPOINTS.values():
         routes[endpoint.path] = _model_route(pipeline, endpoint)
+        body = _FORM_BODY if endpoint.body == "form" else _body_schema(ModelRequest)
         app.post(endpoint.path, summary=endpoint.summary, response_model=None,
-                 responses=_GENERATED, openapi_extra=_body_schema(ModelRequest)
-                 )(routes[endpoint.path])
+                 responses=_GENERATED, openapi_extra=body)(routes[endpoint.path])
     # Stored responses, by id: served under RESPONSES/ by GenerateRoutes; declared for the spec.
     async def stored_response(request: Request, response_id: str) -> Response | RelayResponse:
         return await pipeline.stored_response(request)
@@ -231,6 +231,14 @@ _REF = "#/components/schemas/{model}"
 # Handlers check the key themselves (gateway/auth.py); the spec still says a bearer key is needed.
 _BEARER: dict[str, Any] = {"security": [{"bearer": []}]}
 _BEARER_OPTIONAL: dict[str, Any] = {"security": [{"bearer": []}, {}]}  # more with a key
+
+
+# An upload: routed by its `model` field, relayed whole.
+_FORM_BODY: dict[str, Any] = {**_BEARER, "requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {
+        "type": "object", "required": ["model", "file"],
+        "properties": {"model": {"type": "string", "minLength": 1, "maxLength": 256},
+                       "file": {"type": "string", "format": "binary"}}}}}}}
 
 
 def _body_schema(model: type[BaseModel]) -> dict[str, object]:

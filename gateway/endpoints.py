@@ -28,6 +28,7 @@ class EngineEndpoint:
     name: str  # the metrics label
     errors: ErrorStyle = "openai"
     summary: str = ""
+    body: Literal["json", "form"] = "json"  # form: multipart, with `model` as a field
 
 
 ENDPOINTS = {e.path: e for e in (
@@ -46,6 +47,10 @@ ENDPOINTS = {e.path: e for e in (
     EngineEndpoint("/v1/rerank", "rerank", summary="Rerank documents"),
     EngineEndpoint("/rerank", "rerank", summary="Rerank documents"),
     EngineEndpoint("/v2/rerank", "rerank", summary="Rerank documents (Cohere v2)"),
+    EngineEndpoint("/v1/audio/transcriptions", "transcriptions",
+                   summary="Transcribe audio (OpenAI; multipart)", body="form"),
+    EngineEndpoint("/v1/audio/translations", "translations",
+                   summary="Translate audio into English (OpenAI; multipart)", body="form"),
 )}
 
 ROUTED_PATHS = GENERATION_PATHS | frozenset(ENDPOINTS)

@@ -22,6 +22,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+import pydantic_core
 from fastapi import Request
 from starlette.responses import Response
 
@@ -30,6 +31,7 @@ from gateway import validation
 from gateway.asgi import ClientWatch, RelayResponse
 from gateway.auth import Authenticator
 from gateway.endpoints import ENDPOINT_NAMES, RESPONSES, EngineEndpoint
+from gateway.forms import form_fields
 from gateway.limits import KeyLimiter, ask_for_usage, usage_charger, usage_charger_for
 from gateway.metrics import GatewayMetrics
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, ModelRequest
@@ -79,7 +81,10 @@ class Pipeline:
         routed = self._arrived(endpoint.path, endpoint.name)
 
         async def prepare() -> None:
-            parsed = await self.parse(request, routed, ModelRequest)
+            if endpoint.body == "form":
+                parsed = await self.parse_form(request, routed)
+            else:
+                parsed = await self.parse(request, routed, ModelRequest)
             self.authorize(routed, parsed.model)
             self.admit(request, routed, parsed.model)
             if endpoint.path == RESPONSES:
@@ -161,6 +166,18 @@ class Pipeline:
         validation.check_headers(request, self._limits, self._session_header)
         routed.body = await validation.read_body(request, self._limits.max_body_bytes)
         parsed = validation.parse(routed.body, schema)
+        routed.stream = bool(parsed.stream)
+        return parsed
+
+    async def parse_form(self, request: Request, routed: RoutedRequest) -> ModelRequest:
+        """A multipart upload: its text fields say the model; the body goes on as it came."""
+        content_type = request.headers.get("content-type", "")
+        routed.content_type = content_type
+        routed.body = await validation.read_body(request, self._limits.max_body_bytes)
+        fields = form_fields(routed.body, content_type)
+        parsed = validation.parse(pydantic_core.to_json(
+            {"model": fields.get("model"), "stream": fields.get("stream") == "true"}),
+            ModelRequest)
         routed.stream = bool(parsed.stream)
         return parsed
 
