@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from starlette.responses import Response
 
 from fleetcore.cluster_auth import bearer
-from fleetcore.errors import ErrorResponse, FleetError, install_error_handlers
+from fleetcore.errors import ErrorResponse, FleetError, NotFoundError, install_error_handlers
 from gateway import validation
 from gateway.asgi import GenerateRoutes, Handler, RelayResponse
 from gateway.auth import Authenticator
@@ -168,17 +168,29 @@ def create_app(settings: GatewaySettings) -> FastAPI:
              response_model=None, responses=_GENERATED, openapi_extra=_BEARER)(stored_response)
     GenerateRoutes.install(app, routes, under={RESPONSES + "/": pipeline.stored_response})
 
+    def model_cards(request: Request) -> list[ModelCard]:
+        caller = auth.authenticate(request.headers.get("authorization"))
+        created = int(time.time())
+        return [
+            # A base model is its own root; adapters will name their base as parent.
+            ModelCard(id=name, created=created, root=name,
+                      max_model_len=table.max_model_len(name), endpoints=routed_paths(workers))
+            for name, workers in sorted(table.models().items()) if caller.entry.allows(name)
+        ]
+
     @app.get("/v1/models", response_model=ModelList, responses=_ERRORS,
              openapi_extra=_BEARER)
     async def list_models(request: Request) -> ModelList:
-        caller = auth.authenticate(request.headers.get("authorization"))
-        created = int(time.time())
-        cards = [
-            ModelCard(id=name, created=created, max_model_len=table.max_model_len(name),
-                      endpoints=routed_paths(workers))
-            for name, workers in sorted(table.models().items()) if caller.entry.allows(name)
-        ]
-        return ModelList(data=cards)
+        return ModelList(data=model_cards(request))
+
+    @app.get("/v1/models/{model:path}", response_model=ModelCard, responses=_ERRORS,
+             openapi_extra=_BEARER)
+    async def retrieve_model(request: Request, model: str) -> ModelCard:
+        card = next((c for c in model_cards(request) if c.id == model), None)
+        if card is None:  # a model the key may not use is not shown to exist either
+            raise NotFoundError(f"The model '{model}' does not exist.", param="model",
+                                code="model_not_found")
+        return card
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:

@@ -102,6 +102,8 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "llm-fleet"
+    root: str | None = None
+    parent: str | None = None
     max_model_len: int | None = None
     endpoints: list[str] = Field(
         default_factory=list,
