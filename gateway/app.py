@@ -136,6 +136,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.state.settings = settings
     app.state.auth = auth
     app.state.limiter = limiter
+    app.state.pipeline = pipeline
     install_error_handlers(app)
 
     async def chat_completions(request: Request) -> Response | RelayResponse:
