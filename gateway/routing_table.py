@@ -233,12 +233,14 @@ class RoutingTable:
 
     def choose(self, request: RouteRequest, exclude: set[str] | None = None) -> Choice | None:
         """A worker under its in-flight cap, or None when all are at the cap."""
+        pin = request.worker_id
+        if pin is not None and all(w.worker_id != pin
+                                   for w in self._by_model.get(request.model, ())):
+            raise NotFoundError(
+                f"Worker {pin}, which held what this request is about, has left the fleet.",
+                code="worker_gone")
         candidates = self.candidates(request.model, exclude, request.path)
-        if (pin := request.worker_id) is not None:
-            if all(w.worker_id != pin for w in self._by_model.get(request.model, ())):
-                raise NotFoundError(
-                    f"Worker {pin}, which held what this request is about, has left the fleet.",
-                    code="worker_gone")
+        if pin is not None:
             candidates = [w for w in candidates if w.worker_id == pin]
             if not candidates:
                 raise ServiceUnavailableError(
