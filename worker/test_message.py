@@ -25,7 +25,8 @@ class MessageSettings(CliSettings, ControllerCredentials, ClientTLSSettings):
 
     model_config = SettingsConfigDict(env_prefix="FLEET_TEST_MESSAGE_")
     cli_prog = "fleet test-message"
-    cli_description = "Send one chat message to a worker of a model."
+    cli_description = ("Send one chat message to a worker of a model (an embedding model: "
+                       "embed it, and show the vector's dimension).")
 
     controller_address: str = Field("http://127.0.0.1:21001", description="The controller's URL.")
     model_name: str = Field(description="The model to ask a worker of.")
@@ -73,13 +74,19 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     print(f"Worker: {worker.worker_id} at {worker.engine_url} ({worker.device})")
-    print(f"USER: {settings.message}")
-    print("ASSISTANT: ", end="", flush=True)
     engine = openai.OpenAI(
         base_url=f"{str(worker.engine_url).rstrip('/')}/v1",
         api_key=worker.engine_api_key or "none", timeout=120.0, max_retries=0,
         http_client=openai.DefaultHttpxClient(verify=verify),
     )
+    if worker.engine_paths is not None and "/v1/chat/completions" not in worker.engine_paths:
+        if "/v1/embeddings" in worker.engine_paths:
+            return _embed(engine, settings)
+        print(f"error: the worker's engine serves neither chat nor embeddings "
+              f"({', '.join(worker.engine_paths)})", file=sys.stderr)
+        return 1
+    print(f"USER: {settings.message}")
+    print("ASSISTANT: ", end="", flush=True)
     try:
         stream = engine.chat.completions.create(
             model=settings.model_name,
@@ -93,6 +100,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\nerror: the worker failed: {exc}", file=sys.stderr)
         return 1
     print()
+    return 0
+
+
+def _embed(engine: openai.OpenAI, settings: MessageSettings) -> int:
+    """An embedding model's answer: the vector of the message."""
+    print(f"EMBED: {settings.message}")
+    try:
+        vector = engine.embeddings.create(model=settings.model_name,
+                                          input=settings.message).data[0].embedding
+    except openai.OpenAIError as exc:
+        print(f"error: the worker failed: {exc}", file=sys.stderr)
+        return 1
+    shown = ", ".join(f"{x:.4f}" for x in vector[:4])
+    print(f"VECTOR: {len(vector)} dimensions [{shown}, ...]")
     return 0
 
 

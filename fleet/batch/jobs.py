@@ -2,8 +2,9 @@
 
 Input: one request per line, either in the OpenAI batch format
 (`{"custom_id": ..., "url": "/v1/chat/completions", "body": {"messages": [...]}}`, or a body with
-`prompt` for /v1/completions) or plain text, which becomes one user message with the id
-`line-N` (N counts lines from 1, so ids stay the same when the file is read again).
+`prompt` for /v1/completions, or with `input` for /v1/embeddings) or plain text, which becomes
+one user message with the id `line-N` (N counts lines from 1, so ids stay the same when the file
+is read again).
 
 Output: one OpenAI batch-output record per line (`id`, `custom_id`, `response` with
 `status_code`, `request_id`, `worker` and `body`, `error`), appended and flushed as each request
@@ -24,6 +25,8 @@ from typing import Any
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
+EMBEDDINGS = "/v1/embeddings"
+URLS = (CHAT, COMPLETIONS, EMBEDDINGS)
 # Client-side streaming makes no sense for a batch; the rest is the engine's business.
 _DROPPED_KEYS = ("stream", "stream_options")
 
@@ -36,7 +39,7 @@ class InputError(ValueError):
 class BatchLine:
     index: int  # position in the input, for the final sort
     custom_id: str
-    url: str  # CHAT or COMPLETIONS
+    url: str  # one of URLS
     body: dict[str, Any]
 
 
@@ -54,20 +57,24 @@ def _url_for(body: Mapping[str, Any], url: object, where: str) -> str:
     if url is not None:
         path = str(url)
         path = path if path.startswith("/v1/") else f"/v1{path}" if path.startswith("/") else path
-        if path not in (CHAT, COMPLETIONS):
-            raise InputError(f"{where}: url {url!r} is not {CHAT} or {COMPLETIONS}")
+        if path not in URLS:
+            raise InputError(f"{where}: url {url!r} is not one of {', '.join(URLS)}")
         return path
     if "messages" in body:
         return CHAT
     if "prompt" in body:
         return COMPLETIONS
-    raise InputError(f"{where}: the body has neither 'messages' nor 'prompt'")
+    if "input" in body:
+        return EMBEDDINGS
+    raise InputError(f"{where}: the body has none of 'messages', 'prompt' and 'input'")
 
 
-def _with_defaults(body: dict[str, Any], defaults: Defaults) -> dict[str, Any]:
+def _with_defaults(body: dict[str, Any], defaults: Defaults, url: str) -> dict[str, Any]:
     for key in _DROPPED_KEYS:
         body.pop(key, None)
     body["model"] = defaults.model
+    if url == EMBEDDINGS:  # no sampling to default
+        return body
     if defaults.max_tokens is not None and "max_tokens" not in body \
             and "max_completion_tokens" not in body:
         body["max_tokens"] = defaults.max_tokens
@@ -92,7 +99,7 @@ def parse_line(text: str, number: int, defaults: Defaults) -> BatchLine | None:
         messages = [{"role": "system", "content": defaults.system}] if defaults.system else []
         messages.append({"role": "user", "content": stripped})
         return BatchLine(number - 1, f"line-{number}", CHAT,
-                         _with_defaults({"messages": messages}, defaults))
+                         _with_defaults({"messages": messages}, defaults, CHAT))
     body = data.get("body")
     if not isinstance(body, dict):
         raise InputError(f"{where}: a JSON line needs a 'body' object (OpenAI batch format)")
@@ -106,7 +113,10 @@ def parse_line(text: str, number: int, defaults: Defaults) -> BatchLine | None:
         raise InputError(f"{where}: 'messages' must be a non-empty list")
     if url == COMPLETIONS and not body.get("prompt"):
         raise InputError(f"{where}: 'prompt' must not be empty")
-    return BatchLine(number - 1, custom_id, url, _with_defaults(copy.deepcopy(body), defaults))
+    if url == EMBEDDINGS and not body.get("input"):
+        raise InputError(f"{where}: 'input' must not be empty")
+    return BatchLine(number - 1, custom_id, url,
+                     _with_defaults(copy.deepcopy(body), defaults, url))
 
 
 def parse_lines(lines: Iterable[str], defaults: Defaults) -> list[BatchLine]:

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fleet.batch.jobs import CHAT, BatchLine, ResultsFile, error_record, success_record
+from fleet.batch.jobs import CHAT, EMBEDDINGS, BatchLine, ResultsFile, error_record, success_record
 from fleet.batch.report import Progress, Tally
 from fleet.launcher import visible_gpus
 from fleetcore.chat_template import plan_template, write_engine_files
@@ -136,6 +136,9 @@ class OfflineRunner:
         params: list[SamplingParams] = []
         for job in chunk:
             try:
+                if job.url == EMBEDDINGS:
+                    raise UnsupportedParameter(
+                        "not supported offline: /v1/embeddings (run it through the gateway)")
                 params.append(SamplingParams(**sampling_kwargs(job.body, self.defaults)))
                 ready.append(job)
             except self._refused as exc:

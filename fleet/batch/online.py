@@ -21,7 +21,7 @@ from typing import Any
 import openai
 from openai import AsyncOpenAI
 
-from fleet.batch.jobs import CHAT, BatchLine, ResultsFile, error_record, success_record
+from fleet.batch.jobs import CHAT, EMBEDDINGS, BatchLine, ResultsFile, error_record, success_record
 from fleet.batch.report import Progress, Tally
 from fleetcore.errors import AuthenticationError, FleetError, NotFoundError, PermissionDeniedError
 from fleetcore.openai_errors import from_openai
@@ -61,14 +61,17 @@ class OnlineRunner:
         """One try; the record on success, FleetError otherwise."""
         body = dict(job.body)
         model = body.pop("model")
-        key = "messages" if job.url == CHAT else "prompt"
-        main = body.pop(key)
-        resource = self.client.chat.completions if job.url == CHAT else self.client.completions
         try:
             # The rest of the body goes as it is: vLLM's extra parameters included.
-            raw = await resource.with_raw_response.create(
-                model=model, **{key: main}, extra_body=body,
-            )
+            if job.url == EMBEDDINGS:
+                raw: Any = await self.client.embeddings.with_raw_response.create(
+                    model=model, input=body.pop("input"), extra_body=body)
+            elif job.url == CHAT:
+                raw = await self.client.chat.completions.with_raw_response.create(
+                    model=model, messages=body.pop("messages"), extra_body=body)
+            else:
+                raw = await self.client.completions.with_raw_response.create(
+                    model=model, prompt=body.pop("prompt"), extra_body=body)
         except openai.OpenAIError as exc:
             raise from_openai(exc) from exc
         try:

@@ -8,8 +8,12 @@ served with `--runner pooling`. Each endpoint goes to a worker whose engine serv
 from __future__ import annotations
 
 import base64
+import json
 import importlib.util
+import os
 import struct
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +22,7 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.harness import API_KEY, MODEL_NAME, Stack
+from tests.integration.harness import API_KEY, CLUSTER_TOKEN, MODEL_NAME, Stack
 
 pytestmark = pytest.mark.integration
 
@@ -164,6 +168,35 @@ def test_responses_created_streamed_and_retrieved_from_the_worker_that_made_them
     assert client.responses.retrieve(final.id).output_text == final.output_text
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve("resp_never_made_here")
+
+
+def test_test_message_embeds_with_an_embedding_model(fleet: Stack) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "worker.test_message", "--controller-address",
+         fleet.controller_url, "--model-name", EMBED, "--message", FRANCE],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "FLEET_CLUSTER_TOKEN": CLUSTER_TOKEN})
+    assert result.returncode == 0, result.stderr
+    assert "Worker: embed" in result.stdout
+    assert "VECTOR: 384 dimensions" in result.stdout
+
+
+def test_fleet_batch_embeds_lines(fleet: Stack, tmp_path: Path) -> None:
+    source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text("".join(json.dumps({"custom_id": f"e{i}", "url": "/v1/embeddings",
+                                          "body": {"input": text}}) + "\n"
+                              for i, text in enumerate(["one", "two", "three"])))
+    done = subprocess.run(
+        [sys.executable, "-m", "fleet.cli", "batch", "--input", str(source), "--output",
+         str(output), "--model", EMBED, "--gateway-url", fleet.gateway_url],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "FLEET_CLIENT_API_KEY": API_KEY})
+    assert done.returncode == 0, done.stdout + done.stderr
+    written = [json.loads(line) for line in output.read_text().splitlines()]
+    assert sorted(r["custom_id"] for r in written) == ["e0", "e1", "e2"]
+    for record in written:
+        body = record["response"]["body"]
+        assert body["object"] == "list" and len(body["data"][0]["embedding"]) == 384
 
 
 def test_requests_are_counted_by_endpoint(fleet: Stack, client: openai.OpenAI) -> None:

@@ -30,6 +30,13 @@ def line(custom_id: str, body: dict, **extra: object) -> str:
     return json.dumps({"custom_id": custom_id, "body": body, **extra})
 
 
+def test_a_line_with_input_is_an_embedding_and_gets_no_sampling_defaults() -> None:
+    jobs = parse_lines([line("e", {"input": ["a", "b"], "encoding_format": "float"})],
+                       Defaults(model="m", max_tokens=64, temperature=0.5))
+    assert jobs[0].url == "/v1/embeddings"
+    assert jobs[0].body == {"model": "m", "input": ["a", "b"], "encoding_format": "float"}
+
+
 def test_plain_text_lines_are_user_messages_numbered_by_line() -> None:
     jobs = parse_lines(["What is 2+2?\n", "\n", "Name a colour.\n"],
                        Defaults(model="m", system="Be brief."))
@@ -65,9 +72,9 @@ def test_a_text_line_that_looks_like_json_but_is_not_an_object_is_text() -> None
 
 @pytest.mark.parametrize("text, message", [
     (json.dumps({"custom_id": "x"}), "line 1: a JSON line needs a 'body'"),
-    (line("x", {"temperature": 1}), "neither 'messages' nor 'prompt'"),
+    (line("x", {"temperature": 1}), "none of 'messages', 'prompt' and 'input'"),
     (line("x", {"messages": []}), "'messages' must be a non-empty list"),
-    (line("x", {"prompt": "p"}, url="/v1/embeddings"), "is not /v1/chat/completions"),
+    (line("x", {"prompt": "p"}, url="/v1/images"), "is not one of /v1/chat/completions"),
     (line("", {"prompt": "p"}), "'custom_id' must be a non-empty string"),
     (line("x", {"prompt": "p"}, method="GET"), "method must be POST"),
 ])
