@@ -8,8 +8,8 @@ served with `--runner pooling`. Each endpoint goes to a worker whose engine serv
 from __future__ import annotations
 
 import base64
-import json
 import importlib.util
+import json
 import os
 import struct
 import subprocess
