@@ -1,6 +1,6 @@
 # Two commands on a fresh machine: `make run` (the demo fleet: a chat and an embedding model)
-# and `make test`. Each does every set-up step first,
-# and skips the steps whose inputs did not change.
+# and `make test`. Each does every set-up step first, and skips the steps whose inputs did not
+# change.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
