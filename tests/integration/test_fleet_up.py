@@ -21,9 +21,10 @@ EMBEDDING_MODEL = "all-MiniLM-L6-v2"
 def test_fleet_up_serves_the_demo_fleet_and_ctrl_c_leaves_nothing_behind(
     tmp_path: Path, model_path: Path
 ) -> None:
-    # No --model and no --fleet: the demo fleet, as `make run` starts it. 512 tokens fit both
-    # models (the embedding model's own limit is 512).
-    up = FleetUp(tmp_path, ["--api-keys", "k1,k2", "--max-model-len", "512"])
+    # No --model and no --fleet: the demo fleet, as `make run` starts it. Unknown flags reach
+    # every engine: 256 tokens fit both models (vLLM takes the embedding model's limit, 256,
+    # from its sentence-transformers config).
+    up = FleetUp(tmp_path, ["--api-keys", "k1,k2", "--max-model-len", "256"])
     gateway_port, webui_port, token_file = up.gateway_port, up.webui_port, up.token_file
     try:
         up.start_and_wait(timeout=300)
@@ -64,7 +65,7 @@ def test_fleet_up_serves_the_demo_fleet_and_ctrl_c_leaves_nothing_behind(
                            headers={"Authorization": "Bearer k2"}, timeout=10).json()
         by_id = {m["id"]: m for m in models["data"]}
         assert set(by_id) == {MODEL_NAME, EMBEDDING_MODEL}
-        assert by_id[MODEL_NAME]["max_model_len"] == 512
+        assert by_id[MODEL_NAME]["max_model_len"] == 256
         reply = httpx.post(
             f"http://127.0.0.1:{gateway_port}/v1/chat/completions", timeout=60,
             headers={"Authorization": "Bearer k1"},
