@@ -132,7 +132,8 @@ def fleet_of(args: UpSettings, on_gpus: bool) -> FleetFile:
     given = [flag for name, flag in _ONE_MODEL_FLAGS.items() if name in args.model_fields_set]
     if args.fleet is not None:
         if given:
-            raise ValueError(f"{', '.join(given)} describe --model; with --fleet, give each "
+            verb = "describes" if len(given) == 1 else "describe"
+            raise ValueError(f"{', '.join(given)} {verb} --model; with --fleet, give each "
                              "model's in the fleet file")
         return load_fleet(args.fleet)
     if args.model is None and not given:

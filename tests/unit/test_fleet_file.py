@@ -117,7 +117,7 @@ def test_one_model_flags_are_refused_beside_a_fleet_file(tmp_path: Path) -> None
     path = tmp_path / "fleet.yaml"
     path.write_text(TWO_MODELS)
     args = UpSettings.from_cli(["--fleet", str(path), "--model-name", "x"])
-    with pytest.raises(ValueError, match="--model-name describe --model"):
+    with pytest.raises(ValueError, match="--model-name describes --model; with --fleet"):
         fleet_of(args, on_gpus=False)
     with pytest.raises(SystemExit):  # argparse: not allowed with
         UpSettings.from_cli(["--fleet", str(path), "--model", "m"])
