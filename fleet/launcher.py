@@ -3,9 +3,8 @@
 Starts the controller, the workers of each model of the fleet (a fleet file, one --model, or
 the demo fleet: fleet/fleet_file.py), each on its share of the GPUs or pinned to its own CPU
 cores (fleet/devices.py), the gateway and the chat web UI, as child processes
-(fleet/supervisor.py). Once the stack
-is up, a service that dies is started again while the others keep serving. Nothing it started
-outlives it.
+(fleet/supervisor.py). Once the stack is up, a service that dies is started again while the
+others keep serving. Nothing it started outlives it.
 They share one cluster token, handed to each in its environment (never its argv, which `ps`
 shows): FLEET_CLUSTER_TOKEN if set, else the token in --cluster-token-file, generated there on
 first use.
@@ -131,6 +130,8 @@ def fleet_of(args: UpSettings, on_gpus: bool) -> FleetFile:
     are not resolved yet (fleet_file.resolve_demo_sources)."""
     given = [flag for name, flag in _ONE_MODEL_FLAGS.items() if name in args.model_fields_set]
     if args.fleet is not None:
+        if args.model is not None:  # the flags exclude each other; the variables may not
+            raise ValueError("give --fleet or --model, not both")
         if given:
             verb = "describes" if len(given) == 1 else "describe"
             raise ValueError(f"{', '.join(given)} {verb} --model; with --fleet, give each "

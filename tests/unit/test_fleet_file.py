@@ -113,7 +113,9 @@ def test_cpu_workers_without_a_model_keeps_meaning_the_chat_demo_model() -> None
     assert (model.source, model.workers) == ("demo:smollm2", 2)
 
 
-def test_one_model_flags_are_refused_beside_a_fleet_file(tmp_path: Path) -> None:
+def test_one_model_flags_are_refused_beside_a_fleet_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = tmp_path / "fleet.yaml"
     path.write_text(TWO_MODELS)
     args = UpSettings.from_cli(["--fleet", str(path), "--model-name", "x"])
@@ -121,6 +123,9 @@ def test_one_model_flags_are_refused_beside_a_fleet_file(tmp_path: Path) -> None
         fleet_of(args, on_gpus=False)
     with pytest.raises(SystemExit):  # argparse: not allowed with
         UpSettings.from_cli(["--fleet", str(path), "--model", "m"])
+    monkeypatch.setenv("FLEET_UP_MODEL", "m")
+    with pytest.raises(ValueError, match="give --fleet or --model, not both"):
+        fleet_of(UpSettings.from_cli(["--fleet", str(path)]), on_gpus=False)
 
 
 def test_demo_sources_become_the_local_folders_under_their_names() -> None:
