@@ -255,7 +255,7 @@ def _start_proxy(name: str, args: argparse.Namespace, workdir: Path, backend: st
                     args.proxy_cores, workdir)
         proc.wait_http(f"{url}/v1/models", 60, auth)
         deadline = time.monotonic() + 30
-        while httpx.get(f"{url}/health", timeout=2).json().get("workers", 0) < 1:
+        while httpx.get(f"{url}/health", headers=auth, timeout=2).json().get("workers", 0) < 1:
             if time.monotonic() > deadline:
                 raise SystemExit("our gateway never saw the backend")
             time.sleep(0.2)

@@ -225,7 +225,8 @@ def start_router(stack: Stack, policy: str, args: argparse.Namespace) -> tuple[s
         "-m", "gateway", "--port", str(port), "--controller-address", stack.controller_url,
         "--api-keys", API_KEY, "--routing", name, "--sync-interval", "0.5"], env=env)
     workers = len(args.devices.split(","))
-    stack.wait_for(lambda: httpx.get(f"{url}/health").json()["workers"] == workers,
+    auth = {"Authorization": f"Bearer {API_KEY}"}  # /health shows the table only to a key
+    stack.wait_for(lambda: httpx.get(f"{url}/health", headers=auth).json()["workers"] == workers,
                    f"gateway {policy}", 30)
     return url, API_KEY
 

@@ -45,7 +45,7 @@ from bench.serve_bench import (  # noqa: E402
     versions,
     vllm_bench,
 )
-from fleet.cluster_auth import ControllerCredentials, bearer  # noqa: E402
+from fleetcore.cluster_auth import ControllerCredentials, bearer  # noqa: E402
 
 
 def _parse() -> argparse.Namespace:

@@ -95,7 +95,7 @@ def _wait_ready(args: argparse.Namespace, proc: subprocess.Popen[bytes] | None) 
 
 
 def _engine(args: argparse.Namespace) -> tuple[str, str]:
-    from fleet.cluster_auth import ControllerCredentials, bearer
+    from fleetcore.cluster_auth import ControllerCredentials, bearer
 
     # The controller hands out engine keys only for a token: FLEET_READ_TOKEN or
     # FLEET_CLUSTER_TOKEN (with --start, the one this script gave `fleet up`).

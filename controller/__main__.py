@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from controller.app import create_app
 from controller.settings import ControllerSettings
-from fleet.logs import setup_logging
+from fleetcore.logs import setup_logging
 
 
 def main(argv: Sequence[str] | None = None) -> int:

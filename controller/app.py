@@ -23,7 +23,7 @@ from controller.protocol import (
 )
 from controller.registry import Registry, UnknownWorker
 from controller.settings import ControllerSettings
-from fleet.errors import ErrorResponse, NotFoundError, install_error_handlers
+from fleetcore.errors import ErrorResponse, NotFoundError, install_error_handlers
 
 logger = logging.getLogger(__name__)
 

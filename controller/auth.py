@@ -19,8 +19,8 @@ from fastapi.security.utils import get_authorization_scheme_param
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from fleet.cluster_auth import PLACEHOLDER_PREFIX
-from fleet.errors import (
+from fleetcore.cluster_auth import PLACEHOLDER_PREFIX
+from fleetcore.errors import (
     AuthenticationError,
     ErrorResponse,
     FleetError,

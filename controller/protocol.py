@@ -10,13 +10,21 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator
 
-from fleet.json_types import NonNegativeInt, PositiveInt
+from fleetcore.json_types import NonNegativeInt, PositiveInt
 
 WORKER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$"
 # U+0085 is whitespace to Python and Rust (pydantic) but not to JSON Schema's ECMA regex, U+FEFF
 # the other way round, so both
 # are named: the spec and the check then agree (schemathesis found the gap).
 MODEL_NAME_PATTERN = r"^[^\s\u0085\ufeff/][^\s\u0085\ufeff]{0,255}$"
+ENGINE_PATH_PATTERN = r"^/[A-Za-z0-9._~{}/-]{0,255}$"
+# The engine's paths, from its OpenAPI spec; None: not (yet) known.
+EnginePaths = Annotated[
+    list[Annotated[str, Field(pattern=ENGINE_PATH_PATTERN)]] | None,
+    Field(None, max_length=512, description="The paths the engine serves, from its OpenAPI "
+          "spec, once it is up; none: not known (the gateway then assumes the OpenAI "
+          "generation endpoints only)."),
+]
 
 
 class WorkerState(str, Enum):
@@ -59,6 +67,8 @@ class WorkerInfo(BaseModel):
         "(--chat-template). None: not reported.",
     )
 
+    engine_paths: EnginePaths = None
+
     @field_validator("model_names")
     @classmethod
     def _names_are_unique(cls, names: list[str]) -> list[str]:
@@ -79,6 +89,7 @@ class Heartbeat(BaseModel):
     load: WorkerLoad = Field(default_factory=WorkerLoad)
     # Facts that become known only once the engine is up.
     max_model_len: PositiveInt | None = None
+    engine_paths: EnginePaths = None
 
 
 class RegisterResponse(BaseModel):

@@ -73,6 +73,8 @@ class Registry:
         record.load = beat.load
         if beat.max_model_len is not None:
             record.max_model_len = beat.max_model_len
+        if beat.engine_paths is not None:
+            record.engine_paths = beat.engine_paths
         record.last_heartbeat = time.time()
         self._seen[worker_id] = now
         for name in record.model_names:

@@ -9,9 +9,9 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from fleet.cluster_auth import ClusterTokenSettings, ReadTokenSettings
-from fleet.settings_cli import CliSettings
-from fleet.tls import ServerTLSSettings
+from fleetcore.cluster_auth import ClusterTokenSettings, ReadTokenSettings
+from fleetcore.settings_cli import CliSettings
+from fleetcore.tls import ServerTLSSettings
 
 
 class ControllerSettings(CliSettings, ClusterTokenSettings, ReadTokenSettings, ServerTLSSettings):

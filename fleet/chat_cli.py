@@ -16,9 +16,9 @@ from typing import Annotated, Any, TextIO
 from pydantic import Field, ValidationError, field_validator
 
 from fleet.client.chat import Chat, Message
-from fleet.client.errors import FleetAPIError
 from fleet.client.settings import ClientSettings
-from fleet.settings_cli import Flag
+from fleetcore.errors import FleetError
+from fleetcore.settings_cli import Flag
 
 HELP = "Commands: /reset  /system TEXT  /exit   (Ctrl-C stops an answer, Ctrl-D quits)"
 STOPPED = "[stopped]"
@@ -99,7 +99,7 @@ class Repl:
         except KeyboardInterrupt:
             stream.close()
             self.out.write(f"\n{STOPPED}\n")
-        except FleetAPIError as exc:
+        except FleetError as exc:
             self.out.write("\n")
             self.err.write(f"error: {exc}\n")
         finally:
@@ -142,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with chat:
         try:
             chat.model = _pick_model(settings.model, chat.models())
-        except (FleetAPIError, LookupError) as exc:
+        except (FleetError, LookupError) as exc:
             print(f"fleet chat: {exc}", file=sys.stderr)
             return 1
         if sys.stdin.isatty():

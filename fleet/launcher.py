@@ -27,13 +27,6 @@ import httpx
 from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from fleet.cluster_auth import (
-    CLUSTER_TOKEN_ENV,
-    ClusterTokenSettings,
-    bearer,
-    default_token_file,
-    load_or_create_token_file,
-)
 from fleet.devices import parse_cores, share_cores, share_gpus, visible_gpus
 from fleet.fleet_file import (
     DEMO_PREFIX,
@@ -44,10 +37,17 @@ from fleet.fleet_file import (
     load_fleet,
     resolve_demo_sources,
 )
-from fleet.logs import setup_logging
-from fleet.settings_cli import CliSettings, Flag, Passthrough
 from fleet.supervisor import Service, Stack, wait_until
-from fleet.tls import CA_FILE_ENV, client_ssl_context
+from fleetcore.cluster_auth import (
+    CLUSTER_TOKEN_ENV,
+    ClusterTokenSettings,
+    bearer,
+    default_token_file,
+    load_or_create_token_file,
+)
+from fleetcore.logs import setup_logging
+from fleetcore.settings_cli import CliSettings, Flag, Passthrough
+from fleetcore.tls import CA_FILE_ENV, client_ssl_context
 
 logger = logging.getLogger("fleet.up")
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import uvicorn
 from pydantic import ValidationError
 
-from fleet.logs import setup_logging
+from fleetcore.logs import setup_logging
 from gateway.app import create_app
 from gateway.keys import KeysFileError
 from gateway.settings import GatewaySettings

@@ -16,13 +16,20 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 from starlette.responses import Response
 
-from fleet.cluster_auth import bearer
-from fleet.errors import ErrorResponse, install_error_handlers
+from fleetcore.cluster_auth import bearer
+from fleetcore.errors import ErrorResponse, FleetError, NotFoundError, install_error_handlers
 from gateway import validation
-from gateway.asgi import GenerateRoutes, RelayResponse
+from gateway.asgi import GenerateRoutes, Handler, RelayResponse
 from gateway.auth import Authenticator
 from gateway.breaker import Breakers
 from gateway.controller_sync import ControllerSync
+from gateway.endpoints import (
+    ENDPOINTS,
+    RESPONSES,
+    EngineEndpoint,
+    anthropic_error,
+    routed_paths,
+)
 from gateway.engine_client import EngineClient
 from gateway.limits import KeyLimiter
 from gateway.metrics import GatewayMetrics
@@ -30,8 +37,10 @@ from gateway.pipeline import Pipeline
 from gateway.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    GatewayStatus,
     ModelCard,
     ModelList,
+    ModelRequest,
     TableHealth,
 )
 from gateway.proxy import Proxy
@@ -127,6 +136,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.state.settings = settings
     app.state.auth = auth
     app.state.limiter = limiter
+    app.state.pipeline = pipeline
     install_error_handlers(app)
 
     async def chat_completions(request: Request) -> Response | RelayResponse:
@@ -141,44 +151,107 @@ def create_app(settings: GatewaySettings) -> FastAPI:
              openapi_extra=_body_schema(ChatCompletionRequest))(chat_completions)
     app.post("/v1/completions", responses=_GENERATED, response_model=None,
              openapi_extra=_body_schema(CompletionRequest))(completions)
-    GenerateRoutes.install(app, {"/v1/chat/completions": chat_completions,
-                                 "/v1/completions": completions})
+    routes: dict[str, Handler] = {"/v1/chat/completions": chat_completions,
+                                  "/v1/completions": completions}
+    for endpoint in ENDPOINTS.values():
+        routes[endpoint.path] = _model_route(pipeline, endpoint)
+        body = _FORM_BODY if endpoint.body == "form" else _body_schema(ModelRequest)
+        app.post(endpoint.path, summary=endpoint.summary, response_model=None,
+                 responses=_GENERATED, openapi_extra=body)(routes[endpoint.path])
+    # Stored responses, by id: served under RESPONSES/ by GenerateRoutes; declared for the spec.
+    async def stored_response(request: Request, response_id: str) -> Response | RelayResponse:
+        return await pipeline.stored_response(request)
+
+    stored = RESPONSES + "/{response_id}"
+    app.get(stored, summary="Retrieve a stored response (OpenAI)", response_model=None,
+            responses=_GENERATED, openapi_extra=_BEARER)(stored_response)
+    app.post(stored + "/cancel", summary="Cancel a response in the background (OpenAI)",
+             response_model=None, responses=_GENERATED, openapi_extra=_BEARER)(stored_response)
+    GenerateRoutes.install(app, routes, under={RESPONSES + "/": pipeline.stored_response})
+
+    def model_cards(request: Request) -> list[ModelCard]:
+        caller = auth.authenticate(request.headers.get("authorization"))
+        created = int(time.time())
+        return [
+            # A base model is its own root; adapters will name their base as parent.
+            ModelCard(id=name, created=created, root=name,
+                      max_model_len=table.max_model_len(name), endpoints=routed_paths(workers))
+            for name, workers in sorted(table.models().items()) if caller.entry.allows(name)
+        ]
 
     @app.get("/v1/models", response_model=ModelList, responses=_ERRORS,
              openapi_extra=_BEARER)
     async def list_models(request: Request) -> ModelList:
-        caller = auth.authenticate(request.headers.get("authorization"))
-        created = int(time.time())
-        cards = [
-            ModelCard(id=name, created=created, max_model_len=table.max_model_len(name))
-            for name in sorted(table.models()) if caller.entry.allows(name)
-        ]
-        return ModelList(data=cards)
+        return ModelList(data=model_cards(request))
+
+    @app.get("/v1/models/{model:path}", response_model=ModelCard, responses=_ERRORS,
+             openapi_extra=_BEARER)
+    async def retrieve_model(request: Request, model: str) -> ModelCard:
+        card = next((c for c in model_cards(request) if c.id == model), None)
+        if card is None:  # a model the key may not use is not shown to exist either
+            raise NotFoundError(f"The model '{model}' does not exist.", param="model",
+                                code="model_not_found")
+        return card
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/health", response_model=TableHealth)
-    async def health() -> TableHealth:
+    @app.get("/health", response_model=TableHealth | GatewayStatus,
+             openapi_extra=_BEARER_OPTIONAL)
+    async def health(request: Request) -> TableHealth | GatewayStatus:
+        """Always 200 while the gateway serves: probes and load balancers call it without a
+        key. With keys on, only a valid key sees the table, counted over the key's models."""
+        caller = auth.caller_or_none(request.headers.get("authorization"))
+        if caller is None:
+            return GatewayStatus()
         controller: Literal["ok", "stale", "never-synced"]
         if table.synced_at is None:
             controller = "never-synced"
         else:
             controller = "stale" if table.stale else "ok"
         age = None if table.synced_at is None else round(time.monotonic() - table.synced_at, 3)
-        workers = len(table.snapshot.workers) if table.snapshot else 0
+        allows = caller.entry.allows
+        workers, routable = table.worker_counts(None if caller.entry.all_models else allows)
         return TableHealth(controller=controller, table_age_s=age, workers=workers,
-                           routable_workers=table.routable_count(),
-                           models=sorted(table.models()))
+                           routable_workers=routable,
+                           models=sorted(m for m in table.models() if allows(m)))
 
-    _add_body_schemas(app, [ChatCompletionRequest, CompletionRequest], settings.input_limits())
+    _add_body_schemas(app, [ChatCompletionRequest, CompletionRequest, ModelRequest],
+                      settings.input_limits())
     return app
+
+
+def _model_route(pipeline: Pipeline, endpoint: EngineEndpoint) -> Handler:
+    """The handler of one model-addressed endpoint; Anthropic-shaped errors on Anthropic's."""
+
+    async def relay(request: Request) -> Response | RelayResponse:
+        return await pipeline.model_request(request, endpoint)
+
+    if endpoint.errors == "openai":
+        return relay
+
+    async def anthropic(request: Request) -> Response | RelayResponse:
+        try:
+            return await relay(request)
+        except FleetError as exc:
+            return anthropic_error(exc)
+
+    return anthropic
 
 
 _REF = "#/components/schemas/{model}"
 # Handlers check the key themselves (gateway/auth.py); the spec still says a bearer key is needed.
 _BEARER: dict[str, Any] = {"security": [{"bearer": []}]}
+_BEARER_OPTIONAL: dict[str, Any] = {"security": [{"bearer": []}, {}]}  # more with a key
+
+
+# An upload: routed by its `model` field, relayed whole.
+_FORM_BODY: dict[str, Any] = {**_BEARER, "requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {
+        "type": "object", "required": ["model", "file"],
+        "properties": {"model": {"type": "string", "minLength": 1, "maxLength": 256},
+                       "file": {"type": "string", "format": "binary"}}}}}}}
 
 
 def _body_schema(model: type[BaseModel]) -> dict[str, object]:

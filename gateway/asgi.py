@@ -20,7 +20,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from fleet.errors import FleetError, error_response
+from fleetcore.errors import FleetError, ServerError, error_response
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -82,7 +82,8 @@ class RelayResponse:
     each, with no task group around them.
 
     `on_close` runs once the response is over, however it ended: it lets go of what the body
-    would have let go of, had it begun (a body generator that never ran has no `finally`)."""
+    would have let go of, had it begun (a body generator that never ran has no `finally`).
+    `add_close` adds more such callbacks, run after it in order."""
 
     def __init__(self, body: AsyncIterator[bytes], status_code: int,
                  headers: dict[str, str], media_type: str,
@@ -91,7 +92,17 @@ class RelayResponse:
         self.status_code = status_code
         self.headers = headers
         self.media_type = media_type
-        self.on_close = on_close
+        self._closers = [on_close] if on_close is not None else []
+
+    def add_close(self, callback: Callable[[], object]) -> None:
+        self._closers.append(callback)
+
+    def _close(self) -> None:
+        for close in self._closers:
+            try:
+                close()
+            except Exception:  # noqa: BLE001 - one failing callback must not skip the others
+                logger.exception("closing a relayed response failed callback=%r", close)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
@@ -106,27 +117,39 @@ class RelayResponse:
                 with contextlib.suppress(Exception):
                     await self.body.aclose()  # type: ignore[attr-defined]
         finally:
-            if self.on_close is not None:
-                self.on_close()
+            self._close()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 class GenerateRoutes:
-    """ASGI app: POST to one of `routes` goes to its handler, the rest to `app`."""
+    """ASGI app: POST to one of `routes`, or any method to a path under one of `under`, goes to
+    its handler; the rest to `app`."""
 
-    def __init__(self, app: ASGIApp, routes: dict[str, Handler]) -> None:
+    def __init__(self, app: ASGIApp, routes: dict[str, Handler],
+                 under: dict[str, Handler] | None = None) -> None:
         self.app = app
         self.routes = routes
+        self.under = under or {}
 
     @classmethod
-    def install(cls, app: Starlette, routes: dict[str, Handler]) -> None:
+    def install(cls, app: Starlette, routes: dict[str, Handler],
+                under: dict[str, Handler] | None = None) -> None:
         """Serve `routes` ahead of `app`'s middleware stack (built on its first request)."""
         build = app.build_middleware_stack
-        app.build_middleware_stack = lambda: cls(build(), routes)  # type: ignore[method-assign]
+        app.build_middleware_stack = (  # type: ignore[method-assign]
+            lambda: cls(build(), routes, under))
+
+    def _handler(self, scope: Scope) -> Handler | None:
+        if scope["type"] != "http":
+            return None
+        path = scope["path"]
+        if scope["method"] == "POST" and (handler := self.routes.get(path)) is not None:
+            return handler
+        return next((h for prefix, h in self.under.items() if path.startswith(prefix)), None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        handler = self.routes.get(scope["path"]) if scope["type"] == "http" else None
-        if handler is None or scope["method"] != "POST":
+        handler = self._handler(scope)
+        if handler is None:
             await self.app(scope, receive, send)
             return
         try:
@@ -135,5 +158,5 @@ class GenerateRoutes:
             response = error_response(exc)
         except Exception:
             logger.exception("unhandled error path=%s", scope["path"])
-            response = error_response(FleetError("Internal error; the server logged the details."))
+            response = error_response(ServerError("Internal error; the server logged the details."))
         await response(scope, receive, send)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fleet.errors import AuthenticationError
+from fleetcore.errors import AuthenticationError
 from gateway.keys import KeyEntry, KeysFile, hash_key
 
 logger = logging.getLogger(__name__)
@@ -79,6 +79,14 @@ class Authenticator:
         if entry is None:
             raise AuthenticationError("The API key is not valid.")
         return Caller(key_id=key_id, entry=entry)
+
+    def caller_or_none(self, authorization: str | None) -> Caller | None:
+        """The caller, or None for a missing or invalid key: for pages that answer a stranger
+        less (`/health`) rather than 401, since probes call them without a key."""
+        try:
+            return self.authenticate(authorization)
+        except AuthenticationError:
+            return None
 
     async def reload(self) -> bool:
         """Reload the keys file if it changed on disk; True when new entries took effect."""

@@ -2,7 +2,8 @@
 
 The file is YAML (or JSON, by a `.json` suffix), one mapping from `sha256:<hex>` to an entry:
 
-    "sha256:5e1f0a9c2b7d...": {name: alice, models: [SmolLM2-135M-Instruct], rpm: 60, tpm: 20000}
+    "sha256:5e1f0a9c2b7d...": {name: alice, models: [SmolLM2-135M-Instruct], rpm: 60, tpm: 20000,
+                               concurrency: 4}
 
 Keys are never stored in clear. A key is 256 random bits made by `new_key`, so a plain SHA-256
 of it cannot be reversed or guessed; a slow password hash (bcrypt, argon2) exists for
@@ -33,7 +34,8 @@ ALL_MODELS = "*"
 _HASH_LEN = len(HASH_PREFIX) + 64
 _YAML_HEADER = (
     "# llm-fleet gateway keys (--keys-file): the SHA-256 of each key -> its name, the models\n"
-    "# it may use (absent or \"*\": all), and its requests (rpm) and tokens (tpm) per minute.\n"
+    "# it may use (absent or \"*\": all), its requests (rpm) and tokens (tpm) per minute and\n"
+    "# its requests in flight at once (concurrency); a limit left out is no limit.\n"
     "# Add keys with 'fleet keys create'; delete a line to revoke a key. Gateways reload it.\n"
 )
 
@@ -51,6 +53,12 @@ class KeyEntry(BaseModel):
     models: list[str] | None = Field(None, min_length=1)
     rpm: int | None = Field(None, ge=1, description="Requests per minute; none: no limit.")
     tpm: int | None = Field(None, ge=1, description="Tokens per minute; none: no limit.")
+    concurrency: int | None = Field(
+        None, ge=1, description="Requests in flight at once, streams or not; none: no limit.")
+
+    @property
+    def all_models(self) -> bool:
+        return self.models is None or ALL_MODELS in self.models
 
     def allows(self, model: str) -> bool:
         return self.models is None or ALL_MODELS in self.models or model in self.models
@@ -82,7 +90,8 @@ def parse_keys(text: str, *, json_format: bool = False) -> dict[str, KeyEntry]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise KeysFileError("expected a mapping from 'sha256:<hex>' to {name, models, rpm, tpm}")
+        raise KeysFileError(
+            "expected a mapping from 'sha256:<hex>' to {name, models, rpm, tpm, concurrency}")
     entries = {}
     for digest, entry in data.items():
         if not isinstance(digest, str) or not _is_hash(digest):

@@ -26,7 +26,8 @@ def _default_file() -> Path:
 def _create(args: argparse.Namespace) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
     try:
-        entry = KeyEntry(name=args.name, models=models, rpm=args.rpm, tpm=args.tpm)
+        entry = KeyEntry(name=args.name, models=models, rpm=args.rpm, tpm=args.tpm,
+                         concurrency=args.concurrency)
     except ValidationError as exc:
         problems = "; ".join(f"--{'.'.join(map(str, e['loc']))}: {e['msg']}"
                              for e in exc.errors())
@@ -38,7 +39,8 @@ def _create(args: argparse.Namespace) -> int:
     except (KeysFileError, OSError) as exc:
         print(f"fleet keys create: {exc}", file=sys.stderr)
         return 1
-    limits = ", ".join(f"{v} {k}" for k, v in (("rpm", entry.rpm), ("tpm", entry.tpm)) if v)
+    limits = ", ".join(f"{v} {k}" for k, v in (("rpm", entry.rpm), ("tpm", entry.tpm),
+                                                ("concurrency", entry.concurrency)) if v)
     print(f"Key '{entry.name}' for models {', '.join(models or ['*'])}"
           f"{'; ' + limits if limits else ''}; its hash is in {args.file}.\n"
           "The key is shown this once only:", file=sys.stderr)
@@ -54,7 +56,8 @@ def _list(args: argparse.Namespace) -> int:
         return 1
     for digest, entry in entries.items():
         print(f"{digest[:19]}...  {entry.name:<24} models={','.join(entry.models or ['*'])} "
-              f"rpm={entry.rpm or '-'} tpm={entry.tpm or '-'}")
+              f"rpm={entry.rpm or '-'} tpm={entry.tpm or '-'} "
+              f"concurrency={entry.concurrency or '-'}")
     return 0
 
 
@@ -69,6 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     create.add_argument("--models", help="Comma-separated models it may use (default: all).")
     create.add_argument("--rpm", type=int, help="Requests per minute (default: no limit).")
     create.add_argument("--tpm", type=int, help="Tokens per minute (default: no limit).")
+    create.add_argument("--concurrency", type=int,
+                        help="Requests in flight at once, streams or not (default: no limit).")
     create.add_argument("--file", type=Path, default=default,
                         help=f"The keys file, .yaml or .json (default {default}).")
     create.set_defaults(run=_create)

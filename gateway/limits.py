@@ -1,10 +1,14 @@
-"""Requests- and tokens-per-minute limits per client key, held in this gateway process.
+"""Per client key: requests and tokens per minute, and requests in flight; in this process.
 
-Each key has a sliding one-minute window per limit, in one-second buckets (so at most 60 of
+Each key has a sliding one-minute window per rate, in one-second buckets (so at most 60 of
 them, whatever the traffic). A request is admitted while both windows are under their limits,
 and counts one request at once; its tokens are charged when its response ends, from the
 engine's `usage`. Requests already running when the token window fills are not stopped, so a
 burst of concurrent requests can overshoot the tokens-per-minute limit by what they use.
+
+A key with a `concurrency` limit also has a count of its requests in flight: admission takes a
+`KeySlot`, which the request gives back exactly once when it ends (gateway/pipeline.py), and
+a request that would exceed the count is refused.
 
 Hand-written rather than taken from a rate-limit library: those refuse a hit that would exceed
 the limit, while token charges arrive after the fact and must always be recorded.
@@ -21,7 +25,7 @@ from typing import Any
 
 import pydantic_core
 
-from fleet.errors import RateLimitError
+from fleetcore.errors import RateLimitError
 from gateway.auth import Caller
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -72,6 +76,31 @@ class SlidingWindow:
 class _KeyWindows:
     requests: SlidingWindow = field(default_factory=SlidingWindow)
     tokens: SlidingWindow = field(default_factory=SlidingWindow)
+    in_flight: int = 0  # requests holding a KeySlot (keys with a concurrency limit)
+
+
+class KeySlot:
+    """One request's place among its key's requests in flight, from admission to `release`."""
+
+    __slots__ = ("_windows", "released")
+
+    def __init__(self, windows: _KeyWindows) -> None:
+        self._windows = windows
+        self.released = False
+        windows.in_flight += 1
+
+    def release(self) -> bool:
+        """Give the place back; True the first time. Later calls change nothing, so every
+        exit path of a request may release, and the first wins."""
+        if self.released:
+            return False
+        self.released = True
+        self._windows.in_flight -= 1
+        return True
+
+
+# Nothing says when a request in flight will end; a second is about a short answer's time.
+_CONCURRENCY_RETRY_AFTER = 1.0
 
 
 class KeyLimiter:
@@ -79,11 +108,15 @@ class KeyLimiter:
         self._clock = clock
         self._windows: dict[str, _KeyWindows] = {}
 
-    def admit(self, caller: Caller) -> None:
-        """Count one request against the caller's key; raise RateLimitError (429) if over."""
-        rpm, tpm = caller.entry.rpm, caller.entry.tpm
-        if rpm is None and tpm is None:
-            return
+    def admit(self, caller: Caller) -> KeySlot | None:
+        """Count one request against the caller's key; raise RateLimitError (429) if over.
+
+        For a key with a concurrency limit, the request's `KeySlot`, to be released when it
+        ends; None for other keys."""
+        entry = caller.entry
+        rpm, tpm, concurrency = entry.rpm, entry.tpm, entry.concurrency
+        if rpm is None and tpm is None and concurrency is None:
+            return None
         now = self._clock()
         windows = self._windows.setdefault(caller.key_id, _KeyWindows())
         if rpm is not None and windows.requests.used(now) >= rpm:
@@ -92,7 +125,11 @@ class KeyLimiter:
         if tpm is not None and windows.tokens.used(now) >= tpm:
             wait = windows.tokens.retry_after(tpm, now)
             raise _over(f"{tpm} tokens per minute", wait)
+        if concurrency is not None and windows.in_flight >= concurrency:
+            raise _refusal(f"This API key is at its limit of {concurrency} requests in flight "
+                           "at once.", _CONCURRENCY_RETRY_AFTER)
         windows.requests.add(1, now)
+        return KeySlot(windows) if concurrency is not None else None
 
     def charge(self, caller: Caller, tokens: int) -> None:
         """Record tokens a response of the caller used (only keys with a tokens limit)."""
@@ -109,19 +146,27 @@ class KeyLimiter:
         now = self._clock()
         return windows.requests.used(now), windows.tokens.used(now)
 
+    def in_flight(self, key_id: str) -> int:
+        """The key's requests holding a slot now (for tests and debugging)."""
+        windows = self._windows.get(key_id)
+        return windows.in_flight if windows is not None else 0
+
     def forget(self, live: Iterable[str]) -> None:
-        """Drop the windows of keys that left the keys file."""
+        """Drop the windows of keys that left the keys file, once none of their requests is in
+        flight (a key removed and added back meanwhile keeps counting them)."""
         keep = set(live)
-        for key_id in [k for k in self._windows if k not in keep]:
+        for key_id in [k for k, w in self._windows.items() if k not in keep and not w.in_flight]:
             del self._windows[key_id]
 
 
 def _over(what: str, wait: float) -> RateLimitError:
+    return _refusal(f"This API key is over its limit of {what}.", wait)
+
+
+def _refusal(message: str, wait: float) -> RateLimitError:
     seconds = max(1, math.ceil(wait))
-    return RateLimitError(
-        f"This API key is over its limit of {what}. Retry in {seconds} s.",
-        headers={"Retry-After": str(seconds)},
-    )
+    return RateLimitError(f"{message} Retry in {seconds} s.",
+                          headers={"Retry-After": str(seconds)})
 
 
 def total_tokens(usage: dict[str, Any] | None) -> int | None:
@@ -131,7 +176,9 @@ def total_tokens(usage: dict[str, Any] | None) -> int | None:
     total = usage.get("total_tokens")
     if isinstance(total, int) and total >= 0:
         return total
-    parts = [usage.get(k) for k in ("prompt_tokens", "completion_tokens")]
+    # OpenAI's names, or Anthropic's (/v1/messages).
+    parts = [usage.get(k) for k in ("prompt_tokens", "completion_tokens", "input_tokens",
+                                    "output_tokens")]
     counted = [p for p in parts if isinstance(p, int) and p >= 0]
     return sum(counted) if counted else None
 
@@ -150,6 +197,18 @@ def usage_charger(limiter: KeyLimiter, caller: Caller,
             prompt = math.ceil(len(request.prompt_text()) / 4)
             tokens = prompt + (out_tokens or max_model_len or 1024)
         limiter.charge(caller, tokens)
+
+    return charge
+
+
+def usage_charger_for(limiter: KeyLimiter, caller: Caller,
+                      fallback: int) -> Callable[[dict[str, Any] | None], None]:
+    """The usage hook of a request the gateway did not read: the tokens of its usage, else
+    `fallback`."""
+
+    def charge(usage: dict[str, Any] | None) -> None:
+        tokens = total_tokens(usage)
+        limiter.charge(caller, fallback if tokens is None else tokens)
 
     return charge
 

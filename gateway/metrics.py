@@ -51,8 +51,9 @@ class GatewayMetrics:
     def __init__(self, table: RoutingTable) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "fleet_gateway_requests", "Requests answered, by model, status and routing policy",
-            ["model", "status", "policy"], registry=self.registry,
+            "fleet_gateway_requests",
+            "Requests answered, by model, status, routing policy and endpoint",
+            ["model", "status", "policy", "endpoint"], registry=self.registry,
         )
         self.ttft = Histogram(
             "fleet_gateway_ttft_seconds", "Time to the first streamed byte, from arrival",

@@ -4,8 +4,10 @@ parse → authorize → limits → choose and forward, with retries → relay �
 
 Each step takes the one `RoutedRequest` the walk carries and fills in what it learned. Steps
 raise `FleetError`s; `install_error_handlers` and `GenerateRoutes` turn those into the OpenAI
-error body, and `walk` counts and logs them. Choosing, forwarding and relaying are the proxy's
-(gateway/proxy.py); settling a worker's load is its lease's (gateway/routing_table.py).
+error body, and `generate` counts and logs them. Choosing, forwarding and relaying are the
+proxy's (gateway/proxy.py); settling a worker's load is its lease's (gateway/routing_table.py).
+Settling the request itself (its key's place in flight) is `generate`'s: when it raises or
+returns a plain answer, or, for a stream, when the relayed response is over however it ended.
 
 Generation requests (a JSON body, relayed unchanged) are the only walk for now; other kinds of
 request (multipart uploads streamed through, GET and DELETE of engine resources) are further
@@ -17,17 +19,24 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
+import pydantic_core
 from fastapi import Request
 from starlette.responses import Response
 
-from fleet.errors import FleetError, PermissionDeniedError
+from fleetcore.errors import FleetError, NotFoundError, PermissionDeniedError
 from gateway import validation
 from gateway.asgi import ClientWatch, RelayResponse
 from gateway.auth import Authenticator
-from gateway.limits import KeyLimiter, ask_for_usage, usage_charger
+from gateway.endpoints import ENDPOINT_NAMES, RESPONSES, EngineEndpoint
+from gateway.forms import form_fields
+from gateway.limits import KeyLimiter, ask_for_usage, usage_charger, usage_charger_for
 from gateway.metrics import GatewayMetrics
+from gateway.protocol import ChatCompletionRequest, CompletionRequest, ModelRequest
 from gateway.proxy import Proxy
+from gateway.response_ids import ResponseOwners
 from gateway.routed_request import RoutedRequest
 from gateway.routing import RouteRequest
 from gateway.routing_table import RoutingTable
@@ -35,6 +44,7 @@ from gateway.settings import GatewaySettings
 from gateway.validation import GenerationRequest
 
 logger = logging.getLogger(__name__)
+Parsed = TypeVar("Parsed", bound=ChatCompletionRequest | CompletionRequest | ModelRequest)
 
 
 class Pipeline:
@@ -49,27 +59,94 @@ class Pipeline:
         self._table = table
         self._metrics = metrics
         self._proxy = proxy
+        self.responses = ResponseOwners()
 
     async def generate(self, request: Request, path: str,
                        schema: type[GenerationRequest]) -> Response | RelayResponse:
         """A chat or completion request: its JSON body goes to a worker as it came."""
-        routed = RoutedRequest(request_id=f"fleet-{os.urandom(16).hex()}",  # as unique as uuid4
-                               started=time.monotonic(), path=path)
+        routed = self._arrived(path, ENDPOINT_NAMES[path])
+
+        async def prepare() -> None:
+            parsed = await self.parse(request, routed, schema)
+            self.authorize(routed, parsed.model)
+            self.limit(request, routed, parsed)
+
+        return await self._walk(request, routed, prepare)
+
+    async def model_request(self, request: Request,
+                            endpoint: EngineEndpoint) -> Response | RelayResponse:
+        """Any other request addressed to a model in its JSON body (embeddings, responses,
+        messages, tokenize, rerank, ...): to a worker of that model whose engine serves the
+        path, the body as it came."""
+        routed = self._arrived(endpoint.path, endpoint.name)
+
+        async def prepare() -> None:
+            if endpoint.body == "form":
+                parsed = await self.parse_form(request, routed)
+            else:
+                parsed = await self.parse(request, routed, ModelRequest)
+            self.authorize(routed, parsed.model)
+            self.admit(request, routed, parsed.model)
+            if endpoint.path == RESPONSES:
+                model = parsed.model
+                routed.on_answer = lambda first, worker_id: self.responses.learn(
+                    first, worker_id, model)
+
+        return await self._walk(request, routed, prepare)
+
+    async def stored_response(self, request: Request) -> Response | RelayResponse:
+        """GET, cancel or DELETE `/v1/responses/{id}[/...]`: to the worker whose engine made
+        that response and holds it."""
+        rest = request.url.path[len(RESPONSES) + 1:]
+        response_id, _, action = rest.partition("/")
+        query = f"?{request.url.query}" if request.url.query else ""
+        routed = self._arrived(f"{request.url.path}{query}", "responses")
+        routed.method = request.method
+        # What the engine's spec calls the path, to check that the engine serves it.
+        template = f"{RESPONSES}/{{response_id}}" + (f"/{action}" if action else "")
+
+        async def prepare() -> None:
+            owner = self.responses.owner(response_id)
+            if owner is None:
+                raise NotFoundError(
+                    f"No response '{response_id}' was made through this gateway (or it was "
+                    "long ago). Stored responses live in the engine that made them.",
+                    param="response_id", code="response_not_found")
+            self.authorize(routed, owner.model)
+            self.admit(request, routed, owner.model)
+            routed.route = RouteRequest(model=owner.model, path=template,
+                                        worker_id=owner.worker_id)
+
+        return await self._walk(request, routed, prepare)
+
+    @staticmethod
+    def _arrived(path: str, endpoint: str) -> RoutedRequest:
+        return RoutedRequest(request_id=f"fleet-{os.urandom(16).hex()}",  # as unique as uuid4
+                             started=time.monotonic(), path=path, endpoint=endpoint)
+
+    async def _walk(self, request: Request, routed: RoutedRequest,
+                    prepare: Callable[[], Awaitable[None]]) -> Response | RelayResponse:
+        """identify → (parse → authorize → limit) → forward; refusals counted and logged."""
         try:
             self.identify(request, routed)
-            parsed = await self.parse(request, routed, schema)
-            self.authorize(routed, parsed)
-            self.limit(request, routed, parsed)
+            await prepare()
             response = await self._proxy.forward(routed, ClientWatch(request.receive))
-        except FleetError as exc:
-            self._metrics.requests.labels(routed.model, str(exc.status_code), routed.policy).inc()
-            exc.headers.setdefault("X-Request-Id", routed.request_id)
-            logger.info("refused request_id=%s key=%s model=%s status=%d code=%s",
-                        routed.request_id, routed.caller.name, routed.model, exc.status_code,
-                        exc.code)
+        except BaseException as exc:
+            routed.settle()
+            if isinstance(exc, FleetError):
+                self._metrics.requests.labels(routed.model, str(exc.status_code),
+                                              routed.policy, routed.endpoint).inc()
+                exc.headers.setdefault("X-Request-Id", routed.request_id)
+                logger.info("refused request_id=%s key=%s model=%s path=%s status=%d code=%s",
+                            routed.request_id, routed.caller.name, routed.model, routed.path,
+                            exc.status_code, exc.code)
             raise
+        if isinstance(response, RelayResponse):
+            response.add_close(routed.settle)  # in flight until the stream's relay is over
+        else:
+            routed.settle()
         self._metrics.requests.labels(routed.model, str(response.status_code),
-                                      routed.policy).inc()
+                                      routed.policy, routed.endpoint).inc()
         return response
 
     # --- the steps ---
@@ -78,33 +155,49 @@ class Pipeline:
         """The client's request id, if it gave a sane one, and who the client is."""
         routed.request_id = validation.request_id(request.headers.get("x-request-id")) \
             or routed.request_id
-        routed.caller = self._auth.authenticate(request.headers.get("authorization"))
+        headers = request.headers
+        # Anthropic's clients send their key as x-api-key.
+        key = headers.get("authorization") or (
+            f"Bearer {headers['x-api-key']}" if "x-api-key" in headers else None)
+        routed.caller = self._auth.authenticate(key)
 
-    async def parse(self, request: Request, routed: RoutedRequest,
-                    schema: type[GenerationRequest]) -> GenerationRequest:
+    async def parse(self, request: Request, routed: RoutedRequest, schema: type[Parsed]
+                    ) -> Parsed:
         validation.check_headers(request, self._limits, self._session_header)
         routed.body = await validation.read_body(request, self._limits.max_body_bytes)
         parsed = validation.parse(routed.body, schema)
         routed.stream = bool(parsed.stream)
         return parsed
 
-    def authorize(self, routed: RoutedRequest, parsed: GenerationRequest) -> None:
-        if not routed.caller.entry.allows(parsed.model):
+    async def parse_form(self, request: Request, routed: RoutedRequest) -> ModelRequest:
+        """A multipart upload: its text fields say the model; the body goes on as it came."""
+        content_type = request.headers.get("content-type", "")
+        routed.content_type = content_type
+        routed.body = await validation.read_body(request, self._limits.max_body_bytes)
+        fields = form_fields(routed.body, content_type)
+        parsed = validation.parse(pydantic_core.to_json(
+            {"model": fields.get("model"), "stream": fields.get("stream") == "true"}),
+            ModelRequest)
+        routed.stream = bool(parsed.stream)
+        return parsed
+
+    def authorize(self, routed: RoutedRequest, model: str) -> None:
+        if not routed.caller.entry.allows(model):
             raise PermissionDeniedError(
-                f"This API key may not use model '{parsed.model}'.", param="model"
+                f"This API key may not use model '{model}'.", param="model"
             )
         table = self._table
         # Client-chosen names would make the label set unbounded.
-        known = table.snapshot is not None and parsed.model in table.snapshot.models
-        routed.model = parsed.model if known else "unknown"
-        routed.policy = table.policy_for(parsed.model).name
+        known = table.snapshot is not None and model in table.snapshot.models
+        routed.model = model if known else "unknown"
+        routed.policy = table.policy_for(model).name
 
     def limit(self, request: Request, routed: RoutedRequest, parsed: GenerationRequest) -> None:
         """The gateway's input limits and the key's rate limits; then what routing looks at."""
         max_model_len = self._table.max_model_len(parsed.model)
         validation.check_limits(parsed, self._limits, max_model_len)
         caller = routed.caller
-        self._limiter.admit(caller)
+        routed.slot = self._limiter.admit(caller)
         if caller.entry.tpm is not None:
             options = parsed.stream_options
             if parsed.stream and not (options and options.include_usage):
@@ -113,5 +206,19 @@ class Pipeline:
         routed.route = RouteRequest(
             model=parsed.model,
             session=request.headers.get(self._session_header) or parsed.user,
+            path=routed.path,
             render_prompt=parsed.prompt_text,
         )
+
+    def admit(self, request: Request, routed: RoutedRequest, model: str) -> None:
+        """The key's rate limits for a request the gateway does not read beyond its model:
+        tokens are charged from the answer's usage, where it reports one."""
+        caller = routed.caller
+        routed.slot = self._limiter.admit(caller)
+        if caller.entry.tpm is not None:
+            # Without a usage (a stream cut off, an endpoint that reports none), about a token
+            # for every four bytes of the request.
+            routed.on_usage = usage_charger_for(self._limiter, caller,
+                                                fallback=len(routed.body) // 4)
+        routed.route = RouteRequest(model=model, session=request.headers.get(
+            self._session_header), path=routed.path)

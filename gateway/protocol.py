@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from fleet.json_types import JsonInt, PositiveInt
+from fleetcore.json_types import JsonInt, PositiveInt
 
 
 class _Open(BaseModel):
@@ -37,6 +37,14 @@ class _Generation(_Open):
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
     user: str | None = None
+
+
+class ModelRequest(_Open):
+    """What the gateway reads of a model-addressed request beyond generation (embeddings,
+    responses, messages, tokenize, ...); the engine checks the rest."""
+
+    model: str = Field(min_length=1, max_length=256)
+    stream: bool | None = False
 
 
 def _text(content: str | list[Any] | None) -> str:
@@ -94,7 +102,12 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "llm-fleet"
+    root: str | None = None
+    parent: str | None = None
     max_model_len: int | None = None
+    endpoints: list[str] = Field(
+        default_factory=list,
+        description="The endpoints the gateway routes to this model: what its engines serve.")
 
 
 class ModelList(BaseModel):
@@ -102,8 +115,16 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-class TableHealth(BaseModel):
+class GatewayStatus(BaseModel):
+    """`/health` for a caller without a valid key, when keys are on: what a load balancer needs
+    and nothing about models or workers."""
+
     status: Literal["ok"] = "ok"
+
+
+class TableHealth(GatewayStatus):
+    """`/health` without keys, or for a valid key: the table, counted over the key's models."""
+
     controller: Literal["ok", "stale", "never-synced"]
     table_age_s: float | None
     workers: int = Field(description="Workers in the gateway's table, in any state.")

@@ -24,7 +24,7 @@ import pydantic_core
 from starlette.responses import Response
 
 from controller.protocol import WorkerRecord
-from fleet.errors import (
+from fleetcore.errors import (
     BadGatewayError,
     FleetError,
     GatewayTimeoutError,
@@ -208,6 +208,8 @@ class Proxy:
             upstream.release()
         lease.settle(Outcome.DONE)
         if upstream.status == 200:
+            if request.on_answer is not None:
+                request.on_answer(payload, wid)
             usage = None
             with contextlib.suppress(ValueError, AttributeError):
                 usage = pydantic_core.from_json(payload).get("usage")
@@ -248,6 +250,8 @@ class Proxy:
                 if first:
                     self._metrics.ttft.labels(model).observe(time.monotonic() - started)
                     first = False
+                    if request.on_answer is not None:
+                        request.on_answer(chunk, lease.worker_id)
                 previous, last = last, chunk
                 yield chunk
             outcome = Outcome.DONE

@@ -29,6 +29,8 @@ class RouteRequest:
 
     model: str
     session: str | None = None
+    path: str | None = None  # the engine endpoint; None: any worker of the model
+    worker_id: str | None = None  # only this worker (it holds what the request is about)
     render_prompt: Callable[[], str] = field(default=lambda: "", repr=False)
 
     @cached_property

@@ -21,8 +21,14 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from controller.protocol import Snapshot, WorkerRecord, WorkerState
-from fleet.errors import NotFoundError, OverloadedError, ServiceUnavailableError
+from fleetcore.errors import (
+    InvalidRequestError,
+    NotFoundError,
+    OverloadedError,
+    ServiceUnavailableError,
+)
 from gateway.breaker import Breakers
+from gateway.endpoints import routed_paths, serves
 from gateway.routing import Choice, LeastLoad, RouteRequest, RoutingPolicy
 
 logger = logging.getLogger(__name__)
@@ -168,9 +174,13 @@ class RoutingTable:
             and self.breakers.allows(w.worker_id)
         ]
 
-    def routable_count(self) -> int:
+    def worker_counts(self, serves: Callable[[str], bool] | None = None) -> tuple[int, int]:
+        """Workers in the table, and those routable now; with `serves`, only the workers of
+        at least one model it accepts."""
         workers = self.snapshot.workers if self.snapshot is not None else []
-        return len(self._routable(workers, set()))
+        if serves is not None:
+            workers = [w for w in workers if any(serves(m) for m in w.model_names)]
+        return len(workers), len(self._routable(workers, set()))
 
     def models(self) -> dict[str, list[WorkerRecord]]:
         """Models with at least one routable worker."""
@@ -186,8 +196,10 @@ class RoutingTable:
         lens = [w.max_model_len for w in self._by_model.get(model, ()) if w.max_model_len]
         return min(lens, default=None)
 
-    def candidates(self, model: str, exclude: set[str] | None = None) -> list[WorkerRecord]:
-        """Routable workers for `model`; raises 404 for an unknown model, 503 for none ready."""
+    def candidates(self, model: str, exclude: set[str] | None = None,
+                   path: str | None = None) -> list[WorkerRecord]:
+        """Routable workers for `model` whose engines serve `path`; raises 404 for an unknown
+        model, 400 for an endpoint its engines do not serve, 503 for none ready."""
         exclude = exclude or set()
         workers = self._by_model.get(model, [])
         known = self.snapshot is not None and model in self.snapshot.models
@@ -197,8 +209,18 @@ class RoutingTable:
                 f"The model '{model}' does not exist. Models being served: {available}.",
                 param="model", code="model_not_found",
             )
+        if path is not None:
+            serving = [(w, serves(w, path)) for w in workers]
+            if workers and not any(ok is not False for _, ok in serving):
+                offered = ", ".join(routed_paths(workers)) or "nothing the gateway routes"
+                raise InvalidRequestError(
+                    f"The model '{model}' does not serve {path}; its engines serve {offered}.",
+                    param="model", code="unsupported_endpoint",
+                )
+            workers = [w for w, ok in serving if ok]
         candidates = self._routable(workers, exclude)
         if not candidates:
+            workers = self._by_model.get(model, [])
             states = collections.Counter(w.state.value for w in workers)
             detail = ", ".join(f"{n} {s}" for s, n in sorted(states.items())) or "none registered"
             tried = f"; {len(exclude)} failed for this request" if exclude else ""
@@ -211,7 +233,20 @@ class RoutingTable:
 
     def choose(self, request: RouteRequest, exclude: set[str] | None = None) -> Choice | None:
         """A worker under its in-flight cap, or None when all are at the cap."""
-        candidates = self.candidates(request.model, exclude)
+        pin = request.worker_id
+        if pin is not None and all(w.worker_id != pin
+                                   for w in self._by_model.get(request.model, ())):
+            raise NotFoundError(
+                f"Worker {pin}, which held what this request is about, has left the fleet.",
+                code="worker_gone")
+        candidates = self.candidates(request.model, exclude, request.path)
+        if pin is not None:
+            candidates = [w for w in candidates if w.worker_id == pin]
+            if not candidates:
+                raise ServiceUnavailableError(
+                    f"Worker {request.worker_id}, which holds what this request is about, is "
+                    "not available now.", code="no_worker_available",
+                    headers={"Retry-After": "2"})
         cap = self.limits.max_inflight_per_worker
         if cap:
             candidates = [w for w in candidates if self.inflight[w.worker_id] < cap]

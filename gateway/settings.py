@@ -8,9 +8,9 @@ from typing import Annotated
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
-from fleet.cluster_auth import ControllerCredentials
-from fleet.settings_cli import CliSettings
-from fleet.tls import ClientTLSSettings, ServerTLSSettings
+from fleetcore.cluster_auth import ControllerCredentials
+from fleetcore.settings_cli import CliSettings
+from fleetcore.tls import ClientTLSSettings, ServerTLSSettings
 from gateway.validation import InputLimits
 
 

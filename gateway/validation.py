@@ -21,7 +21,7 @@ import pydantic_core
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
-from fleet.errors import InvalidRequestError, validation_error
+from fleetcore.errors import InvalidRequestError, validation_error
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
 
 GenerationRequest = ChatCompletionRequest | CompletionRequest

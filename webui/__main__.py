@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
-from fleet.logs import setup_logging
+from fleetcore.logs import setup_logging
 from webui.settings import WebUISettings
 
 

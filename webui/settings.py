@@ -7,9 +7,9 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from fleet.client.settings import GatewayAddress
-from fleet.settings_cli import CliSettings
-from fleet.tls import ClientTLSSettings, ServerTLSSettings
+from fleetcore.gateway_address import GatewayAddress
+from fleetcore.settings_cli import CliSettings
+from fleetcore.tls import ClientTLSSettings, ServerTLSSettings
 
 
 class WebUISettings(CliSettings, ClientTLSSettings, ServerTLSSettings, GatewayAddress):

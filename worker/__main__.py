@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
-from fleet.logs import setup_logging
+from fleetcore.logs import setup_logging
 from worker.service import Worker
 from worker.settings import WorkerSettings
 

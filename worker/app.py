@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from controller.protocol import WorkerState
-from fleet.errors import install_error_handlers
+from fleetcore.errors import install_error_handlers
 
 if TYPE_CHECKING:
     from worker.service import Worker

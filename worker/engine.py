@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from fleet.cluster_auth import TOKEN_ENV_VARS
+from fleetcore.cluster_auth import TOKEN_ENV_VARS
 
 logger = logging.getLogger(__name__)
 

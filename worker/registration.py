@@ -7,7 +7,7 @@ import logging
 import httpx
 
 from controller.protocol import Heartbeat, RegisterResponse, Registration
-from fleet.cluster_auth import bearer
+from fleetcore.cluster_auth import bearer
 
 logger = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import httpx
 import uvicorn
-from pydantic import HttpUrl
+from pydantic import HttpUrl, TypeAdapter
 
-from controller.protocol import Heartbeat, Registration, WorkerLoad, WorkerState
-from fleet.chat_template import CHATML, EngineTemplateFiles, plan_template, write_engine_files
+from controller.protocol import EnginePaths, Heartbeat, Registration, WorkerLoad, WorkerState
+from fleetcore.chat_template import CHATML, EngineTemplateFiles, plan_template, write_engine_files
 from worker.app import EmbeddedServer, WorkerMetrics, create_app
 from worker.engine import EngineFailed, EngineProcess, build_engine_command, free_port
 from worker.load import parse_load
@@ -26,6 +26,7 @@ from worker.registration import ControllerClient, ControllerRefused
 from worker.settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
+_ENGINE_PATHS: TypeAdapter[list[str] | None] = TypeAdapter(EnginePaths)
 
 
 class Worker:
@@ -34,6 +35,7 @@ class Worker:
         self.state = WorkerState.STARTING
         self.load = WorkerLoad()
         self.max_model_len: int | None = None
+        self.engine_paths: list[str] | None = None
         self.metrics = WorkerMetrics()
         self.model_names = served_names(settings)
         self.engine_port = settings.engine_port or free_port(settings.engine_host)
@@ -75,6 +77,7 @@ class Worker:
             engine_api_key=self.engine_api_key,
             model_names=self.model_names,
             max_model_len=self.max_model_len,
+            engine_paths=self.engine_paths,
             device=self.settings.device,
             chat_template=self.chat_template,
             state=self.state,
@@ -85,7 +88,8 @@ class Worker:
         try:
             if controller.registered:
                 beat = Heartbeat(state=self.state, load=self.load,
-                                 max_model_len=self.max_model_len)
+                                 max_model_len=self.max_model_len,
+                                 engine_paths=self.engine_paths)
                 if await controller.heartbeat(self.worker_id, beat):
                     return
                 logger.info("controller forgot worker_id=%s address=%s; registering again",
@@ -145,11 +149,27 @@ class Worker:
         except (httpx.HTTPError, ValueError) as exc:
             logger.warning("could not read max_model_len error=%r", exc)
 
+    async def _read_engine_paths(self) -> None:
+        """What the engine serves, as its own OpenAPI spec lists it: the gateway routes each
+        endpoint only to workers whose engine has it (an embedding model has no chat)."""
+        assert self._engine_http is not None
+        try:
+            response = await self._engine_http.get(f"{self._engine_base}/openapi.json",
+                                                   timeout=5.0)
+            response.raise_for_status()
+            paths = sorted(response.json()["paths"])
+            self.engine_paths = _ENGINE_PATHS.validate_python(paths)
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+            # --disable-fastapi-docs, or a spec we cannot read: the gateway then assumes chat
+            # and completions, as for workers from before this was reported.
+            logger.warning("could not read the engine's paths error=%r", exc)
+
     async def _start_engine(self) -> None:
         assert self._engine is not None and self._engine_http is not None
         await self._engine.start()
         await self._engine.wait_healthy(self._engine_http, self.settings.engine_start_timeout)
         await self._read_max_model_len()
+        await self._read_engine_paths()
         self._set_state(WorkerState.READY)
 
     async def _supervise(self) -> None:

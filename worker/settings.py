@@ -12,9 +12,9 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from fleet.cluster_auth import ClusterTokenSettings
-from fleet.settings_cli import CliSettings, EnvOnly, Flag, Passthrough
-from fleet.tls import ClientTLSSettings, ServerTLSSettings
+from fleetcore.cluster_auth import ClusterTokenSettings
+from fleetcore.settings_cli import CliSettings, EnvOnly, Flag, Passthrough
+from fleetcore.tls import ClientTLSSettings, ServerTLSSettings
 
 
 class ModelSource(str, Enum):

@@ -15,9 +15,9 @@ from pydantic import Field, ValidationError
 from pydantic_settings import SettingsConfigDict
 
 from controller.protocol import ModelList, WorkerList, WorkerRecord, WorkerState
-from fleet.cluster_auth import ControllerCredentials, bearer
-from fleet.settings_cli import CliSettings
-from fleet.tls import ClientTLSSettings
+from fleetcore.cluster_auth import ControllerCredentials, bearer
+from fleetcore.settings_cli import CliSettings
+from fleetcore.tls import ClientTLSSettings
 
 
 class MessageSettings(CliSettings, ControllerCredentials, ClientTLSSettings):

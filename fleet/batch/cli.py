@@ -21,8 +21,8 @@ from fleet.batch.jobs import BatchLine, Defaults, InputError, ResultsFile, read_
 from fleet.batch.online import BatchAborted, run_online
 from fleet.batch.report import Progress, Tally
 from fleet.client.settings import ClientSettings
-from fleet.logs import setup_logging
-from fleet.settings_cli import Flag, Passthrough
+from fleetcore.logs import setup_logging
+from fleetcore.settings_cli import Flag, Passthrough
 
 logger = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from fleet.batch.jobs import CHAT, BatchLine, ResultsFile, error_record, success_record
 from fleet.batch.report import Progress, Tally
-from fleet.chat_template import plan_template, write_engine_files
 from fleet.devices import visible_gpus
+from fleetcore.chat_template import plan_template, write_engine_files
 
 if TYPE_CHECKING:
     from vllm import LLM, RequestOutput, SamplingParams

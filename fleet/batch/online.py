@@ -23,17 +23,12 @@ from openai import AsyncOpenAI
 
 from fleet.batch.jobs import CHAT, BatchLine, ResultsFile, error_record, success_record
 from fleet.batch.report import Progress, Tally
-from fleet.client.errors import (
-    AuthenticationError,
-    FleetAPIError,
-    ModelNotFoundError,
-    PermissionDeniedError,
-    from_openai,
-)
+from fleetcore.errors import AuthenticationError, FleetError, NotFoundError, PermissionDeniedError
+from fleetcore.openai_errors import from_openai
 
 logger = logging.getLogger(__name__)
 
-FATAL = (AuthenticationError, PermissionDeniedError, ModelNotFoundError)
+FATAL = (AuthenticationError, PermissionDeniedError, NotFoundError)
 
 
 class BatchAborted(RuntimeError):
@@ -63,7 +58,7 @@ class OnlineRunner:
         self._write_lock = asyncio.Lock()
 
     async def _send(self, job: BatchLine) -> dict[str, Any]:
-        """One try; the record on success, FleetAPIError otherwise."""
+        """One try; the record on success, FleetError otherwise."""
         body = dict(job.body)
         model = body.pop("model")
         key = "messages" if job.url == CHAT else "prompt"
@@ -79,8 +74,8 @@ class OnlineRunner:
         try:
             answer = json.loads(raw.text)
         except ValueError as exc:
-            raise FleetAPIError(f"The gateway's answer is not JSON: {exc}",
-                                status_code=raw.status_code) from None
+            raise FleetError(f"The gateway's answer is not JSON: {exc}",
+                             status_code=raw.status_code) from None
         return success_record(job, answer, request_id=raw.headers.get("x-request-id"),
                               worker=raw.headers.get("x-fleet-worker"))
 
@@ -91,7 +86,7 @@ class OnlineRunner:
                 return await self._send(job)
             except FATAL as exc:
                 raise BatchAborted(f"{exc}; stopping the batch") from exc
-            except FleetAPIError as exc:
+            except FleetError as exc:
                 if not exc.retryable or attempt >= self.retries:
                     return error_record(job, exc.message, code=exc.code or type(exc).__name__,
                                         status_code=exc.status_code, request_id=exc.request_id)

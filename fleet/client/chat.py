@@ -22,7 +22,8 @@ try:  # The HTTP library under the openai client: httpx2 since openai 3, httpx b
 except ImportError:  # pragma: no cover
     import httpx as _http  # type: ignore[no-redef]
 
-from fleet.client.errors import FleetAPIError, from_openai
+from fleetcore.errors import FleetError
+from fleetcore.openai_errors import from_openai
 
 Message = dict[str, Any]
 
@@ -161,10 +162,10 @@ class Chat:
     >>> answer, history = chat.chat("What is the capital of France?")
     >>> answer, history = chat.chat("And of Italy?", history)
 
-    Errors are `fleet.client.errors.FleetAPIError` subclasses (`AuthenticationError`,
-    `NoWorkerError`, ...). Sampling parameters given here are defaults; `chat` and
-    `stream_chat` take the same keywords to override them for one call. `max_retries` are the
-    `openai` package's own retries (429, 5xx, connection errors); `http_client` is an
+    Errors are `FleetAPIError` (`fleetcore.errors.FleetError`) and its subclasses
+    (`AuthenticationError`, `NoWorkerError`, ...). Sampling parameters given here are defaults;
+    `chat` and `stream_chat` take the same keywords to override them for one call. `max_retries`
+    are the `openai` package's own retries (429, 5xx, connection errors); `http_client` is an
     HTTP client of your own for it (`openai.DefaultHttpxClient(...)`: proxies, certificates).
     """
 
@@ -213,7 +214,7 @@ class Chat:
         except openai.OpenAIError as exc:
             raise from_openai(exc) from exc
         if not reply.choices:
-            raise FleetAPIError("The gateway answered without a choice.")
+            raise FleetError("The gateway answered without a choice.")
         answer = reply.choices[0].message.content or ""
         new_history = [*_message_copy(history), {"role": "user", "content": query},
                        {"role": "assistant", "content": answer}]

@@ -26,7 +26,7 @@ import httpx
 from aiohttp import web
 
 from controller.protocol import Heartbeat, Registration, WorkerState
-from fleet.cluster_auth import ClusterTokenSettings
+from fleetcore.cluster_auth import ClusterTokenSettings
 from worker.registration import ControllerClient
 
 MAX_MODEL_LEN = 2048

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from fleet.tls import client_ssl_context
+from fleetcore.tls import client_ssl_context
 from tests.certs import TLSFiles
 
 MODEL_NAME = "SmolLM2-135M-Instruct"

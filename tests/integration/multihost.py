@@ -142,7 +142,7 @@ class MultiHostStack(Stack):
                    if line.startswith("fleet_gateway_retries_total"))
 
     def gateway_health(self) -> dict:
-        return httpx.get(f"{self.gateway_url}/health", timeout=5).json()
+        return httpx.get(f"{self.gateway_url}/health", headers=AUTH, timeout=5).json()
 
     def wait_gateway_workers(self, count: int, timeout: float = 30) -> None:
         self.wait_for(lambda: self.gateway_health()["routable_workers"] == count,

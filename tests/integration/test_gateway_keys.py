@@ -85,6 +85,19 @@ def test_unknown_key_401_and_model_not_allowed_403(fake_stack: Stack) -> None:
     assert model_ids(fake_stack, KEYS["alice"][0]) == [MODEL_NAME]
 
 
+def test_health_shows_the_table_only_to_a_key_and_only_its_models(fake_stack: Stack) -> None:
+    url = f"{fake_stack.gateway_url}/health"
+    for headers in ({}, {"Authorization": "Bearer sk-fleet-nobody"}):
+        response = httpx.get(url, headers=headers, timeout=5)
+        assert response.status_code == 200 and response.json() == {"status": "ok"}
+    carol = httpx.get(url, headers={"Authorization": f"Bearer {KEYS['carol'][0]}"},
+                      timeout=5).json()
+    assert carol["models"] == [] and carol["workers"] == 0  # her model is served by nobody
+    alice = httpx.get(url, headers={"Authorization": f"Bearer {KEYS['alice'][0]}"},
+                      timeout=5).json()
+    assert alice["models"] == [MODEL_NAME] and alice["routable_workers"] == 1
+
+
 def test_plain_api_key_still_serves_every_model_without_limits(fake_stack: Stack) -> None:
     for _ in range(5):
         response = call(fake_stack, None)

@@ -46,7 +46,8 @@ def start_gateway(stack: Stack, name: str, *flags: str) -> str:
     url = f"http://127.0.0.1:{port}"
 
     def two_workers() -> bool:
-        return httpx.get(f"{url}/health", timeout=5).json()["routable_workers"] == 2
+        health = httpx.get(f"{url}/health", headers=AUTH, timeout=5).json()
+        return health["routable_workers"] == 2
 
     stack.wait_for(two_workers, f"{name} to see both workers", 30)
     return url
@@ -89,8 +90,8 @@ def test_overload_returns_429_with_retry_after(pair: Stack) -> None:
         assert refused.json()["error"]["code"] == "overloaded"
         counted = [line for line in httpx.get(f"{url}/metrics").text.splitlines()
                    if line.startswith("fleet_gateway_requests_total")]
-        assert 'fleet_gateway_requests_total{model="SmolLM2-135M-Instruct",policy="least-load",' \
-               'status="429"} 3.0' in counted, counted
+        assert 'fleet_gateway_requests_total{endpoint="chat",model="SmolLM2-135M-Instruct",' \
+               'policy="least-load",status="429"} 3.0' in counted, counted
     finally:
         pair.stop("gw-tight")
 

@@ -57,7 +57,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
         def all_routable() -> bool:
             data = httpx.get(f"{stack.gateway_url}/v1/models", headers=AUTH, timeout=5).json()
-            health = httpx.get(f"{stack.gateway_url}/health", timeout=5).json()
+            health = httpx.get(f"{stack.gateway_url}/health", headers=AUTH, timeout=5).json()
             return {m for m, _ in WAYS.values()} <= {m["id"] for m in data["data"]} \
                 and health["workers"] == len(ENGINES)
 

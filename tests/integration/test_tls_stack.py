@@ -84,7 +84,7 @@ def test_a_gateway_without_the_ca_does_not_trust_the_controller(tls_stack: Stack
         tls_stack.wait_for(lambda: "CERTIFICATE_VERIFY_FAILED" in gateway.tail(100),
                            "the gateway to refuse the controller's certificate", 30,
                            watch=["gw-no-ca"])
-        health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()
+        health = httpx.get(f"http://127.0.0.1:{port}/health", headers=AUTH, timeout=5).json()
         assert health["controller"] == "never-synced" and health["workers"] == 0
     finally:
         tls_stack.stop("gw-no-ca")

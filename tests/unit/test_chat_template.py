@@ -9,7 +9,8 @@ from pathlib import Path
 import jinja2
 import pytest
 
-from fleet.chat_template import (
+from fleet.demo_model import ensure_demo_model
+from fleetcore.chat_template import (
     CHATML_TEMPLATE,
     TemplatePlan,
     TemplateSource,
@@ -20,7 +21,6 @@ from fleet.chat_template import (
     plan_template,
     write_engine_files,
 )
-from fleet.demo_model import ensure_demo_model
 
 QWEN_IDS = {"<|im_end|>": 151645, "<|endoftext|>": 151643}
 

@@ -1,7 +1,7 @@
 """The Python client: typed errors from the gateway's error bodies, history copies, sampling.
 
 Requests go through the real `openai` client into a mock HTTP transport that answers with the
-bodies the gateway builds itself (`fleet.errors`), so the mapping is checked against the real
+bodies the gateway builds itself (`fleetcore.errors`), so the mapping is checked against the real
 thing on both ends. The real gateway is in tests/integration/test_client.py.
 """
 
@@ -20,7 +20,6 @@ try:  # The HTTP library under the openai client: httpx2 since openai 3, httpx b
 except ImportError:  # pragma: no cover
     import httpx as httpx2  # type: ignore[no-redef]
 
-from fleet import errors as server
 from fleet.client import (
     AuthenticationError,
     BadGatewayError,
@@ -36,7 +35,8 @@ from fleet.client import (
     StreamError,
     api_base,
 )
-from fleet.errors import OverloadedError as GatewayOverloaded
+from fleetcore import errors as server
+from fleetcore.errors import OverloadedError as GatewayOverloaded
 
 Handler = Callable[[httpx2.Request], httpx2.Response]
 HISTORY = [{"role": "user", "content": "What is the capital of France?"},

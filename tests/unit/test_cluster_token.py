@@ -14,9 +14,9 @@ from pydantic import ValidationError
 from controller.app import create_app
 from controller.protocol import Heartbeat, Registration, WorkerState
 from controller.settings import ControllerSettings
-from fleet.cluster_auth import ControllerCredentials, load_or_create_token_file
 from fleet.fleet_file import FleetFile, FleetModel
 from fleet.launcher import UpSettings, cluster_token, plan
+from fleetcore.cluster_auth import ControllerCredentials, load_or_create_token_file
 from gateway.settings import GatewaySettings
 from worker.registration import ControllerClient, ControllerRefused
 from worker.settings import WorkerSettings

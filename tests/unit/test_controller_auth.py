@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from controller.app import create_app
 from controller.auth import Access, ClusterAuth
 from controller.settings import ControllerSettings
-from fleet.errors import AuthenticationError, PermissionDeniedError
+from fleetcore.errors import AuthenticationError, PermissionDeniedError
 
 TOKEN = "cluster-token-for-unit-tests-0001"
 READ_TOKEN = "read-token-for-unit-tests-000001"

@@ -6,12 +6,15 @@ No engine is involved: every request here is refused before routing, or routed t
 import contextlib
 import socket
 import threading
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
 from controller.protocol import Snapshot, WorkerRecord, WorkerState
 from gateway.app import create_app
+from gateway.keys import KeyEntry, append_key, hash_key
+from gateway.routing_table import RoutingTable
 from gateway.settings import GatewaySettings
 
 KEY = "sk-test"
@@ -104,13 +107,55 @@ def test_health_says_when_the_controller_was_never_reached() -> None:
 
 
 def test_health_counts_the_workers_of_the_table(client: TestClient) -> None:
-    body = client.get("/health").json()
+    body = client.get("/health", headers=AUTH).json()
     assert body["workers"] == 1 and body["routable_workers"] == 0 and body["models"] == []
     table = client.app.state.table  # type: ignore[attr-defined]
     ready = table.snapshot.workers[0].model_copy(update={"state": WorkerState.READY})
     table.update(table.snapshot.model_copy(update={"generation": 2, "workers": [ready]}))
-    body = client.get("/health").json()
+    body = client.get("/health", headers=AUTH).json()
     assert body["workers"] == 1 and body["routable_workers"] == 1 and body["models"] == ["m"]
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"},
+                                     {"Authorization": f"Basic {KEY}"}])
+def test_health_without_a_valid_key_says_only_ok(client: TestClient, headers: dict) -> None:
+    """A probe or a stranger learns that the gateway serves, nothing about models or workers."""
+    response = client.get("/health", headers=headers)
+    assert response.status_code == 200 and response.json() == {"status": "ok"}
+
+
+def _two_model_table(table: RoutingTable) -> None:
+    table.update(Snapshot(generation=1, heartbeat_interval=2, expiry=6, models=["m", "secret"],
+                          workers=[WorkerRecord(worker_id=wid, engine_url="http://127.0.0.1:9",
+                                                model_names=[model], state=WorkerState.READY,
+                                                registered_at=0, last_heartbeat=0)
+                                   for wid, model in (("w1", "m"), ("w2", "secret"),
+                                                      ("w3", "secret"))]))
+
+
+def test_health_with_a_key_counts_only_that_keys_models(tmp_path: Path) -> None:
+    keys = tmp_path / "keys.yaml"
+    append_key(keys, hash_key("sk-only-m"), KeyEntry(name="only-m", models=["m"]))
+    settings = GatewaySettings(keys_file=keys, api_keys=[KEY],
+                               controller_address="http://127.0.0.1:9", sync_interval=60)
+    app = create_app(settings)
+    with TestClient(app) as c:
+        _two_model_table(app.state.table)
+        limited = c.get("/health", headers={"Authorization": "Bearer sk-only-m"}).json()
+        full = c.get("/health", headers=AUTH).json()
+        stranger = c.get("/health").json()
+    assert limited["models"] == ["m"] and limited["workers"] == limited["routable_workers"] == 1
+    assert full["models"] == ["m", "secret"] and full["routable_workers"] == 3
+    assert stranger == {"status": "ok"}
+
+
+def test_health_without_keys_configured_shows_the_whole_table() -> None:
+    settings = GatewaySettings(controller_address="http://127.0.0.1:9", sync_interval=60)
+    app = create_app(settings)
+    with TestClient(app) as c:
+        _two_model_table(app.state.table)
+        body = c.get("/health").json()
+    assert body["models"] == ["m", "secret"] and body["workers"] == 3
 
 
 def test_unknown_route_is_openai_shaped_404(client: TestClient) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet.errors import AuthenticationError
+from fleetcore.errors import AuthenticationError
 from gateway.auth import ANONYMOUS, Authenticator
 from gateway.keys import (
     KeyEntry,
@@ -38,10 +38,12 @@ def test_a_new_key_is_long_random_and_stored_only_as_its_sha256() -> None:
 
 def test_yaml_entries_parse_with_defaults() -> None:
     a, b = hash_key("a"), hash_key("b")
-    entries = parse_keys(f'"{a}": {{name: alice, models: [m1, m2], rpm: 60, tpm: 1000}}\n'
-                         f'"{b}":\n  name: bob\n')
-    assert entries[a] == KeyEntry(name="alice", models=["m1", "m2"], rpm=60, tpm=1000)
+    entries = parse_keys(f'"{a}": {{name: alice, models: [m1, m2], rpm: 60, tpm: 1000, '
+                         f'concurrency: 2}}\n"{b}":\n  name: bob\n')
+    assert entries[a] == KeyEntry(name="alice", models=["m1", "m2"], rpm=60, tpm=1000,
+                                  concurrency=2)
     assert entries[b].allows("anything") and entries[b].rpm is None
+    assert entries[b].concurrency is None
     assert entries[a].allows("m1") and not entries[a].allows("m3")
     assert KeyEntry(name="x", models=["*"]).allows("m3")
 
@@ -120,18 +122,20 @@ def test_cli_create_prints_the_key_once_and_stores_its_hash(tmp_path: Path) -> N
     path = tmp_path / "keys.yaml"
     result = subprocess.run(
         [sys.executable, "-m", "fleet.cli", "keys", "create", "--name", "alice", "--models",
-         "a,b", "--rpm", "60", "--tpm", "500", "--file", str(path)],
+         "a,b", "--rpm", "60", "--tpm", "500", "--concurrency", "4", "--file", str(path)],
         capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": os.getcwd()},
     )
     assert result.returncode == 0, result.stderr
     key = result.stdout.strip()
     assert key.startswith("sk-fleet-") and key not in path.read_text()
     assert load_keys_file(path)[hash_key(key)] == KeyEntry(name="alice", models=["a", "b"],
-                                                           rpm=60, tpm=500)
+                                                           rpm=60, tpm=500, concurrency=4)
+    assert "4 concurrency" in result.stderr
     listed = subprocess.run([sys.executable, "-m", "fleet.cli", "keys", "list", "--file",
                              str(path)], capture_output=True, text=True, timeout=60,
                             env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert "alice" in listed.stdout and "rpm=60" in listed.stdout and key not in listed.stdout
+    assert "concurrency=4" in listed.stdout
 
 
 def test_cli_refuses_a_bad_limit(tmp_path: Path) -> None:
@@ -142,6 +146,11 @@ def test_cli_refuses_a_bad_limit(tmp_path: Path) -> None:
     )
     assert result.returncode == 2 and "--rpm" in result.stderr and not result.stdout
     assert not (tmp_path / "k.yaml").exists()
+
+
+def test_a_concurrency_below_one_is_refused() -> None:
+    with pytest.raises(KeysFileError, match="concurrency"):
+        parse_keys(f'"{hash_key("a")}": {{name: a, concurrency: 0}}\n')
 
 
 def test_keys_file_reloads_on_change_and_keeps_the_last_good_entries(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from fleet.errors import RateLimitError
+from fleetcore.errors import RateLimitError
 from gateway.auth import Caller
 from gateway.keys import KeyEntry
 from gateway.limits import (
@@ -129,6 +129,51 @@ def test_forget_drops_keys_that_left_the_file() -> None:
     limiter.admit(caller("kept", rpm=5))
     limiter.forget({"kept"})
     assert limiter.usage("gone") == (0, 0) and limiter.usage("kept") == (1, 0)
+
+
+def test_concurrency_admits_up_to_the_limit_then_429_until_one_ends() -> None:
+    limiter = KeyLimiter(Clock())
+    carol = caller(concurrency=2)
+    first, second = limiter.admit(carol), limiter.admit(carol)
+    assert first is not None and second is not None and limiter.in_flight("k") == 2
+    with pytest.raises(RateLimitError) as info:
+        limiter.admit(carol)
+    assert info.value.status_code == 429 and info.value.code == "rate_limit_exceeded"
+    assert retry_after(info) == 1 and "2 requests in flight" in info.value.message
+    assert first.release() and not first.release()  # a second release changes nothing
+    assert limiter.in_flight("k") == 1
+    third = limiter.admit(carol)
+    assert third is not None and limiter.in_flight("k") == 2
+
+
+def test_keys_without_a_concurrency_limit_hold_no_slot() -> None:
+    limiter = KeyLimiter(Clock())
+    assert limiter.admit(caller(rpm=5)) is None and limiter.admit(caller("free")) is None
+    assert limiter.in_flight("k") == 0
+
+
+def test_a_request_refused_by_one_limit_uses_none_of_the_others() -> None:
+    limiter = KeyLimiter(Clock())
+    dave = caller(rpm=2, concurrency=1)
+    slot = limiter.admit(dave)
+    with pytest.raises(RateLimitError, match="in flight"):
+        limiter.admit(dave)
+    assert limiter.usage("k") == (1, 0)  # the refused one did not count a request
+    assert slot is not None and slot.release()
+    limiter.admit(dave)
+    with pytest.raises(RateLimitError, match="requests per minute"):
+        limiter.admit(dave)
+    assert limiter.in_flight("k") == 1  # nor did the one over the rpm take a slot
+
+
+def test_forget_keeps_a_removed_key_until_its_requests_end() -> None:
+    limiter = KeyLimiter(Clock())
+    slot = limiter.admit(caller("gone", concurrency=3))
+    limiter.forget(set())
+    assert limiter.in_flight("gone") == 1
+    assert slot is not None and slot.release()
+    limiter.forget(set())
+    assert limiter.in_flight("gone") == 0 and "gone" not in limiter._windows
 
 
 @pytest.mark.parametrize("usage, tokens", [

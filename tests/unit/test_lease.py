@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from controller.protocol import Snapshot, WorkerRecord, WorkerState
-from fleet.errors import FleetError, OverloadedError
+from fleetcore.errors import FleetError, OverloadedError
 from gateway.asgi import ClientWatch, RelayResponse
 from gateway.breaker import Breakers, BreakerState
 from gateway.engine_client import EngineClient
@@ -213,6 +213,30 @@ def test_a_relay_that_never_began_still_runs_its_close() -> None:
     with pytest.raises(OSError):
         asyncio.run(response({"type": "http"}, receive, send))
     assert closed == [True] and ran == []
+
+
+def test_every_close_of_a_relay_runs_even_when_one_fails() -> None:
+    """The proxy's close (the lease) and the pipeline's (the key's slot) both run, in order,
+    though the first raises: a bug in one must not leak what the other holds."""
+    ran: list[str] = []
+
+    async def body():  # type: ignore[no-untyped-def]
+        yield b"data: x\n\n"
+
+    async def send(message: dict) -> None:
+        pass
+
+    async def receive() -> dict:
+        return {"type": "http.disconnect"}
+
+    def failing() -> None:
+        ran.append("proxy")
+        raise RuntimeError("a bug in a close")
+
+    response = RelayResponse(body(), 200, {}, "text/event-stream", on_close=failing)
+    response.add_close(lambda: ran.append("pipeline"))
+    asyncio.run(response({"type": "http"}, receive, send))
+    assert ran == ["proxy", "pipeline"]
 
 
 def test_a_request_cancelled_while_waiting_for_the_engine_gives_its_worker_back() -> None:

@@ -14,7 +14,7 @@ from controller.settings import ControllerSettings
 from fleet.batch.cli import BatchSettings
 from fleet.chat_cli import ChatSettings
 from fleet.launcher import UpSettings
-from fleet.settings_cli import Setting, settings_of
+from fleetcore.settings_cli import Setting, settings_of
 from gateway.settings import GatewaySettings
 from webui.settings import WebUISettings
 from worker.settings import WorkerSettings

@@ -7,7 +7,7 @@ import aiohttp
 import pytest
 
 from controller.protocol import Snapshot, WorkerLoad, WorkerRecord, WorkerState
-from fleet.errors import NotFoundError, OverloadedError, ServiceUnavailableError
+from fleetcore.errors import NotFoundError, OverloadedError, ServiceUnavailableError
 from gateway.controller_sync import ControllerSync
 from gateway.routing import (
     CacheAware,

@@ -13,7 +13,7 @@ from controller.settings import ControllerSettings
 from fleet.batch.cli import BatchSettings
 from fleet.chat_cli import ChatSettings
 from fleet.launcher import UpSettings
-from fleet.settings_cli import CliSettings, settings_of
+from fleetcore.settings_cli import CliSettings, settings_of
 from gateway.app import build_table
 from gateway.breaker import Breakers
 from gateway.proxy import Proxy

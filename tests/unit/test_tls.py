@@ -13,7 +13,7 @@ import pytest
 from pydantic import ValidationError
 
 from controller.settings import ControllerSettings
-from fleet.tls import client_ssl_context
+from fleetcore.tls import client_ssl_context
 from gateway.settings import GatewaySettings
 from tests.certs import TLSFiles, make_tls_files
 from webui.settings import WebUISettings

@@ -20,7 +20,7 @@ from typing import Annotated
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from fleet.settings_cli import EnvOnly
+from fleetcore.settings_cli import EnvOnly
 
 CLUSTER_TOKEN_ENV = "FLEET_CLUSTER_TOKEN"
 READ_TOKEN_ENV = "FLEET_READ_TOKEN"
