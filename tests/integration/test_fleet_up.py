@@ -74,7 +74,7 @@ def test_fleet_up_serves_the_demo_fleet_and_ctrl_c_leaves_nothing_behind(
         )
         assert "Paris" in reply.json()["choices"][0]["message"]["content"]
         # The embedding model's engine embeds (asked directly, with the key the controller
-        # hands gateways: the gateway's /v1/embeddings is not this test's subject).
+        # hands gateways).
         (embedder,) = [w for w in workers if w["model_names"] == [EMBEDDING_MODEL]]
         embedded = httpx.post(
             f"{embedder['engine_url'].rstrip('/')}/v1/embeddings", timeout=60,
@@ -83,6 +83,13 @@ def test_fleet_up_serves_the_demo_fleet_and_ctrl_c_leaves_nothing_behind(
         assert embedded.status_code == 200, embedded.text
         vectors = [item["embedding"] for item in embedded.json()["data"]]
         assert [len(v) for v in vectors] == [384, 384]
+        # And through the gateway, which routes the endpoint to the model's worker.
+        via_gateway = httpx.post(
+            f"http://127.0.0.1:{gateway_port}/v1/embeddings", timeout=60,
+            headers={"Authorization": "Bearer k1"},
+            json={"model": EMBEDDING_MODEL, "input": "Paris"})
+        assert via_gateway.status_code == 200, via_gateway.text
+        assert len(via_gateway.json()["data"][0]["embedding"]) == 384
     finally:
         # Ctrl-C; stop() also checks that nothing it started is left behind.
         code = up.stop()
