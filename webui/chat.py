@@ -146,10 +146,14 @@ async def stream_answer(
 
 
 async def list_models(client: AsyncOpenAI) -> list[str]:
+    """The chat models the gateway serves: not an embedding model, whose card lists the
+    endpoints it serves without chat. (A card that lists none is from another server: kept.)"""
     page = await client.models.list()
-    return sorted(m.id for m in page.data)
+    return sorted(m.id for m in page.data
+                  if CHAT_PATH in (getattr(m, "endpoints", None) or [CHAT_PATH]))
 
 
+CHAT_PATH = "/v1/chat/completions"
 _CONTEXT = re.compile(r"context length|max_model_len|context window|maximum context", re.I)
 
 

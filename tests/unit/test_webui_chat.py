@@ -201,12 +201,16 @@ def test_a_stopped_or_failed_turn_leaves_the_history_as_it_was() -> None:
     assert history == HISTORY
 
 
-def test_list_models_is_sorted() -> None:
+def test_list_models_is_sorted_and_leaves_out_models_without_chat() -> None:
     async def handler(request: httpx2.Request) -> httpx2.Response:
         assert request.url.path == "/v1/models"
         assert request.headers["authorization"] == "Bearer sk-secret-key"
         return httpx2.Response(200, json={"object": "list", "data": [
-            {"id": "b", "object": "model", "created": 0, "owned_by": "fleet"},
+            {"id": "b", "object": "model", "created": 0, "owned_by": "fleet",
+             "endpoints": ["/tokenize", "/v1/chat/completions"]},
+            {"id": "embed", "object": "model", "created": 0, "owned_by": "fleet",
+             "endpoints": ["/tokenize", "/v1/embeddings"]},
+            # Another server's card says nothing of endpoints: shown.
             {"id": "a", "object": "model", "created": 0, "owned_by": "fleet"}]})
 
     assert asyncio.run(chat.list_models(client_for(handler))) == ["a", "b"]
