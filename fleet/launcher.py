@@ -1,9 +1,10 @@
 """`fleet up`: the whole stack on one machine, supervised, stopped as one by Ctrl-C.
 
-Starts the controller, one worker per visible GPU (or N CPU workers, each pinned to its own
-cores), the gateway and the chat web UI, as child processes (fleet/supervisor.py). Once the stack
-is up, a service that dies is started again while the others keep serving. Nothing it started
-outlives it.
+Starts the controller, the workers of each model of the fleet (a fleet file, one --model, or
+the demo fleet: fleet/fleet_file.py), each on its share of the GPUs or pinned to its own CPU
+cores (fleet/devices.py), the gateway and the chat web UI, as child processes
+(fleet/supervisor.py). Once the stack is up, a service that dies is started again while the
+others keep serving. Nothing it started outlives it.
 They share one cluster token, handed to each in its environment (never its argv, which `ps`
 shows): FLEET_CLUSTER_TOKEN if set, else the token in --cluster-token-file, generated there on
 first use.
@@ -14,10 +15,8 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -28,6 +27,16 @@ import httpx
 from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from fleet.devices import parse_cores, share_cores, share_gpus, visible_gpus
+from fleet.fleet_file import (
+    DEMO_PREFIX,
+    SOURCE_PREFIXES,
+    FleetFile,
+    FleetModel,
+    demo_fleet_path,
+    load_fleet,
+    resolve_demo_sources,
+)
 from fleet.supervisor import Service, Stack, wait_until
 from fleetcore.cluster_auth import (
     CLUSTER_TOKEN_ENV,
@@ -37,69 +46,10 @@ from fleetcore.cluster_auth import (
     load_or_create_token_file,
 )
 from fleetcore.logs import setup_logging
-from fleetcore.settings_cli import CliSettings, Passthrough
+from fleetcore.settings_cli import CliSettings, Flag, Passthrough
 from fleetcore.tls import CA_FILE_ENV, client_ssl_context
 
 logger = logging.getLogger("fleet.up")
-
-
-def visible_gpus(env: dict[str, str] | None = None) -> list[str]:
-    """GPU indices this process may use: CUDA_VISIBLE_DEVICES if set, else what nvidia-smi lists."""
-    env = dict(os.environ if env is None else env)
-    if "CUDA_VISIBLE_DEVICES" in env:
-        return [d.strip() for d in env["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()]
-    if shutil.which("nvidia-smi") is None:
-        return []
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=20, check=True,
-        ).stdout
-    except (subprocess.SubprocessError, OSError):
-        return []
-    return [line.strip() for line in out.splitlines() if line.strip()]
-
-
-def group_gpus(gpus: Sequence[str], per_worker: int) -> list[str]:
-    """['0','1','2','3'], 2 -> ['0,1', '2,3']; leftover GPUs that cannot fill a group are unused."""
-    if per_worker < 1:
-        raise ValueError("--gpus-per-worker must be at least 1")
-    usable = len(gpus) - len(gpus) % per_worker
-    return [",".join(gpus[i:i + per_worker]) for i in range(0, usable, per_worker)]
-
-
-def _core_range(cores: Sequence[int]) -> str:
-    if list(cores) == list(range(cores[0], cores[-1] + 1)):
-        return str(cores[0]) if len(cores) == 1 else f"{cores[0]}-{cores[-1]}"
-    return ",".join(map(str, cores))
-
-
-def parse_cores(spec: str) -> list[int]:
-    """'0-2,5' -> [0, 1, 2, 5]."""
-    cores: set[int] = set()
-    for part in spec.split(","):
-        first, _, last = part.strip().partition("-")
-        if not first.isdigit() or (last and not last.isdigit()):
-            raise ValueError(f"bad core list {spec!r}; expected e.g. 0-3 or 0,2")
-        cores.update(range(int(first), int(last or first) + 1))
-    return sorted(cores)
-
-
-def split_cores(cores: Sequence[int], workers: int) -> list[str]:
-    """Share the cores out among CPU workers, as contiguous sets: [0,1,2,3], 2 -> ['0-1', '2-3']."""
-    cores = sorted(cores)
-    if workers < 1:
-        raise ValueError("--cpu-workers must be at least 1")
-    if workers > len(cores):
-        raise ValueError(f"{workers} CPU workers need at least {workers} cores; "
-                         f"this machine lets us use {len(cores)}")
-    size, extra = divmod(len(cores), workers)
-    out, start = [], 0
-    for i in range(workers):
-        n = size + (1 if i < extra else 0)
-        out.append(_core_range(cores[start:start + n]))
-        start += n
-    return out
 
 
 class UpSettings(CliSettings):
@@ -110,20 +60,24 @@ class UpSettings(CliSettings):
     cli_description = ("Run controller, workers and gateway on this machine. Unknown flags go "
                        "to every vLLM engine.")
 
-    model: str | None = Field(
-        None, description="Model path or id for every worker; none: the demo model, prepared "
-        "on first use.")
+    fleet: Annotated[Path | None, Flag(exclusive="models")] = Field(
+        None, description="Fleet file (YAML): the models to serve, each with its source, "
+        "names, workers or devices, engine arguments and chat template; none: --model, else "
+        "the demo fleet (a chat and an embedding model).")
+    model: Annotated[str | None, Flag(exclusive="models")] = Field(
+        None, description="One model to serve instead of a fleet: path, Hugging Face id or "
+        "demo:smollm2.")
     model_name: str | None = Field(
-        None, description="Name to serve the model as; none: the folder name or id.")
+        None, description="Name to serve --model as; none: the folder name or id.")
     cpu_workers: int = Field(
-        1, ge=1, description="CPU workers when no GPU is visible; the cores are shared out "
-        "among them.")
+        1, ge=1, description="CPU workers of --model when no GPU is visible; the cores are "
+        "shared out among them.")
     cpus: str | None = Field(
         None, description="CPU cores to share out among CPU workers, e.g. 0 or 0-3; none: every "
         "core this process may use.")
     gpus_per_worker: int = Field(
-        1, ge=1, description="GPUs per worker, tensor parallel inside it, for a model too big "
-        "for one GPU.")
+        1, ge=1, description="GPUs per worker of --model, tensor parallel inside it, for a "
+        "model too big for one GPU.")
     host: str = Field("127.0.0.1", description="Bind address of every service.")
     controller_port: int = Field(21001, ge=0, le=65535, description="Port of the controller.")
     gateway_port: int = Field(8000, ge=0, le=65535, description="Port of the gateway.")
@@ -145,7 +99,7 @@ class UpSettings(CliSettings):
     ssl_ca_file: Path | None = Field(None,
                                      description="The CA every service verifies the others with.")
     startup_timeout: float = Field(
-        900.0, gt=0, description="Seconds to wait for the model to be served.")
+        900.0, gt=0, description="Seconds to wait for every model to be served.")
     drain_timeout: float = Field(
         30.0, ge=0, description="Seconds workers get to finish requests on Ctrl-C.")
     engine_args: Annotated[list[str], Passthrough()] = Field(default_factory=list)
@@ -166,31 +120,95 @@ def _scheme(args: UpSettings) -> str:
     return "https" if args.ssl_certfile else "http"
 
 
-def plan(args: UpSettings, model: str, cluster_token: str) -> list[Service]:
+# Flags that describe the one model of --model; a fleet file says the same per model.
+_ONE_MODEL_FLAGS = {"model_name": "--model-name", "cpu_workers": "--cpu-workers",
+                    "gpus_per_worker": "--gpus-per-worker"}
+
+
+def fleet_of(args: UpSettings, on_gpus: bool) -> FleetFile:
+    """What to serve: the fleet file, else --model, else the demo fleet. Its `demo:` sources
+    are not resolved yet (fleet_file.resolve_demo_sources)."""
+    given = [flag for name, flag in _ONE_MODEL_FLAGS.items() if name in args.model_fields_set]
+    if args.fleet is not None:
+        if args.model is not None:  # the flags exclude each other; the variables may not
+            raise ValueError("give --fleet or --model, not both")
+        if given:
+            verb = "describes" if len(given) == 1 else "describe"
+            raise ValueError(f"{', '.join(given)} {verb} --model; with --fleet, give each "
+                             "model's in the fleet file")
+        return load_fleet(args.fleet)
+    if args.model is None and not given:
+        return load_fleet(demo_fleet_path())
+    # --model, or a flag of it without one: the chat demo model alone, as before fleets.
+    return FleetFile(models=[FleetModel(
+        source=args.model or f"{DEMO_PREFIX}:smollm2",
+        served_names=[args.model_name] if args.model_name else [],
+        workers=None if on_gpus else args.cpu_workers,
+        gpus_per_worker=args.gpus_per_worker,
+    )])
+
+
+def served_as(model: FleetModel) -> str:
+    """The first name the model's workers serve it as, as the worker chooses it."""
+    if model.served_names:
+        return model.served_names[0]
+    local = Path(model.location).expanduser()
+    if model.prefix == "local" or (model.prefix is None and local.exists()):
+        return local.resolve().name
+    return model.location
+
+
+def _worker_argv(args: UpSettings, model: FleetModel, controller_url: str,
+                 tls: list[str]) -> list[str]:
+    if model.prefix == DEMO_PREFIX:
+        raise ValueError(f"model {model.label!r}: demo sources are resolved before planning")
+    argv = [sys.executable, "-m", "worker", "--model", model.location,
+            "--controller-address", controller_url, "--drain-timeout", str(args.drain_timeout),
+            *tls]
+    if model.prefix is not None:
+        argv += ["--source", SOURCE_PREFIXES[model.prefix]]
+    for name in model.served_names:
+        argv += ["--model-name", name]
+    if model.chat_template is not None:
+        argv += ["--chat-template", model.chat_template]
+    return argv
+
+
+def place(args: UpSettings, fleet: FleetFile) -> tuple[bool, list[list[str]]]:
+    """Whether the workers run on GPUs, and each model's workers as their devices (--gpus
+    groups or --cpus sets)."""
+    gpus = visible_gpus()
+    if gpus:
+        return True, share_gpus(fleet.models, gpus)
+    cores = parse_cores(args.cpus) if args.cpus else sorted(os.sched_getaffinity(0))
+    return False, share_cores(fleet.models, cores)
+
+
+def plan(args: UpSettings, fleet: FleetFile, cluster_token: str) -> list[Service]:
+    """The services of the stack, in start order: the controller, the workers of each model
+    (engine arguments: the model's, then the command line's, which win), gateway, web UI."""
     py = sys.executable
-    engine_args = args.engine_args
     controller_url = f"{_scheme(args)}://{args.host}:{args.controller_port}"
     tls = ["--ssl-certfile", str(args.ssl_certfile), "--ssl-keyfile", str(args.ssl_keyfile)] \
         if args.ssl_certfile else []
     token = {CLUSTER_TOKEN_ENV: cluster_token}
     services = [Service("controller", [py, "-m", "controller", "--host", args.host,
                                        "--port", str(args.controller_port), *tls], env=token)]
-    worker_common = [py, "-m", "worker", "--model", model, "--controller-address", controller_url,
-                     "--drain-timeout", str(args.drain_timeout), *tls]
-    if args.model_name:
-        worker_common += ["--model-name", args.model_name]
-    gpus = visible_gpus()
-    if gpus:
-        for i, group in enumerate(group_gpus(gpus, args.gpus_per_worker)):
-            services.append(Service(f"worker-{i}", [*worker_common, "--gpus", group, *engine_args],
-                                    env={**token, "NCCL_NVLS_ENABLE": "0"}))
-    else:
-        cores = parse_cores(args.cpus) if args.cpus else sorted(os.sched_getaffinity(0))
-        extra = [] if "--enforce-eager" in engine_args else ["--enforce-eager"]
-        for i, cpus in enumerate(split_cores(cores, args.cpu_workers)):
-            services.append(Service(f"worker-{i}",
-                                    [*worker_common, "--cpus", cpus, *extra, *engine_args],
-                                    env=dict(token)))
+    gpus, placements = place(args, fleet)
+    number = 0
+    for model, devices in zip(fleet.models, placements, strict=True):
+        common = _worker_argv(args, model, controller_url, tls)
+        engine_args = [*model.engine_args, *args.engine_args]
+        for device in devices:
+            if gpus:
+                argv = [*common, "--gpus", device, *engine_args]
+                env = {**token, "NCCL_NVLS_ENABLE": "0"}
+            else:
+                eager = [] if "--enforce-eager" in engine_args else ["--enforce-eager"]
+                argv = [*common, "--cpus", device, *eager, *engine_args]
+                env = dict(token)
+            services.append(Service(f"worker-{number}", argv, env=env))
+            number += 1
     gateway = [py, "-m", "gateway", "--host", args.host, "--port", str(args.gateway_port),
                "--controller-address", controller_url, *tls]
     if args.api_keys:
@@ -253,17 +271,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fleet up: invalid settings: {exc}", file=sys.stderr)
         return 2
     setup_logging("info", "up")
-    model, model_name = args.model, args.model_name
-    if model is None:
-        from fleet.demo_model import DEMO_MODEL_NAME, ensure_demo_model
-
-        model = str(ensure_demo_model())
-        model_name = model_name or DEMO_MODEL_NAME
-        args.model_name = model_name
     try:
         taken = taken_ports(args)
+        fleet = fleet_of(args, on_gpus=bool(visible_gpus()))
+        counts = [len(devices) for devices in place(args, fleet)[1]]
+        if any(m.prefix == DEMO_PREFIX for m in fleet.models):
+            # Converting the chat demo model takes a while on first use: only once the file
+            # and the devices are known to be right.
+            from fleet.demo_model import resolve_demo_source
+
+            fleet = resolve_demo_sources(fleet, resolve_demo_source)
         token, token_source = cluster_token(args.cluster_token_file)
-        services = plan(args, model, token)
+        services = plan(args, fleet, token)
     except (ValueError, ValidationError, OSError) as exc:
         print(f"fleet up: {exc}", file=sys.stderr)
         return 2
@@ -294,20 +313,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                 stack.start(service)
             headers = {"Authorization": f"Bearer {args.api_keys.split(',')[0]}"} \
                 if args.api_keys else {}
-            workers = sum(s.name.startswith("worker-") for s in services)
+            names = [served_as(model) for model in fleet.models]
+            wanted = list(zip(names, counts, strict=True))
             deadline = time.monotonic() + args.startup_timeout
 
             def _all_ready() -> bool:
                 listed = http.get(f"{controller_url}/workers",
                                   headers=bearer(token)).json()["workers"]
-                return sum(w["state"] == "ready" for w in listed) >= workers and http.get(
-                    f"{gateway_url}/v1/models", headers=headers).json()["data"] != [] and (
+                ready = [w["model_names"][:1] for w in listed if w["state"] == "ready"]
+                served = {m["id"] for m in http.get(f"{gateway_url}/v1/models",
+                                                    headers=headers).json()["data"]}
+                return all(ready.count([name]) >= n for name, n in wanted) and (
+                    set(names) <= served) and (
                     webui_url is None or http.get(f"{webui_url}/health").is_success)
 
-            wait_until(_all_ready, deadline, stack, f"{workers} worker(s) to be ready")
+            wait_until(_all_ready, deadline, stack,
+                       f"{sum(counts)} worker(s) of {len(names)} model(s) to be ready")
         webui_line = f"  web UI:      {webui_url}\n" if webui_url else ""
+        served_line = ", ".join(f"'{name}' on {n} worker(s)" for name, n in wanted)
         print(
-            f"\nllm-fleet is up: model '{model_name or model}' on {workers} worker(s).\n"
+            f"\nllm-fleet is up: {served_line}.\n"
             f"  OpenAI API:  {gateway_url}/v1\n"
             f"{webui_line}"
             f"  controller:  {controller_url} (cluster token: {token_source})\n"

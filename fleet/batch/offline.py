@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from fleet.batch.jobs import CHAT, EMBEDDINGS, BatchLine, ResultsFile, error_record, success_record
 from fleet.batch.report import Progress, Tally
-from fleet.launcher import visible_gpus
+from fleet.devices import visible_gpus
 from fleetcore.chat_template import plan_template, write_engine_files
 
 if TYPE_CHECKING:

@@ -1,6 +1,8 @@
 """The chat page as `make run` serves it: `fleet up` with its defaults, nothing else.
 
-No API keys, no chat log, one CPU worker on every core: what a newcomer gets. (The scenario in
+No API keys, no chat log, the demo fleet (a worker for the chat model and one for the
+embedding model, each on its share of the cores): what a newcomer gets. The page offers the chat
+model; the embedding model's card lists no chat endpoint. (The scenario in
 test_webui.py runs the page with `--log-dir`, the variant with feedback buttons.) The `new_page`
 fixture fails the test on any script or console error of the page.
 """

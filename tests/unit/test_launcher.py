@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-from fleet.launcher import UpSettings, group_gpus, parse_cores, plan, split_cores, visible_gpus
+from fleet.devices import group_gpus, parse_cores, split_cores, visible_gpus
+from fleet.launcher import UpSettings, fleet_of, plan
 
 
 def test_visible_gpus_follow_cuda_visible_devices() -> None:
@@ -61,7 +62,8 @@ def _fake_nvidia_smi(tmp_path, monkeypatch: pytest.MonkeyPatch, count: int) -> N
 
 def _workers(argv: list[str]) -> list:
     args = UpSettings.from_cli(["--model", "/m", "--no-webui", *argv])
-    return [s for s in plan(args, "/m", "t" * 32) if s.name.startswith("worker")]
+    fleet = fleet_of(args, on_gpus=bool(visible_gpus()))
+    return [s for s in plan(args, fleet, "t" * 32) if s.name.startswith("worker")]
 
 
 def test_one_worker_per_gpu_on_a_two_gpu_machine(tmp_path, monkeypatch) -> None:

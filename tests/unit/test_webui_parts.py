@@ -9,11 +9,14 @@ from pathlib import Path
 import pytest
 
 from fleet import cli
+from fleet.fleet_file import FleetFile, FleetModel
 from fleet.launcher import UpSettings, plan
 from webui.chat import Params, assistant, user
 from webui.feedback import FeedbackLog
 from webui.settings import WebUISettings
 from webui.turns import Turns
+
+ONE_MODEL = FleetFile(models=[FleetModel(source="/models/m")])
 
 
 def test_settings_come_from_flags_over_env(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -83,7 +86,7 @@ def test_turns_and_feedback_are_appended_as_json_lines(tmp_path: Path) -> None:
 def test_fleet_up_starts_the_web_ui_after_the_gateway_with_the_first_key() -> None:
     args = UpSettings.from_cli(
         ["--api-keys", "k1,k2", "--webui-port", "7999", "--host", "0.0.0.0"])
-    services = plan(args, "/models/m", "t" * 32)
+    services = plan(args, ONE_MODEL, "t" * 32)
     assert [s.name for s in services][-2:] == ["gateway", "webui"]
     webui = services[-1]
     assert webui.argv[1:3] == ["-m", "webui"]
@@ -96,15 +99,15 @@ def test_fleet_up_starts_the_web_ui_after_the_gateway_with_the_first_key() -> No
 
 def test_fleet_up_keeps_no_chat_log_unless_told_where() -> None:
     args = UpSettings.from_cli([])
-    assert "--log-dir" not in plan(args, "/models/m", "t" * 32)[-1].argv
+    assert "--log-dir" not in plan(args, ONE_MODEL, "t" * 32)[-1].argv
     args = UpSettings.from_cli(["--webui-log-dir", "chat-log"])
-    webui = plan(args, "/models/m", "t" * 32)[-1]
+    webui = plan(args, ONE_MODEL, "t" * 32)[-1]
     assert webui.argv[webui.argv.index("--log-dir") + 1] == str(Path("chat-log").resolve())
 
 
 def test_fleet_up_without_the_web_ui() -> None:
     args = UpSettings.from_cli(["--no-webui"])
-    assert "webui" not in [s.name for s in plan(args, "/models/m", "t" * 32)]
+    assert "webui" not in [s.name for s in plan(args, ONE_MODEL, "t" * 32)]
 
 
 def test_fleet_webui_is_a_command(capsys: pytest.CaptureFixture[str]) -> None:
