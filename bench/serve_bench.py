@@ -31,6 +31,9 @@ import httpx
 
 KEYS = ["completed", "failed", "request_throughput", "output_throughput", "median_ttft_ms",
         "p99_ttft_ms", "median_itl_ms", "p99_itl_ms", "median_tpot_ms", "p99_tpot_ms"]
+# What an embeddings run reports instead of tokens out and the time between them.
+EMBED_KEYS = ["completed", "failed", "request_throughput", "total_token_throughput",
+              "median_e2el_ms", "p99_e2el_ms"]
 GATEWAY_KEY = "bench-key"
 
 
@@ -43,7 +46,8 @@ def add_workload_args(p: argparse.ArgumentParser, *, input_len: int, output_len:
     p.add_argument("--gateway-key", default=GATEWAY_KEY)
     p.add_argument("--model-name", default="SmolLM2-135M-Instruct")
     p.add_argument("--tokenizer", help="tokenizer path (default: the demo model's folder)")
-    p.add_argument("--endpoint", choices=["chat", "completions"], default="chat")
+    p.add_argument("--endpoint", choices=["chat", "completions", "embeddings"], default="chat",
+                   help="embeddings: give --model-name all-MiniLM-L6-v2 (the demo fleet's)")
     p.add_argument("--input-len", type=int, default=input_len)
     p.add_argument("--output-len", type=int, default=output_len)
     p.add_argument("--num-prompts", type=int, default=num_prompts)
@@ -119,16 +123,19 @@ def vllm_bench(args: argparse.Namespace, base_url: str, api_key: str, tag: str,
 
     parser = FlexibleArgumentParser()
     add_cli_args(parser)
-    chat = args.endpoint == "chat"
+    backend, endpoint = {"chat": ("openai-chat", "/v1/chat/completions"),
+                         "completions": ("openai", "/v1/completions"),
+                         "embeddings": ("openai-embeddings", "/v1/embeddings")}[args.endpoint]
+    embed = args.endpoint == "embeddings"
     argv = [
-        "--backend", "openai-chat" if chat else "openai",
-        "--base-url", base_url,
-        "--endpoint", "/v1/chat/completions" if chat else "/v1/completions",
+        "--backend", backend, "--base-url", base_url, "--endpoint", endpoint,
         "--model", args.model_name, "--tokenizer", args.tokenizer,
         "--dataset-name", "random",
         "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
         "--num-prompts", str(args.num_prompts), "--max-concurrency", str(args.max_concurrency),
-        "--ignore-eos", "--percentile-metrics", "ttft,tpot,itl", "--metric-percentiles", "50,99",
+        *(["--percentile-metrics", "e2el"] if embed else
+          ["--ignore-eos", "--percentile-metrics", "ttft,tpot,itl"]),
+        "--metric-percentiles", "50,99",
         # A different seed per run: same lengths, new prompts, so no run is served from the
         # prefix cache that an earlier one filled.
         "--seed", str(seed), "--disable-tqdm", "--label", tag,
@@ -136,7 +143,7 @@ def vllm_bench(args: argparse.Namespace, base_url: str, api_key: str, tag: str,
     os.environ["OPENAI_API_KEY"] = api_key
     print(f"\n=== {tag}: {base_url} ===", flush=True)
     result = main(parser.parse_args(argv))
-    return {k: result.get(k) for k in KEYS}
+    return {k: result.get(k) for k in (EMBED_KEYS if embed else KEYS)}
 
 
 def versions() -> dict[str, str]:
@@ -150,10 +157,16 @@ def versions() -> dict[str, str]:
 
 
 def mean_of(results: list[dict[str, Any]]) -> dict[str, Any]:
-    return {k: sum(r[k] for r in results) / len(results) for k in KEYS}
+    return {k: sum(r[k] for r in results) / len(results) for k in results[0]}
 
 
 def _summary(direct: dict[str, Any], gateway: dict[str, Any]) -> dict[str, Any]:
+    if "median_e2el_ms" in direct:  # embeddings
+        return {
+            "throughput_ratio": gateway["request_throughput"] / direct["request_throughput"],
+            "e2el_p50_diff_ms": gateway["median_e2el_ms"] - direct["median_e2el_ms"],
+            "e2el_p99_diff_ms": gateway["p99_e2el_ms"] - direct["p99_e2el_ms"],
+        }
     return {
         "throughput_ratio": gateway["output_throughput"] / direct["output_throughput"],
         "ttft_p50_diff_ms": gateway["median_ttft_ms"] - direct["median_ttft_ms"],
@@ -166,9 +179,10 @@ def run(args: argparse.Namespace) -> Path:
     if args.smoke:
         args.num_prompts, args.max_concurrency, args.input_len, args.output_len = 4, 2, 16, 8
     if args.tokenizer is None:
-        from fleet.demo_model import ensure_demo_model
+        from fleet.demo_model import EMBEDDING_MODEL_NAME, embedding_model_path, ensure_demo_model
 
-        args.tokenizer = str(ensure_demo_model(progress=False))
+        args.tokenizer = str(embedding_model_path() if args.model_name == EMBEDDING_MODEL_NAME
+                             else ensure_demo_model(progress=False))
     proc = start_up(args) if args.start else None
     try:
         _wait_ready(args, proc)
@@ -199,6 +213,18 @@ def run(args: argparse.Namespace) -> Path:
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     path = args.out / f"serve-{args.label}-{stamp}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
+    if args.endpoint == "embeddings":
+        print("\n| side | req/s | tok/s | latency p50 | latency p99 | failed |")
+        print("|---|---|---|---|---|---|")
+        for side in ("direct", "gateway"):
+            r = record[side]
+            print(f"| {side} | {r['request_throughput']:.2f} | {r['total_token_throughput']:.1f}"
+                  f" | {r['median_e2el_ms']:.1f} | {r['p99_e2el_ms']:.1f} | {r['failed']} |")
+        s = record["summary"]
+        print(f"\nthroughput ratio gateway/direct: {s['throughput_ratio']:.3f}; latency p50 "
+              f"{s['e2el_p50_diff_ms']:+.1f} ms, p99 {s['e2el_p99_diff_ms']:+.1f} ms\n"
+              f"wrote {path}")
+        return path
     print("\n| side | req/s | out tok/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | failed |")
     print("|---|---|---|---|---|---|---|---|")
     for side in ("direct", "gateway"):

@@ -199,6 +199,24 @@ def test_fleet_batch_embeds_lines(fleet: Stack, tmp_path: Path) -> None:
         assert body["object"] == "list" and len(body["data"][0]["embedding"]) == 384
 
 
+def test_the_embeddings_bench_runs_both_sides(fleet: Stack, tmp_path: Path) -> None:
+    """bench/serve_bench.py --endpoint embeddings, tiny: it runs; it checks no speed."""
+    bench = Path(__file__).parents[2] / "bench" / "serve_bench.py"
+    result = subprocess.run(
+        [sys.executable, str(bench), "--smoke", "--endpoint", "embeddings", "--model-name",
+         EMBED, "--gateway-url", fleet.gateway_url, "--controller-url", fleet.controller_url,
+         "--gateway-key", API_KEY, "--tokenizer", str(embedding_model()), "--out",
+         str(tmp_path), "--label", "smoke"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "FLEET_CLUSTER_TOKEN": CLUSTER_TOKEN})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (path,) = tmp_path.glob("serve-smoke-*.json")
+    record = json.loads(path.read_text())
+    for side in ("direct", "gateway"):
+        assert record[side]["completed"] == 4 and record[side]["failed"] == 0
+    assert record["summary"]["throughput_ratio"] > 0
+
+
 def test_requests_are_counted_by_endpoint(fleet: Stack, client: openai.OpenAI) -> None:
     client.embeddings.create(model=EMBED, input="counted")
     text = httpx.get(f"{fleet.gateway_url}/metrics", timeout=5).text
