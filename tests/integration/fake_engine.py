@@ -6,7 +6,8 @@ It answers chat and completion requests at once with a fixed few words, streamed
 `usage` as vLLM counts it here: prompt tokens = characters / 4 + 1, completion tokens =
 `max_tokens` (default `--chunks`, 8), capped at `--chunks` words. `--interval-ms` paces the
 streamed chunks, as an engine paces its tokens; `--delay-ms` holds every answer back before
-its first byte, as a long prefill does. It counts the requests it got at `GET /stats`.
+its first byte, as a long prefill does. It counts the requests it got at `GET /stats`. An upload
+to `/v1/audio/transcriptions` is answered with the digest of the body that arrived.
 
 For the ways an engine fails: `--status 503` answers every generation request with that status,
 `--cut-after N` drops the connection after N streamed chunks, and `--no-listen` registers an
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import json
 import time
 from collections.abc import Sequence
@@ -30,6 +32,9 @@ from fleetcore.cluster_auth import ClusterTokenSettings
 from worker.registration import ControllerClient
 
 MAX_MODEL_LEN = 2048
+# What it registers as serving, as a worker reports its engine's paths.
+PATHS = ["/health", "/v1/audio/transcriptions", "/v1/chat/completions", "/v1/completions",
+         "/v1/models"]
 WORDS = ["fake", " words", " from", " a", " fake", " engine", " for", " tests"]
 
 
@@ -92,6 +97,16 @@ async def _models(request: web.Request) -> web.Response:
         {"id": request.app["model"], "object": "model", "max_model_len": MAX_MODEL_LEN}]})
 
 
+async def _transcribe(request: web.Request) -> web.Response:
+    """An upload, answered with what arrived: its digest and content type, so that a test can
+    tell the gateway relayed it unchanged."""
+    request.app["requests"] += 1
+    body = await request.read()
+    return web.json_response({"text": "fake transcription", "bytes": len(body),
+                              "sha256": hashlib.sha256(body).hexdigest(),
+                              "content_type": request.headers.get("content-type")})
+
+
 async def _stats(request: web.Request) -> web.Response:
     return web.json_response({"requests": request.app["requests"]})
 
@@ -100,10 +115,12 @@ async def _ok(_: web.Request) -> web.Response:
     return web.json_response({})
 
 
-async def register_forever(args: argparse.Namespace) -> None:
+async def register_forever(args: argparse.Namespace,
+                           engine_paths: list[str] | None = None) -> None:
     registration = Registration(
         worker_id=args.worker_id, engine_url=f"http://{args.host}:{args.port}",
         model_names=[args.model], max_model_len=MAX_MODEL_LEN, state=WorkerState.READY,
+        engine_paths=engine_paths,
     )
     async with httpx.AsyncClient() as http:
         token = ClusterTokenSettings().cluster_token  # FLEET_CLUSTER_TOKEN, as a worker's
@@ -126,9 +143,10 @@ async def _serve(args: argparse.Namespace) -> None:
     app["delay"] = args.delay_ms / 1000
     app["status"], app["cut_after"] = args.status, args.cut_after
     if args.no_listen:
-        await register_forever(args)
+        await register_forever(args, engine_paths=PATHS)
     app.router.add_post("/v1/chat/completions", _generate)
     app.router.add_post("/v1/completions", _generate)
+    app.router.add_post("/v1/audio/transcriptions", _transcribe)
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/stats", _stats)
     app.router.add_get("/health", _ok)
@@ -137,7 +155,7 @@ async def _serve(args: argparse.Namespace) -> None:
     # As many waiting connections as uvicorn (and so vLLM) allows: a burst of streams from the
     # gateway must not overflow the accept queue.
     await web.TCPSite(runner, args.host, args.port, backlog=2048).start()
-    await register_forever(args)
+    await register_forever(args, engine_paths=PATHS)
 
 
 def add_registration_flags(parser: argparse.ArgumentParser, worker_id: str) -> None:
