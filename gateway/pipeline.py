@@ -88,9 +88,9 @@ class Pipeline:
             self.authorize(routed, parsed.model)
             self.admit(request, routed, parsed.model)
             if endpoint.path == RESPONSES:
-                model = parsed.model
+                model, key_id = parsed.model, routed.caller.key_id
                 routed.on_answer = lambda first, worker_id: self.responses.learn(
-                    first, worker_id, model)
+                    first, worker_id, model, key_id)
 
         return await self._walk(request, routed, prepare)
 
@@ -106,7 +106,7 @@ class Pipeline:
         template = f"{RESPONSES}/{{response_id}}" + (f"/{action}" if action else "")
 
         async def prepare() -> None:
-            owner = self.responses.owner(response_id)
+            owner = self.responses.owner(response_id, routed.caller.key_id)
             if owner is None:
                 raise NotFoundError(
                     f"No response '{response_id}' was made through this gateway (or it was "

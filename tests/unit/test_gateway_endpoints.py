@@ -132,10 +132,15 @@ def test_a_stored_response_goes_to_the_worker_that_made_it(client: TestClient) -
     app = client.app
     assert client.get("/v1/responses/resp_unknown", headers=AUTH).status_code == 404
     owners: ResponseOwners = app.state.pipeline.responses
-    owners.learn(b'{"id": "resp_abc123", "object": "response"}', "chat-0", "chat")
+    caller = app.state.auth.authenticate(AUTH["Authorization"])
+    owners.learn(b'{"id": "resp_abc123", "object": "response"}', "chat-0", "chat",
+                 caller.key_id)
+    # Another key's response is not there for this one.
+    owners.learn(b'{"id": "resp_other"}', "chat-0", "chat", "another-key")
+    assert client.get("/v1/responses/resp_other", headers=AUTH).status_code == 404
     reply = client.get("/v1/responses/resp_abc123", headers=AUTH)
     assert reply.status_code == 503 and "chat-0" in reply.json()["error"]["message"]
-    owners.learn(b'{"id":"resp_gone"}', "left-0", "chat")
+    owners.learn(b'{"id":"resp_gone"}', "left-0", "chat", caller.key_id)
     reply = client.post("/v1/responses/resp_gone/cancel", headers=AUTH)
     assert reply.status_code == 404 and reply.json()["error"]["code"] == "worker_gone"
 
@@ -143,12 +148,14 @@ def test_a_stored_response_goes_to_the_worker_that_made_it(client: TestClient) -
 def test_response_ids_are_learnt_from_a_body_or_a_stream_and_the_oldest_forgotten() -> None:
     owners = ResponseOwners(capacity=2)
     owners.learn(b'event: response.created\ndata: {"type":"response.created","response":'
-                 b'{"id":"resp_1","object":"response"}}\n\n', "w1", "m")
-    owners.learn(b'{"id": "resp_2"}', "w2", "m")
-    owners.learn(b'{"id": "chatcmpl-x"}', "w3", "m")  # not a response: nothing learnt
-    assert owners.owner("resp_1") is not None and owners.owner("resp_1").worker_id == "w1"
-    owners.learn(b'{"id": "resp_3"}', "w3", "m")
-    assert owners.owner("resp_1") is None and len(owners) == 2
+                 b'{"id":"resp_1","object":"response"}}\n\n', "w1", "m", "k")
+    owners.learn(b'{"id": "resp_2"}', "w2", "m", "k")
+    owners.learn(b'{"id": "chatcmpl-x"}', "w3", "m", "k")  # not a response: nothing learnt
+    first = owners.owner("resp_1", "k")
+    assert first is not None and first.worker_id == "w1"
+    assert owners.owner("resp_1", "other-key") is None
+    owners.learn(b'{"id": "resp_3"}', "w3", "m", "k")
+    assert owners.owner("resp_1", "k") is None and len(owners) == 2
 
 
 def test_an_upload_is_routed_by_its_model_field() -> None:
