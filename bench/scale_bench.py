@@ -164,7 +164,9 @@ def _wait_routable(args: argparse.Namespace, proc: subprocess.Popen[bytes]) -> i
         if proc.poll() is not None:
             raise SystemExit(f"fleet up exited with {proc.returncode}")
         with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
-            health = httpx.get(f"{args.gateway_url}/health", timeout=5).json()
+            # With keys on, /health shows its table to a key only.
+            health = httpx.get(f"{args.gateway_url}/health", timeout=5, headers={
+                "Authorization": f"Bearer {args.gateway_key}"}).json()
             workers = _workers(args)
             if workers and all(w["state"] == "ready" for w in workers) \
                     and health["routable_workers"] == len(workers):
