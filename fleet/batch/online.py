@@ -64,8 +64,11 @@ class OnlineRunner:
         try:
             # The rest of the body goes as it is: vLLM's extra parameters included.
             if job.url == EMBEDDINGS:
+                # The SDK asks for base64 unless told: the record keeps what the line asked
+                # for, floats by default, as the API's own default.
                 raw: Any = await self.client.embeddings.with_raw_response.create(
-                    model=model, input=body.pop("input"), extra_body=body)
+                    model=model, input=body.pop("input"),
+                    encoding_format=body.pop("encoding_format", "float"), extra_body=body)
             elif job.url == CHAT:
                 raw = await self.client.chat.completions.with_raw_response.create(
                     model=model, messages=body.pop("messages"), extra_body=body)
