@@ -143,6 +143,8 @@ def vllm_bench(args: argparse.Namespace, base_url: str, api_key: str, tag: str,
     os.environ["OPENAI_API_KEY"] = api_key
     print(f"\n=== {tag}: {base_url} ===", flush=True)
     result = main(parser.parse_args(argv))
+    if embed:  # a pooling run counts no failures of its own: its errors say
+        result["failed"] = sum(1 for error in result.get("errors", []) if error)
     return {k: result.get(k) for k in (EMBED_KEYS if embed else KEYS)}
 
 
