@@ -4,14 +4,15 @@ parse → authorize → limits → choose and forward, with retries → relay �
 
 Each step takes the one `RoutedRequest` the walk carries and fills in what it learned. Steps
 raise `FleetError`s; `install_error_handlers` and `GenerateRoutes` turn those into the OpenAI
-error body, and `generate` counts and logs them. Choosing, forwarding and relaying are the
+error body, and `_walk` counts and logs them. Choosing, forwarding and relaying are the
 proxy's (gateway/proxy.py); settling a worker's load is its lease's (gateway/routing_table.py).
-Settling the request itself (its key's place in flight) is `generate`'s: when it raises or
+Settling the request itself (its key's place in flight) is `_walk`'s: when it raises or
 returns a plain answer, or, for a stream, when the relayed response is over however it ended.
 
-Generation requests (a JSON body, relayed unchanged) are the only walk for now; other kinds of
-request (multipart uploads streamed through, GET and DELETE of engine resources) are further
-walks over the same steps, with their own parse step.
+Three walks share the steps: `generate` (chat and completions, with the input limits),
+`model_request` (every other endpoint addressed to a model: a JSON body, or a multipart upload
+whose form names the model; gateway/endpoints.py), and `stored_response` (GET, cancel or
+DELETE of a stored response, on the worker that holds it). Bodies are relayed as they came.
 """
 
 from __future__ import annotations
