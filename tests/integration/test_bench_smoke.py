@@ -27,8 +27,13 @@ def test_serve_bench_smoke_writes_both_sides(stack: Stack, tmp_path: Path) -> No
         capture_output=True, text=True, timeout=300,
         env={**os.environ, "FLEET_CLUSTER_TOKEN": CLUSTER_TOKEN},
     )
+    check_serve_smoke(result, tmp_path)
+
+
+def check_serve_smoke(result: subprocess.CompletedProcess[str], out: Path) -> None:
+    """A `serve_bench.py --smoke` run wrote both sides, each with its 4 requests done."""
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    (path,) = tmp_path.glob("serve-smoke-*.json")
+    (path,) = out.glob("serve-smoke-*.json")
     record = json.loads(path.read_text())
     for side in ("direct", "gateway"):
         assert record[side]["completed"] == 4 and record[side]["failed"] == 0

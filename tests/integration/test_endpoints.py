@@ -23,6 +23,7 @@ import openai
 import pytest
 
 from tests.integration.harness import API_KEY, CLUSTER_TOKEN, MODEL_NAME, Stack
+from tests.integration.test_bench_smoke import check_serve_smoke
 
 pytestmark = pytest.mark.integration
 
@@ -209,12 +210,7 @@ def test_the_embeddings_bench_runs_both_sides(fleet: Stack, tmp_path: Path) -> N
          str(tmp_path), "--label", "smoke"],
         capture_output=True, text=True, timeout=300,
         env={**os.environ, "FLEET_CLUSTER_TOKEN": CLUSTER_TOKEN})
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    (path,) = tmp_path.glob("serve-smoke-*.json")
-    record = json.loads(path.read_text())
-    for side in ("direct", "gateway"):
-        assert record[side]["completed"] == 4 and record[side]["failed"] == 0
-    assert record["summary"]["throughput_ratio"] > 0
+    check_serve_smoke(result, tmp_path)
 
 
 def test_requests_are_counted_by_endpoint(fleet: Stack, client: openai.OpenAI) -> None:
