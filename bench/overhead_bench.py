@@ -225,7 +225,7 @@ class Proc:
                 self.proc.wait()
 
 
-def _run_load(url: str, args: argparse.Namespace, *, rate: float, duration: float,
+def run_load(url: str, args: argparse.Namespace, *, rate: float, duration: float,
               concurrency: int = 0) -> dict[str, Any]:
     cmd = ["taskset", "-c", args.client_cores, sys.executable, __file__, "--load",
            "--url", url, "--key", KEY, "--rate", str(rate), "--duration", str(duration),
@@ -284,7 +284,7 @@ def _start_proxy(name: str, args: argparse.Namespace, workdir: Path, backend: st
     else:
         raise SystemExit(f"unknown proxy {name!r}; expected fleet, vllm-router or litellm")
     # One request end to end, so a proxy that starts but cannot reach the backend fails here.
-    check = _run_load(url, args, rate=0, duration=0.2, concurrency=1)
+    check = run_load(url, args, rate=0, duration=0.2, concurrency=1)
     if check["errors"] or not check["requests"]:
         raise SystemExit(f"{name} does not relay the backend's stream:\n"
                          f"{proc.log.read_text()[-3000:]}")
@@ -312,22 +312,22 @@ def run(args: argparse.Namespace) -> Path:
     try:
         services[0].wait_http(f"{controller}/health", 30)
         services[1].wait_http(f"{backend}/health", 30)
-        _run_load(backend, args, rate=0, duration=1, concurrency=16)  # warm-up
+        run_load(backend, args, rate=0, duration=1, concurrency=16)  # warm-up
         for rate in rates:
-            results["direct"][str(rate)] = _run_load(backend, args, rate=rate,
+            results["direct"][str(rate)] = run_load(backend, args, rate=rate,
                                                      duration=args.duration)
             print(f"direct @ {rate:g}/s: {results['direct'][str(rate)]}", flush=True)
         for name in proxies:
             proc, url = _start_proxy(name, args, workdir, backend, controller)
             try:
-                _run_load(url, args, rate=0, duration=1, concurrency=16)  # warm-up
+                run_load(url, args, rate=0, duration=1, concurrency=16)  # warm-up
                 saturated = None
                 for rate in rates:
                     if saturated is not None:
                         results[name][str(rate)] = {"skipped": f"saturated at {saturated:g}/s"}
                         continue
                     cpu0 = proc.cpu_seconds()
-                    r = _run_load(url, args, rate=rate, duration=args.duration)
+                    r = run_load(url, args, rate=rate, duration=args.duration)
                     served = r["requests"] - r["errors"]
                     r["cpu_ms_per_1k"] = 1e6 * (proc.cpu_seconds() - cpu0) / max(served, 1)
                     direct = results["direct"][str(rate)]
@@ -339,12 +339,12 @@ def run(args: argparse.Namespace) -> Path:
                     # Far behind the offered rate: higher rates would only queue for minutes.
                     if r["errors"] > 0.5 * r["requests"] or r["req_per_s"] < 0.5 * rate:
                         saturated = rate
-                results[name]["max"] = _run_load(url, args, rate=0, duration=args.duration,
+                results[name]["max"] = run_load(url, args, rate=0, duration=args.duration,
                                                  concurrency=256)
                 print(f"{name} closed loop x256: {results[name]['max']}", flush=True)
             finally:
                 proc.stop()
-        results["direct"]["max"] = _run_load(backend, args, rate=0, duration=args.duration,
+        results["direct"]["max"] = run_load(backend, args, rate=0, duration=args.duration,
                                              concurrency=256)
     finally:
         for service in services:
