@@ -79,8 +79,10 @@ def _serve(args: argparse.Namespace) -> None:
     app = streaming_app(args.chunks)
     if args.guard:
         app = EngineKeyMiddleware(app)  # the key from VLLM_API_KEY, as in the engine
+    # asgi3 said outright: uvicorn would take the door, whose __call__ is no coroutine
+    # function, for ASGI2. In vLLM it sits inside Starlette's stack, which asks nothing.
     uvicorn.run(app, host="127.0.0.1", port=args.port, http="httptools", loop="uvloop",
-                access_log=False, log_level="warning")
+                interface="asgi3", access_log=False, log_level="warning")
 
 
 # --- in process ---
