@@ -1,0 +1,96 @@
+"""Traces through the real stack: controller, worker with vLLM and the demo model, gateway,
+all exporting over OTLP/HTTP to a receiver this module starts (tests/otlp_receiver.py), as the
+standard OTEL_* variables tell them to.
+
+One chat request is one trace: the gateway's request span, its attempt, and vLLM's own
+`llm_request` span under the attempt (the engine read the gateway's `traceparent`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.integration.harness import API_KEY, MODEL_NAME, Stack
+from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
+
+pytestmark = pytest.mark.integration
+SERVER, CLIENT = 2, 3  # the protobuf SpanKind values
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[OtlpReceiver]:
+    receiver = OtlpReceiver()
+    yield receiver
+    receiver.close()
+
+
+@pytest.fixture(scope="module")
+def traced_stack(tmp_path_factory: pytest.TempPathFactory, model_path: Path,
+                 receiver: OtlpReceiver) -> Iterator[Stack]:
+    with pytest.MonkeyPatch.context() as env:
+        # Every service the stack spawns inherits these; 200 ms batches keep the test short.
+        env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
+        env.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+        env.setenv("OTEL_BSP_SCHEDULE_DELAY", "200")
+        stack = Stack(workdir=tmp_path_factory.mktemp("traced"), model_path=model_path)
+        try:
+            stack.start_serving()
+            yield stack
+        finally:
+            stack.close()
+
+
+def _trace(spans: list[ReceivedSpan], request_id: str) -> list[ReceivedSpan]:
+    roots = [s for s in spans if s.attributes.get("fleet.request_id") == request_id]
+    return [s for s in spans if roots and s.trace_id == roots[0].trace_id]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_one_chat_request_is_one_trace_with_gateway_and_engine_spans(
+        traced_stack: Stack, receiver: OtlpReceiver, stream: bool) -> None:
+    request_id = f"fleet-traced-{'stream' if stream else 'plain'}"
+    response = httpx.post(
+        f"{traced_stack.gateway_url}/v1/chat/completions", timeout=120,
+        headers={"Authorization": f"Bearer {API_KEY}", "X-Request-Id": request_id},
+        json={"model": MODEL_NAME, "max_tokens": 4, "stream": stream,
+              "messages": [{"role": "user", "content": "Name the capital of France."}]})
+    assert response.status_code == 200, response.text
+    spans = receiver.wait_for(
+        lambda s: any(x.name == "llm_request" for x in _trace(s, request_id)), timeout=60)
+    trace = _trace(spans, request_id)
+    (root,) = [s for s in trace if s.parent_id == ""]
+    assert (root.service, root.name, root.kind) == (
+        "llm-fleet-gateway", "POST /v1/chat/completions", SERVER)
+    assert root.attributes["fleet.model"] == MODEL_NAME
+    assert root.attributes["fleet.stream"] is stream
+    assert root.attributes["fleet.outcome"] == "done"
+    (attempt,) = [s for s in trace if s.name == "attempt"]
+    assert attempt.parent_id == root.span_id and attempt.kind == CLIENT
+    assert attempt.attributes["fleet.worker_id"] == "worker"
+    (engine,) = [s for s in trace if s.name == "llm_request"]
+    assert engine.service == "vllm" and engine.parent_id == attempt.span_id
+    # vLLM's span is this request's: the gateway's request id, the request's max_tokens.
+    assert request_id in str(engine.attributes["gen_ai.request.id"])
+    assert engine.attributes["gen_ai.request.max_tokens"] == 4
+
+
+def test_worker_heartbeats_are_traces_the_controller_joins(
+        traced_stack: Stack, receiver: OtlpReceiver) -> None:
+    def joined(spans: list[ReceivedSpan]) -> bool:
+        beats = {s.trace_id for s in spans if s.name == "heartbeat"
+                 and s.service == "llm-fleet-worker"}
+        return any(s.trace_id in beats for s in spans
+                   if s.name == "heartbeat" and s.service == "llm-fleet-controller")
+
+    spans = receiver.wait_for(joined, timeout=30)
+    assert any(s.name == "register" and s.service == "llm-fleet-worker"
+               and s.attributes["fleet.worker_id"] == "worker" for s in spans)
+    server = next(s for s in spans if s.name == "heartbeat" and s.service ==
+                  "llm-fleet-controller")
+    client = next(s for s in spans if s.span_id == server.parent_id)
+    assert client.service == "llm-fleet-worker" and client.kind == CLIENT
+    assert client.attributes["http.response.status_code"] == 200
