@@ -13,7 +13,7 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check
 LOCK := requirements/constraints-$(ENGINE).txt
 CONSTRAIN := $(if $(wildcard $(LOCK)),-c $(LOCK))
 
-.PHONY: setup model browser run check test test-unit lint lock clean
+.PHONY: setup model browser run check test test-unit lint lock clean images
 
 setup: $(STAMP)
 
@@ -39,6 +39,12 @@ run: model
 # Debian's chromium for the browser tests in tests/e2e (playwright never downloads one).
 browser:
 	@command -v chromium >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium)
+
+# The fleet and CPU worker images, built here from Debian packages and PyPI alone
+# (deploy/docker/images.sh; deploy/README.md, "Images"). tests/integration/test_images.py runs
+# the stack from them once they exist.
+images: setup
+	PYTHON=$(BIN)/python deploy/docker/images.sh
 
 # The style guide's checks: lint, then mypy --strict as pyproject.toml configures it.
 check: setup

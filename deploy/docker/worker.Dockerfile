@@ -9,6 +9,8 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_BREAK_SYSTEM_PACKAGES=1 \
     PYTHONUNBUFFERED=1
 
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+
 # Installing llm-fleet must not move the engine's own stack: pin what the image has.
 RUN --mount=type=bind,source=.,target=/src,rw \
     python3 -m pip freeze | grep -iE '^(vllm|torch|transformers|triton)==' > /tmp/engine.txt \

@@ -1,9 +1,10 @@
-"""Traces through the real stack: controller, worker with vLLM and the demo model, gateway,
-all exporting over OTLP/HTTP to a receiver this module starts (tests/otlp_receiver.py), as the
-standard OTEL_* variables tell them to.
+"""Traces and metrics of the real stack: controller, worker with vLLM and the demo model,
+gateway, all exporting traces over OTLP/HTTP to a receiver this module starts
+(tests/otlp_receiver.py), as the standard OTEL_* variables tell them to.
 
 One chat request is one trace: the gateway's request span, its attempt, and vLLM's own
-`llm_request` span under the attempt (the engine read the gateway's `traceparent`).
+`llm_request` span under the attempt (the engine read the gateway's `traceparent`). Every
+metric the Grafana dashboard names is in a real scrape of the services and of the engine.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.dashboard import exposed_names, expressions, metric_names, parse
 from tests.integration.harness import API_KEY, MODEL_NAME, Stack
 from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
 
@@ -94,3 +96,22 @@ def test_worker_heartbeats_are_traces_the_controller_joins(
     client = next(s for s in spans if s.span_id == server.parent_id)
     assert client.service == "llm-fleet-worker" and client.kind == CLIENT
     assert client.attributes["http.response.status_code"] == 200
+
+
+def test_every_dashboard_metric_is_in_a_real_scrape(traced_stack: Stack) -> None:
+    # After the chat requests above (or this one, run alone), so histograms have samples.
+    response = httpx.post(
+        f"{traced_stack.gateway_url}/v1/chat/completions", timeout=120,
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        json={"model": MODEL_NAME, "max_tokens": 2,
+              "messages": [{"role": "user", "content": "Name the capital of France."}]})
+    assert response.status_code == 200, response.text
+    (record,) = traced_stack.workers()
+    urls = [traced_stack.gateway_url, traced_stack.controller_url,
+            f"http://127.0.0.1:{traced_stack.worker_ports['worker']}", record["engine_url"]]
+    scraped = [httpx.get(f"{url}/metrics", timeout=10) for url in urls]
+    assert all(r.status_code == 200 for r in scraped)
+    exported = set().union(*(exposed_names(r.text) for r in scraped))
+    used = {name for _, expr in expressions() for name in metric_names(parse(expr))}
+    assert any(name.startswith("vllm:") for name in used)
+    assert used - exported == set()
