@@ -9,6 +9,8 @@
 #     downloads it here, as this machine's pip finds it, into deploy/docker/wheels/;
 #   - a TLS proxy's CA: PIP_CERT, if set, goes to the build as the pip-cert secret.
 # The GPU worker image (worker.Dockerfile) is built FROM vLLM's image on Docker Hub: not here.
+# Exit status 3: no container engine can run on this machine (`make test` goes on without the
+# images, and tests/integration/test_images.py skips); any other failure is a failed build.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-python3}
@@ -21,16 +23,17 @@ mkdir -p "$log"
 docker=$(command -v /usr/bin/docker || command -v docker || true)
 if [ -z "$docker" ] || ! command -v dockerd >/dev/null || ! command -v debootstrap >/dev/null; then
     echo "images: installing docker.io and debootstrap (apt-get)"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        docker.io debootstrap >/dev/null
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        --no-install-recommends docker.io debootstrap >/dev/null; } \
+        || { echo "images: cannot install docker.io and debootstrap"; exit 3; }
     docker=/usr/bin/docker
 fi
 if ! "$docker" info >/dev/null 2>&1; then
     echo "images: starting dockerd (log: $log/dockerd.log)"
     nohup dockerd >"$log/dockerd.log" 2>&1 &
     for _ in $(seq 60); do "$docker" info >/dev/null 2>&1 && break; sleep 1; done
-    "$docker" info >/dev/null
+    "$docker" info >/dev/null 2>&1 || {
+        echo "images: dockerd does not start here:"; tail -5 "$log/dockerd.log"; exit 3; }
 fi
 export DOCKER_BUILDKIT=1
 
@@ -54,10 +57,12 @@ fi
 
 build() {  # Dockerfile, image
     local started=$SECONDS
-    "$docker" build -f "deploy/docker/$1" --build-arg "BASE=$BASE" \
+    "$docker" build -f "deploy/docker/$1" --build-arg "BASE=$BASE" --label llm-fleet.build=1 \
         --build-arg "TORCH_INDEX=$torch_index" "${secret[@]}" -t "$2" . >"$log/$1.log" 2>&1 \
         || { tail -30 "$log/$1.log"; exit 1; }
     echo "images: $2 in $((SECONDS - started)) s (log: $log/$1.log)"
 }
 build fleet.Dockerfile "ghcr.io/llm-fleet/fleet:$TAG"
 build worker-cpu.Dockerfile "ghcr.io/llm-fleet/worker:$TAG-cpu"
+# The images these builds replaced (their engine layer stays, shared with the new ones).
+"$docker" image prune --force --filter label=llm-fleet.build=1 >/dev/null

@@ -108,9 +108,10 @@ def test_every_dashboard_metric_is_in_a_real_scrape(traced_stack: Stack) -> None
     assert response.status_code == 200, response.text
     (record,) = traced_stack.workers()
     urls = [traced_stack.gateway_url, traced_stack.controller_url,
-            f"http://127.0.0.1:{traced_stack.worker_ports['worker']}", record["engine_url"]]
+            f"http://127.0.0.1:{traced_stack.worker_ports['worker']}",
+            record["engine_url"].rstrip("/")]
     scraped = [httpx.get(f"{url}/metrics", timeout=10) for url in urls]
-    assert all(r.status_code == 200 for r in scraped)
+    assert [r.status_code for r in scraped] == [200] * 4, urls
     exported = set().union(*(exposed_names(r.text) for r in scraped))
     used = {name for _, expr in expressions() for name in metric_names(parse(expr))}
     assert any(name.startswith("vllm:") for name in used)
