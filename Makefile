@@ -13,7 +13,7 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check
 LOCK := requirements/constraints-$(ENGINE).txt
 CONSTRAIN := $(if $(wildcard $(LOCK)),-c $(LOCK))
 
-.PHONY: setup model browser run check test test-unit lint lock clean images
+.PHONY: setup model browser prometheus run check test test-unit lint lock clean images
 
 setup: $(STAMP)
 
@@ -48,13 +48,18 @@ browser:
 images: setup
 	PYTHON=$(BIN)/python deploy/docker/images.sh
 
+# Debian's Prometheus: a real one scrapes the stack in tests/integration/test_observability.py,
+# and its promtool checks deploy/systemd/prometheus.yml (tests/unit/test_deploy_prometheus.py).
+prometheus:
+	@command -v prometheus >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus)
+
 # The style guide's checks: lint, then mypy --strict as pyproject.toml configures it.
 check: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m mypy
 
 # check first: a lint or type error fails before the model is prepared.
-test: check model browser
+test: check model browser prometheus
 	PYTHON=$(BIN)/python deploy/docker/images.sh || [ $$? -eq 3 ]
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 

@@ -27,6 +27,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.images]
 TAG = "0.1.0"
 FLEET_IMAGE = f"ghcr.io/llm-fleet/fleet:{TAG}"
 WORKER_IMAGE = f"ghcr.io/llm-fleet/worker:{TAG}-cpu"
+# What the cpu-demo overlay's pods have (deploy/k8s/overlays/cpu-demo/worker-cpu.yaml and the
+# worker's /dev/shm volume): vLLM's CPU backend sets NUMA memory policies, which Docker's default
+# seccomp profile allows only with SYS_NICE, and its processes share memory through /dev/shm,
+# 64 MiB by default in Docker.
+WORKER_OPTIONS = ("--cap-add=SYS_NICE", "--shm-size=1g", "--env=VLLM_CPU_KVCACHE_SPACE=1")
 
 
 def _docker() -> str:
@@ -52,20 +57,21 @@ class Containers:
     names: list[str]
 
     def run(self, name: str, image: str, args: list[str], volumes: dict[str, str] | None = None,
-            ) -> str:
+            options: tuple[str, ...] = ()) -> str:
         """Start a container on the host's network, as the image's own user."""
         full = f"{self.prefix}-{name}"
         mounts = [f"--volume={src}:{dst}:ro" for src, dst in (volumes or {}).items()]
         subprocess.run([self.docker, "run", "--detach", "--network=host", f"--name={full}",
                         f"--env=FLEET_CLUSTER_TOKEN={CLUSTER_TOKEN}", "--env=HF_HUB_OFFLINE=1",
-                        *mounts, image, *args], check=True, capture_output=True, timeout=60)
+                        *options, *mounts, image, *args], check=True, capture_output=True,
+                       timeout=60)
         self.names.append(full)
         return full
 
     def logs(self) -> str:
         out = []
         for name in self.names:
-            logs = subprocess.run([self.docker, "logs", "--tail=30", name], capture_output=True,
+            logs = subprocess.run([self.docker, "logs", "--tail=150", name], capture_output=True,
                                   text=True, timeout=30)
             out.append(f"--- {name}\n{logs.stdout}{logs.stderr}")
         return "\n".join(out)
@@ -103,7 +109,8 @@ def test_the_cpu_stack_runs_from_the_images_and_answers(containers: Containers,
     containers.run("worker", WORKER_IMAGE, [
         "--model", "/models/demo", "--model-name", MODEL_NAME, "--port", str(worker),
         "--controller-address", controller_url, "--worker-id", "image-worker", "--cpus", "0",
-        "--enforce-eager", "--max-model-len", "2048"], volumes={str(model_path): "/models/demo"})
+        "--enforce-eager", "--max-model-len", "2048"], volumes={str(model_path): "/models/demo"},
+        options=WORKER_OPTIONS)
     auth = {"Authorization": f"Bearer {API_KEY}"}
     deadline = time.monotonic() + 300
     while True:  # the engine starts in the worker's container: 30-60 s on CPU

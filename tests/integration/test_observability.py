@@ -4,11 +4,16 @@ gateway, all exporting traces over OTLP/HTTP to a receiver this module starts
 
 One chat request is one trace: the gateway's request span, its attempt, and vLLM's own
 `llm_request` span under the attempt (the engine read the gateway's `traceparent`). Every
-metric the Grafana dashboard names is in a real scrape of the services and of the engine.
+metric the Grafana dashboard names is in a real scrape of the services and of the engine, and a
+real Prometheus (Debian's, where installed) scraping them answers every dashboard query.
 """
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +21,7 @@ import httpx
 import pytest
 
 from tests.dashboard import exposed_names, expressions, metric_names, parse
-from tests.integration.harness import API_KEY, MODEL_NAME, Stack
+from tests.integration.harness import API_KEY, MODEL_NAME, Stack, free_port
 from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
 
 pytestmark = pytest.mark.integration
@@ -116,3 +121,65 @@ def test_every_dashboard_metric_is_in_a_real_scrape(traced_stack: Stack) -> None
     used = {name for _, expr in expressions() for name in metric_names(parse(expr))}
     assert any(name.startswith("vllm:") for name in used)
     assert used - exported == set()
+
+
+def _chat(stack: Stack) -> None:
+    response = httpx.post(
+        f"{stack.gateway_url}/v1/chat/completions", timeout=120,
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        json={"model": MODEL_NAME, "max_tokens": 2, "stream": True,
+              "stream_options": {"include_usage": True},
+              "messages": [{"role": "user", "content": "Name the capital of France."}]})
+    assert response.status_code == 200, response.text
+
+
+def test_prometheus_answers_every_dashboard_query(traced_stack: Stack, tmp_path: Path) -> None:
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip("Prometheus is not installed (Debian: apt-get install prometheus)")
+    (record,) = traced_stack.workers()
+    engine = record["engine_url"].rstrip("/").removeprefix("http://")
+    targets = {"fleet-gateway": traced_stack.gateway_url, "fleet-controller":
+               traced_stack.controller_url,
+               "fleet-worker": f"http://127.0.0.1:{traced_stack.worker_ports['worker']}"}
+    jobs = [f"  - job_name: {job}\n    static_configs: [{{targets: ['{url[7:]}']}}]"
+            for job, url in targets.items()]
+    jobs.append(f"  - job_name: vllm\n    static_configs: [{{targets: ['{engine}']}}]")
+    config = tmp_path / "prometheus.yml"
+    config.write_text("global: {scrape_interval: 1s}\nscrape_configs:\n" + "\n".join(jobs)
+                      + "\n")
+    port = free_port()
+    log = (tmp_path / "prometheus.log").open("wb")
+    proc = subprocess.Popen([binary, f"--config.file={config}", f"--web.listen-address="
+                             f"127.0.0.1:{port}", f"--storage.tsdb.path={tmp_path / 'data'}"],
+                            stdout=log, stderr=subprocess.STDOUT)
+    api = f"http://127.0.0.1:{port}/api/v1"
+    try:
+        def query(expr: str) -> list[dict]:
+            answer = httpx.get(f"{api}/query", params={"query": expr}, timeout=10).json()
+            assert answer["status"] == "success", (expr, answer)
+            return answer["data"]["result"]  # type: ignore[no-any-return]
+
+        deadline = time.monotonic() + 60
+        while True:  # until every job was scraped, twice apart (rate() needs two samples)
+            _chat(traced_stack)
+            with contextlib.suppress(httpx.HTTPError):
+                scraped = {r["metric"]["job"] for r in query("count_over_time(up[1m]) >= 3")}
+                if scraped == {*targets, "vllm"} and not query("up == 0"):
+                    break
+            assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "Prometheus never scraped every job"
+            time.sleep(0.5)
+        answered = {where for where, expr in expressions()
+                    if query(expr.replace("$__rate_interval", "1m").replace("$model", ".*"))}
+        # Those that must show something after a few requests (errors, retries, restarts,
+        # queues and preemptions rightly show nothing).
+        for title in ("Requests by model and status", "Time to first token (gateway)",
+                      "Tokens per second", "Workers by state", "Engines up",
+                      "Time to first token (engine)", "Inter-token latency", "Engine queue",
+                      "KV cache use", "Prefix cache hit rate"):
+            assert any(f"panel {title!r}" in where for where in answered), title
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
