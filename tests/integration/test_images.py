@@ -27,10 +27,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.images]
 TAG = "0.1.0"
 FLEET_IMAGE = f"ghcr.io/llm-fleet/fleet:{TAG}"
 WORKER_IMAGE = f"ghcr.io/llm-fleet/worker:{TAG}-cpu"
-# What the cpu-demo overlay's pods have (deploy/k8s/overlays/cpu-demo/worker-cpu.yaml and the
-# worker's /dev/shm volume): vLLM's CPU backend sets NUMA memory policies, which Docker's default
-# seccomp profile allows only with SYS_NICE, and its processes share memory through /dev/shm,
-# 64 MiB by default in Docker.
+# As the cpu-demo overlay's pods have it (deploy/k8s/overlays/cpu-demo/worker-cpu.yaml, and the
+# worker's /dev/shm volume): vLLM's engine core and its executor talk through shared memory, and
+# Docker's 64 MiB /dev/shm fails the engine's start ("EngineCore failed to start", measured);
+# SYS_NICE lets vLLM's CPU backend set NUMA memory policies under Docker's seccomp profile.
 WORKER_OPTIONS = ("--cap-add=SYS_NICE", "--shm-size=1g", "--env=VLLM_CPU_KVCACHE_SPACE=1")
 
 
