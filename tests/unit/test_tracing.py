@@ -2,7 +2,7 @@
 OTLP/HTTP to a real receiver (tests/otlp_receiver.py), with the traceparent the engine gets.
 
 The engine here is a small HTTP server: the subject is the gateway's side. One request through
-the real stack with vLLM's own spans is tests/integration/test_tracing.py.
+the real stack with vLLM's own spans is tests/integration/test_observability.py.
 """
 
 from __future__ import annotations
