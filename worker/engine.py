@@ -17,6 +17,7 @@ import httpx
 
 from fleetcore.cluster_auth import TOKEN_ENV_VARS
 from worker.engine_auth import KEY_ENV, EngineKeyMiddleware
+from worker.engine_guard import PARENT_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +133,8 @@ class EngineProcess:
         logger.info("starting engine argv=%s", " ".join(self.command.argv))
         self._proc = await asyncio.create_subprocess_exec(
             *self.command.argv,
-            env=self.command.env,
+            # The guard's parent is this process, which in a container is PID 1.
+            env={**self.command.env, PARENT_ENV: str(os.getpid())},
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
