@@ -47,6 +47,7 @@ from gateway.proxy import Proxy
 from gateway.routing import POLICIES, CacheAware, RoutingPolicy
 from gateway.routing_table import Limits, RoutingTable
 from gateway.settings import GatewaySettings
+from gateway.shared_state import SharedState
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +92,11 @@ def build_table(settings: GatewaySettings) -> RoutingTable:
 
 def create_app(settings: GatewaySettings) -> FastAPI:
     auth = Authenticator(settings.load_keys(), settings.keys_file)
-    limiter = KeyLimiter()
+    shared = None
+    if settings.shared_state is not None:
+        shared = SharedState(settings.shared_state, timeout=settings.shared_state_timeout,
+                             interval=settings.shared_state_interval)
+    limiter = KeyLimiter(shared=shared)
     table = build_table(settings)
     metrics = GatewayMetrics(table)
     table.on_latency = metrics.observe_latency
@@ -117,6 +122,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                                   interval=settings.sync_interval,
                                   headers=bearer(settings.controller_token()))
             tasks = [asyncio.create_task(sync.run_forever())]
+            if shared is not None:
+                tasks.append(asyncio.create_task(shared.run_forever(table)))
             if auth.keys_file is not None:
                 tasks.append(asyncio.create_task(
                     auth.watch_forever(settings.keys_reload_interval, limiter.forget)
@@ -128,6 +135,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
+                if shared is not None:
+                    await shared.close()
                 engines.close()
 
     app = FastAPI(title="llm-fleet gateway", version="0.1.0", lifespan=lifespan)
@@ -136,6 +145,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.state.settings = settings
     app.state.auth = auth
     app.state.limiter = limiter
+    app.state.shared = shared
     app.state.pipeline = pipeline
     install_error_handlers(app)
 
