@@ -121,7 +121,9 @@ class KeyLimiter:
         """`admit`, with the rates checked and counted across every gateway sharing state;
         this gateway's windows alone while the store does not answer."""
         entry = caller.entry
-        if self.shared is None or (entry.rpm is None and entry.tpm is None):
+        # A store found down is not waited on per request: its exchange loop says when it is
+        # back.
+        if self.shared is None or not self.shared.up or (entry.rpm is None and entry.tpm is None):
             return self.admit(caller)
         windows = self._windows.setdefault(caller.key_id, _KeyWindows())
         if entry.concurrency is not None and windows.in_flight >= entry.concurrency:
@@ -168,7 +170,7 @@ class KeyLimiter:
             return
         now = self._clock()
         self._windows.setdefault(caller.key_id, _KeyWindows()).tokens.add(tokens, now)
-        if self.shared is not None:
+        if self.shared is not None and self.shared.up:
             self.shared.charge(caller.key_id, tokens)
 
     def usage(self, key_id: str) -> tuple[float, float]:

@@ -14,7 +14,8 @@
 
 Every call has a timeout. When Redis cannot be reached each gateway carries on alone: its own
 limits (so a fleet of N admits up to N times a key's limit until Redis is back), its own
-in-flight counts and its own trees; it logs the outage once and tries again every interval.
+in-flight counts and its own trees; it logs the outage once and tries again every interval
+(requests do not wait on a store found down: `up` says whether to ask it).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ logger = logging.getLogger(__name__)
 _PREFIX = "fleet:"
 _GATEWAYS = _PREFIX + "gateways"
 _ROUTED = _PREFIX + "routed"
-_ROUTED_MAXLEN = 20_000
+_ROUTED_MAXLEN = 10_000
 _KEY_BYTES = 12  # gateway/prefix_tree.py's block hash size
 
 # KEYS: the key's request and token buckets. ARGV: rpm, tpm (-1: none).
@@ -172,7 +173,8 @@ class SharedState:
     def routed(self, table: RoutingTable, request: RouteRequest, choice: Choice) -> None:
         """The table's hook: note where a request went, for the other gateways' trees."""
         policy = table.policy_for(request.model)
-        if isinstance(policy, CacheAware) and self.up:
+        # Published only while another gateway is there to learn it.
+        if isinstance(policy, CacheAware) and self.up and len(self._peers) > 1:
             keys = policy.prefix_keys(request.prompt)
             if keys:
                 self._routed.append((request.model, choice.worker.worker_id, b"".join(keys)))
@@ -210,6 +212,7 @@ class SharedState:
                 await self._redis.srem(_GATEWAYS, *gone)
         table.remote_inflight = remote
         self._learn(table, results[-1])
+        self._ok()
 
     def _learn(self, table: RoutingTable,
                streams: Sequence[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]) -> None:
@@ -232,8 +235,6 @@ class SharedState:
             except (RedisError, OSError, TimeoutError) as exc:
                 self._failed("exchange", exc)
                 table.remote_inflight = Counter()
-            else:
-                self._ok()
             await asyncio.sleep(self.interval)
 
     async def close(self) -> None:
