@@ -225,7 +225,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         workers, routable = table.worker_counts(None if caller.entry.all_models else allows)
         return TableHealth(controller=controller, table_age_s=age, workers=workers,
                            routable_workers=routable,
-                           models=sorted(m for m in table.models() if allows(m)))
+                           models=sorted(m for m in table.models() if allows(m)),
+                           shared_state=None if shared is None else
+                           ("ok" if shared.up else "down"))
 
     _add_body_schemas(app, [ChatCompletionRequest, CompletionRequest, ModelRequest],
                       settings.input_limits())

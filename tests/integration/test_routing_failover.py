@@ -156,6 +156,9 @@ def test_two_gateways_share_limits_load_and_placement(pair: Stack, tmp_path: Pat
         a = start_gateway(pair, "gw-a", *shared)
         b = start_gateway(pair, "gw-b", *shared)
         try:
+            for url in (a, b):
+                pair.wait_for(lambda u=url: httpx.get(f"{u}/health", headers=AUTH, timeout=5)
+                              .json()["shared_state"] == "ok", "the store to be up", 10)
             # One gateway's hit rate, then two gateways', on fresh prompts of the same shape.
             alone = _conversations(pair, [a], "alone")
             together = _conversations(pair, [a, b], "together")
