@@ -54,6 +54,8 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=6.0, help="seconds of heartbeats first")
     p.add_argument("--connections", type=int, default=200,
                    help="keep-alive connections the heartbeats share")
+    p.add_argument("--smoke", action="store_true",
+                   help="a tiny run (200 workers, 2 gateways, 3 s): checks the script, no speed")
     p.add_argument("--label", default="cpu")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     return p.parse_args()
@@ -271,6 +273,9 @@ def _tables_match(table: dict[str, list[Any]], truth: dict[str, list[Any]]) -> b
 
 def main() -> None:
     args = _parse()
+    if args.smoke:
+        args.workers, args.gateways, args.duration, args.warmup, args.connections = \
+            200, 2, 3.0, 2.0, 10
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("FLEET_CLUSTER_TOKEN", None)
