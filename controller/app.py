@@ -142,7 +142,7 @@ def create_app(settings: ControllerSettings) -> FastAPI:
     async def snapshot(request: Request) -> Snapshot:
         return _get_registry(request).snapshot()
 
-    @app.get("/table", response_model=TableChanges)
+    @app.get("/table", response_model=TableChanges, responses={400: _ERRORS[400]})
     async def table(
         request: Request,
         since: int | None = Query(None, ge=0, description="The revision the gateway holds."),
