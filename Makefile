@@ -13,7 +13,7 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check
 LOCK := requirements/constraints-$(ENGINE).txt
 CONSTRAIN := $(if $(wildcard $(LOCK)),-c $(LOCK))
 
-.PHONY: setup model browser prometheus run check test test-unit lint lock clean images
+.PHONY: setup model browser prometheus redis run check test test-unit lint lock clean images
 
 setup: $(STAMP)
 
@@ -58,8 +58,12 @@ check: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m mypy
 
+# Debian's redis-server for the tests of gateways sharing state (tests start their own).
+redis:
+	@command -v redis-server >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server)
+
 # check first: a lint or type error fails before the model is prepared.
-test: check model browser prometheus
+test: check model browser prometheus redis
 	PYTHON=$(BIN)/python deploy/docker/images.sh || [ $$? -eq 3 ]
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 

@@ -131,3 +131,30 @@ class Snapshot(BaseModel):
     # True for one expiry period after the controller starts: workers are still registering
     # again, so a worker missing from `workers` may well be alive.
     warming_up: bool = False
+
+
+# A worker's load as the table's changes carry it: running, waiting, KV-cache use.
+CompactLoad = tuple[int, int, float]
+
+
+class TableChanges(BaseModel):
+    """The routing table since a gateway's last read: `GET /table?since=REV&epoch=EPOCH`.
+
+    `full`: `workers` is the whole table (first contact, another controller or a restarted one,
+    or a gateway too far behind). Otherwise `workers` holds the workers registered or changed
+    since `since`, `removed` those gone, and `loads` the load of workers whose load alone
+    changed, compactly. Apply them in that order and keep `revision` for the next read.
+    """
+
+    epoch: str = Field(description="Names this run of the controller; revisions count in it.")
+    revision: NonNegativeInt
+    full: bool
+    generation: int
+    heartbeat_interval: float
+    expiry: float
+    models: list[str]
+    warming_up: bool = False
+    workers: list[WorkerRecord]
+    removed: list[str] = Field(default_factory=list)
+    loads: dict[str, CompactLoad] = Field(
+        default_factory=dict, description="worker id -> [running, waiting, kv_cache_usage]")

@@ -48,6 +48,7 @@ from gateway.proxy import Proxy
 from gateway.routing import POLICIES, CacheAware, RoutingPolicy
 from gateway.routing_table import Limits, RoutingTable
 from gateway.settings import GatewaySettings
+from gateway.shared_state import SharedState
 from gateway.tracing import RequestTracing
 
 logger = logging.getLogger(__name__)
@@ -93,7 +94,11 @@ def build_table(settings: GatewaySettings) -> RoutingTable:
 
 def create_app(settings: GatewaySettings) -> FastAPI:
     auth = Authenticator(settings.load_keys(), settings.keys_file)
-    limiter = KeyLimiter()
+    shared = None
+    if settings.shared_state is not None:
+        shared = SharedState(settings.shared_state, timeout=settings.shared_state_timeout,
+                             interval=settings.shared_state_interval)
+    limiter = KeyLimiter(shared=shared)
     table = build_table(settings)
     metrics = GatewayMetrics(table)
     table.on_latency = metrics.observe_latency
@@ -122,6 +127,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                                   interval=settings.sync_interval,
                                   headers=bearer(settings.controller_token()))
             tasks = [asyncio.create_task(sync.run_forever())]
+            if shared is not None:
+                tasks.append(asyncio.create_task(shared.run_forever(table)))
             if auth.keys_file is not None:
                 tasks.append(asyncio.create_task(
                     auth.watch_forever(settings.keys_reload_interval, limiter.forget)
@@ -133,6 +140,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
+                if shared is not None:
+                    await shared.close()
                 engines.close()
                 if tracing is not None:
                     await asyncio.to_thread(tracing.shutdown)  # exports what is left
@@ -143,6 +152,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.state.settings = settings
     app.state.auth = auth
     app.state.limiter = limiter
+    app.state.shared = shared
     app.state.pipeline = pipeline
     install_error_handlers(app)
 
@@ -222,7 +232,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         workers, routable = table.worker_counts(None if caller.entry.all_models else allows)
         return TableHealth(controller=controller, table_age_s=age, workers=workers,
                            routable_workers=routable,
-                           models=sorted(m for m in table.models() if allows(m)))
+                           models=sorted(m for m in table.models() if allows(m)),
+                           shared_state=None if shared is None else
+                           ("ok" if shared.up else "down"))
 
     _add_body_schemas(app, [ChatCompletionRequest, CompletionRequest, ModelRequest],
                       settings.input_limits())

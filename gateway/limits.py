@@ -10,6 +10,10 @@ A key with a `concurrency` limit also has a count of its requests in flight: adm
 `KeySlot`, which the request gives back exactly once when it ends (gateway/pipeline.py), and
 a request that would exceed the count is refused.
 
+With shared state (gateway/shared_state.py) the rates are checked and counted fleet-wide in the
+store (`acquire`), and still counted here, so that a gateway that loses the store goes on with
+a window that knows the last minute. In-flight counts stay per gateway.
+
 Hand-written rather than taken from a rate-limit library: those refuse a hit that would exceed
 the limit, while token charges arrive after the fact and must always be recorded.
 """
@@ -21,13 +25,16 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pydantic_core
 
 from fleetcore.errors import RateLimitError
 from gateway.auth import Caller
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
+
+if TYPE_CHECKING:
+    from gateway.shared_state import SharedState
 
 PERIOD = 60.0
 
@@ -104,9 +111,35 @@ _CONCURRENCY_RETRY_AFTER = 1.0
 
 
 class KeyLimiter:
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic,
+                 shared: SharedState | None = None) -> None:
         self._clock = clock
         self._windows: dict[str, _KeyWindows] = {}
+        self.shared = shared
+
+    async def acquire(self, caller: Caller) -> KeySlot | None:
+        """`admit`, with the rates checked and counted across every gateway sharing state;
+        this gateway's windows alone while the store does not answer."""
+        entry = caller.entry
+        # A store found down is not waited on per request: its exchange loop says when it is
+        # back.
+        if self.shared is None or not self.shared.up or (entry.rpm is None and entry.tpm is None):
+            return self.admit(caller)
+        windows = self._windows.setdefault(caller.key_id, _KeyWindows())
+        if entry.concurrency is not None and windows.in_flight >= entry.concurrency:
+            raise _refusal(f"This API key is at its limit of {entry.concurrency} requests in "
+                           "flight at once.", _CONCURRENCY_RETRY_AFTER)
+        from gateway.shared_state import Unreachable
+
+        try:
+            verdict = await self.shared.admit(caller.key_id, entry.rpm, entry.tpm)
+        except Unreachable:
+            return self.admit(caller)
+        if verdict is not None:
+            what = f"{entry.rpm} requests" if verdict.limit == "rpm" else f"{entry.tpm} tokens"
+            raise _over(f"{what} per minute", verdict.wait)
+        windows.requests.add(1, self._clock())
+        return KeySlot(windows) if entry.concurrency is not None else None
 
     def admit(self, caller: Caller) -> KeySlot | None:
         """Count one request against the caller's key; raise RateLimitError (429) if over.
@@ -137,6 +170,8 @@ class KeyLimiter:
             return
         now = self._clock()
         self._windows.setdefault(caller.key_id, _KeyWindows()).tokens.add(tokens, now)
+        if self.shared is not None and self.shared.up:
+            self.shared.charge(caller.key_id, tokens)
 
     def usage(self, key_id: str) -> tuple[float, float]:
         """Requests and tokens in the key's current window (for tests and debugging)."""

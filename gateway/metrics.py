@@ -29,6 +29,12 @@ class _TableCollector(Collector):
         for worker_id, count in table.inflight.items():
             inflight.add_metric([worker_id], count)
         yield inflight
+        peers = GaugeMetricFamily("fleet_gateway_peer_inflight",
+                                  "Requests in flight from the other gateways sharing state "
+                                  "(--shared-state), per worker", labels=["worker"])
+        for worker_id, count in table.remote_inflight.items():
+            peers.add_metric([worker_id], count)
+        yield peers
         breaker = GaugeMetricFamily("fleet_gateway_breaker_state",
                                     "Circuit breaker per worker: 0 closed, 1 half-open, 2 open",
                                     labels=["worker"])

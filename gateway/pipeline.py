@@ -73,7 +73,7 @@ class Pipeline:
         async def prepare() -> None:
             parsed = await self.parse(request, routed, schema)
             self.authorize(routed, parsed.model)
-            self.limit(request, routed, parsed)
+            await self.limit(request, routed, parsed)
 
         return await self._walk(request, routed, prepare)
 
@@ -90,7 +90,7 @@ class Pipeline:
             else:
                 parsed = await self.parse(request, routed, ModelRequest)
             self.authorize(routed, parsed.model)
-            self.admit(request, routed, parsed.model)
+            await self.admit(request, routed, parsed.model)
             if endpoint.path == RESPONSES:
                 model, key_id = parsed.model, routed.caller.key_id
                 routed.on_answer = lambda first, worker_id: self.responses.learn(
@@ -117,7 +117,7 @@ class Pipeline:
                     "long ago). Stored responses live in the engine that made them.",
                     param="response_id", code="response_not_found")
             self.authorize(routed, owner.model)
-            self.admit(request, routed, owner.model)
+            await self.admit(request, routed, owner.model)
             routed.route = RouteRequest(model=owner.model, path=template,
                                         worker_id=owner.worker_id)
 
@@ -203,12 +203,13 @@ class Pipeline:
         routed.model = model if known else "unknown"
         routed.policy = table.policy_for(model).name
 
-    def limit(self, request: Request, routed: RoutedRequest, parsed: GenerationRequest) -> None:
+    async def limit(self, request: Request, routed: RoutedRequest,
+                    parsed: GenerationRequest) -> None:
         """The gateway's input limits and the key's rate limits; then what routing looks at."""
         max_model_len = self._table.max_model_len(parsed.model)
         validation.check_limits(parsed, self._limits, max_model_len)
         caller = routed.caller
-        routed.slot = self._limiter.admit(caller)
+        routed.slot = await self._limiter.acquire(caller)
         if caller.entry.tpm is not None:
             options = parsed.stream_options
             if parsed.stream and not (options and options.include_usage):
@@ -221,11 +222,11 @@ class Pipeline:
             render_prompt=parsed.prompt_text,
         )
 
-    def admit(self, request: Request, routed: RoutedRequest, model: str) -> None:
+    async def admit(self, request: Request, routed: RoutedRequest, model: str) -> None:
         """The key's rate limits for a request the gateway does not read beyond its model:
         tokens are charged from the answer's usage, where it reports one."""
         caller = routed.caller
-        routed.slot = self._limiter.admit(caller)
+        routed.slot = await self._limiter.acquire(caller)
         if caller.entry.tpm is not None:
             # Without a usage (a stream cut off, an endpoint that reports none), about a token
             # for every four bytes of the request.

@@ -131,3 +131,6 @@ class TableHealth(GatewayStatus):
     routable_workers: int = Field(
         description="Workers it would send a request to now: ready, breaker not open.")
     models: list[str]
+    shared_state: Literal["ok", "down"] | None = Field(
+        None, description="The store shared with other gateways (--shared-state): 'down' while "
+        "this gateway goes on alone; none: not configured.")

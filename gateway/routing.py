@@ -174,6 +174,15 @@ class CacheAware:
         self._tree(choice.worker.worker_id).insert(keys)
         return choice
 
+    # For gateways that share placement (gateway/shared_state.py): what another gateway sent.
+
+    def prefix_keys(self, prompt: str) -> list[bytes]:
+        return block_keys(prompt, self._block_bytes)
+
+    def learn(self, worker_id: str, keys: Sequence[bytes]) -> None:
+        """Another gateway sent a prompt with these prefix keys to `worker_id`."""
+        self._tree(worker_id).insert(keys)
+
 
 def _hash64(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")

@@ -17,7 +17,7 @@ import collections
 import enum
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from controller.protocol import Snapshot, WorkerRecord, WorkerState
@@ -36,6 +36,26 @@ logger = logging.getLogger(__name__)
 ROUTABLE = (WorkerState.READY,)
 # Told the model and seconds from arrival to the end of each answer a worker gave.
 LatencyHook = Callable[[str, float], None]
+# Told each request's choice of worker (gateway/shared_state.py shares it).
+RoutedHook = Callable[[RouteRequest, Choice], None]
+
+
+class _FleetInflight(Mapping[str, int]):
+    """This gateway's requests in flight per worker plus the other gateways' (shared state)."""
+
+    __slots__ = ("_own", "_others")
+
+    def __init__(self, own: Mapping[str, int], others: Mapping[str, int]) -> None:
+        self._own, self._others = own, others
+
+    def __getitem__(self, worker_id: str) -> int:
+        return self._own.get(worker_id, 0) + self._others.get(worker_id, 0)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(set(self._own) | set(self._others))
+
+    def __len__(self) -> int:
+        return len(set(self._own) | set(self._others))
 
 
 class Outcome(enum.Enum):
@@ -128,6 +148,10 @@ class RoutingTable:
         self._by_model: dict[str, list[WorkerRecord]] = {}
         self._changed = asyncio.Event()
         self.on_latency: LatencyHook | None = None
+        # The other gateways' requests in flight per worker, when they share state; routing
+        # policies see the sum, the in-flight cap counts this gateway's own.
+        self.remote_inflight: collections.Counter[str] = collections.Counter()
+        self.on_routed: RoutedHook | None = None
 
     def policy_for(self, model: str) -> RoutingPolicy:
         return self.overrides.get(model, self.policy)
@@ -252,7 +276,10 @@ class RoutingTable:
             candidates = [w for w in candidates if self.inflight[w.worker_id] < cap]
             if not candidates:
                 return None
-        return self.policy_for(request.model).choose(request, candidates, self.inflight)
+        inflight: Mapping[str, int] = self.inflight
+        if self.remote_inflight:
+            inflight = _FleetInflight(self.inflight, self.remote_inflight)
+        return self.policy_for(request.model).choose(request, candidates, inflight)
 
     async def acquire(self, request: RouteRequest, exclude: set[str] | None = None,
                       started: float | None = None) -> Lease:
@@ -264,6 +291,8 @@ class RoutingTable:
             choice = await self._queue(request, exclude)
         wid = choice.worker.worker_id
         self.inflight[wid] += 1
+        if self.on_routed is not None:
+            self.on_routed(request, choice)
         trial = self.breakers[wid].acquire()
         return Lease(self, choice, request.model,
                      time.monotonic() if started is None else started, trial)

@@ -95,7 +95,24 @@ class GatewaySettings(CliSettings, ControllerCredentials, ClientTLSSettings, Ser
         3, ge=1, description="Failures in a row that open a worker's breaker.")
     breaker_cooldown: float = Field(
         5.0, gt=0, description="Seconds before an open breaker lets one trial through.")
+    shared_state: str | None = Field(
+        None, description="redis://HOST:PORT[/DB] that several gateways share: key rate limits "
+        "fleet-wide, each worker's in-flight requests and prefix placement; none: this gateway "
+        "alone.")
+    shared_state_interval: float = Field(
+        0.1, gt=0, le=5, description="Seconds between exchanges of in-flight counts and "
+        "placements through --shared-state.")
+    shared_state_timeout: float = Field(
+        0.25, gt=0, le=10, description="Seconds one call to --shared-state may take before the "
+        "gateway goes on alone.")
     log_level: str = Field("info", description="debug, info, warning or error.")
+
+    @field_validator("shared_state")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("expected redis://HOST:PORT[/DB], rediss://... or unix://PATH")
+        return value or None
 
     @property
     def controller_addresses(self) -> list[str]:

@@ -90,3 +90,14 @@ def test_scale_bench_smoke_two_workers_then_the_report(tmp_path: Path) -> None:
                              str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert report.returncode == 0, report.stderr
     assert "| per-cpu | 2 (cpu:0, cpu:1) | 4 |" in report.stdout
+
+
+def test_controller_bench_smoke_follows_the_table_by_changes(tmp_path: Path) -> None:
+    """Simulated workers and gateways; the gateways' tables, built from changes alone, end
+    equal to the controller's snapshot."""
+    record = _smoke("controller_bench.py", tmp_path)
+    result = record["result"]
+    assert result["gateway_tables_match_snapshot"]
+    # Every simulated worker beat on schedule (within one beat of the window's edges).
+    assert abs(result["heartbeats_per_s"] - record["setup"]["workers"] / 2.0) <= 1
+    assert result["sync"]["reads"] > 0 and result["sync"]["full_reads"] == 2

@@ -1,5 +1,6 @@
-"""Routing across two real CPU workers (one core each): session affinity, overload, and
-failures under load: a controller restart and a worker killed outright.
+"""Routing across two real CPU workers (one core each): session affinity, overload, two
+gateways sharing state as one, and failures under load: a controller restart and a worker
+killed outright.
 
 The module starts its own controller and two workers; each test starts the gateway it needs.
 """
@@ -94,6 +95,108 @@ def test_overload_returns_429_with_retry_after(pair: Stack) -> None:
                'policy="least-load",status="429"} 3.0' in counted, counted
     finally:
         pair.stop("gw-tight")
+
+
+# -- two gateways as one (--shared-state) ---------------------------------------------------------
+LIMITED_KEY = "sk-fleet-two-gateways-limited"
+LIMIT = 6
+
+
+def _prefix_counters(stack: Stack) -> tuple[float, float]:
+    """The engines' own prefix-cache hits and queries (tokens), summed over both."""
+    hits = queries = 0.0
+    for worker in stack.workers():
+        text = httpx.get(f"{worker['engine_url'].rstrip('/')}/metrics", timeout=10).text
+        for line in text.splitlines():
+            if line.startswith("vllm:prefix_cache_hits_total"):
+                hits += float(line.rsplit(" ", 1)[1])
+            elif line.startswith("vllm:prefix_cache_queries_total"):
+                queries += float(line.rsplit(" ", 1)[1])
+    return hits, queries
+
+
+def _conversations(stack: Stack, urls: list[str], tag: str) -> float:
+    """Three system prompts, two conversations each, two turns each, every request through
+    the next gateway in turn; returns the engines' prefix-cache hit rate over them."""
+    hits0, queries0 = _prefix_counters(stack)
+    n = 0
+    for group in range(3):
+        system = f"[{tag}-{group}] You are assistant number {group}. " + " ".join(
+            f"Rule {i}: answer briefly and stay on the topic of item {group * 100 + i}."
+            for i in range(40))
+        for conv in range(2):
+            messages = [{"role": "system", "content": system},
+                        {"role": "user", "content": f"Question {conv}: name a colour."}]
+            for _turn in range(2):
+                r = httpx.post(f"{urls[n % len(urls)]}/v1/chat/completions", headers=AUTH,
+                               timeout=120, json={"model": MODEL_NAME, "max_tokens": 2,
+                                                  "temperature": 0, "messages": messages})
+                n += 1
+                assert r.status_code == 200, r.text[:300]
+                messages += [{"role": "assistant",
+                              "content": r.json()["choices"][0]["message"]["content"]},
+                             {"role": "user", "content": "And another one?"}]
+    hits1, queries1 = _prefix_counters(stack)
+    return (hits1 - hits0) / (queries1 - queries0)
+
+
+def test_two_gateways_share_limits_load_and_placement(pair: Stack, tmp_path: Path) -> None:
+    """Two gateways over one Redis: a key's rpm holds across both, each sees the other's
+    requests in flight, and a prefix placed through one is found through the other, so two
+    gateways keep one gateway's prefix-cache hit rate."""
+    from gateway.keys import hash_key
+    from tests.redis_server import redis_server
+
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({hash_key(LIMITED_KEY): {"name": "limited", "rpm": LIMIT},
+                                hash_key(API_KEY): {"name": "open"}}))
+    with redis_server(tmp_path) as redis_url:
+        # Two engines take both cores here: a generous timeout keeps a starved gateway from
+        # going on alone, which would be right but not what this test is about.
+        shared = ["--routing", "cache-aware", "--keys-file", str(keys),
+                  "--shared-state", redis_url, "--shared-state-timeout", "2"]
+        a = start_gateway(pair, "gw-a", *shared)
+        b = start_gateway(pair, "gw-b", *shared)
+        try:
+            for url in (a, b):
+                pair.wait_for(lambda u=url: httpx.get(f"{u}/health", headers=AUTH, timeout=5)
+                              .json()["shared_state"] == "ok", "the store to be up", 10)
+            # One gateway's hit rate, then two gateways', on fresh prompts of the same shape.
+            alone = _conversations(pair, [a], "alone")
+            together = _conversations(pair, [a, b], "together")
+            assert together >= alone - 0.02, (alone, together)
+
+            # A stream held through a shows in b's view of that worker, and leaves it after.
+            body = {"model": MODEL_NAME, "max_tokens": 400, "stream": True, "temperature": 0,
+                    "messages": [{"role": "user", "content": "Tell me a very long story."}]}
+
+            def peer_inflight() -> dict[str, float]:
+                text = httpx.get(f"{b}/metrics", timeout=5).text
+                return {line.split('"')[1]: float(line.rsplit(" ", 1)[1])
+                        for line in text.splitlines()
+                        if line.startswith("fleet_gateway_peer_inflight{")}
+
+            with httpx.stream("POST", f"{a}/v1/chat/completions", json=body, headers=AUTH,
+                              timeout=120) as r:
+                worker = r.headers["x-fleet-worker"]
+                pair.wait_for(lambda: peer_inflight().get(worker) == 1.0,
+                              "b to see a's request in flight", 5)
+            pair.wait_for(lambda: not peer_inflight().get(worker),
+                          "b to see a's request end", 5)
+
+            # The key's rpm, fleet-wide: requests alternate between the gateways.
+            limited = {"Authorization": f"Bearer {LIMITED_KEY}"}
+            statuses = [httpx.post(f"{(a, b)[i % 2]}/v1/chat/completions", headers=limited,
+                                   timeout=120, json={"model": MODEL_NAME, "max_tokens": 1,
+                                                      "messages": [{"role": "user",
+                                                                    "content": "Hi"}]}
+                                   ).status_code for i in range(LIMIT + 4)]
+            logs = pair.services["gw-a"].tail(200) + pair.services["gw-b"].tail(200)
+            assert "goes on alone" not in logs, logs
+            assert statuses == [200] * LIMIT + [429] * 4, (statuses, logs)
+        finally:
+            pair.stop("gw-a")
+            pair.stop("gw-b")
 
 
 def _load(url: str, stop_at: float, stream: bool) -> list[str]:

@@ -95,3 +95,27 @@ def test_the_chat_template_is_recorded_and_optional_for_older_workers(client: Te
     templates = {w["worker_id"]: w["chat_template"] for w in client.get("/workers").json()[
         "workers"]}
     assert templates == {"w1": None, "w2": "chatml"}
+
+
+def test_the_table_by_changes_follows_the_registry_like_the_snapshot(client: TestClient) -> None:
+    """A gateway that applies /table's changes ends with /snapshot's table."""
+    from controller.protocol import Snapshot, TableChanges
+    from gateway.controller_sync import ControllerSync
+    from gateway.routing_table import RoutingTable
+
+    sync = ControllerSync(RoutingTable(), None, ["http://c"], interval=1.0)  # type: ignore[arg-type]
+    for n in range(3):
+        client.post("/workers/register", json={**REG, "worker_id": f"w{n}", "state": "ready"})
+    first = TableChanges.model_validate(client.get("/table").json())
+    sync.apply("http://c", first)
+    client.post("/workers/w0/heartbeat", json={"state": "ready", "load": {"running": 7}})
+    client.post("/workers/w1/heartbeat", json={"state": "draining"})
+    client.delete("/workers/w2")
+    changes = TableChanges.model_validate(client.get(
+        "/table", params={"since": first.revision, "epoch": first.epoch}).json())
+    assert not changes.full and changes.loads == {"w0": (7, 0, 0.0)}
+    mine = sync.apply("http://c", changes)
+    truth = Snapshot.model_validate(client.get("/snapshot").json())
+    assert [(w.worker_id, w.state, w.load) for w in mine.workers] == \
+        [(w.worker_id, w.state, w.load) for w in truth.workers]
+    assert client.get("/table", params={"since": -1}).status_code == 400

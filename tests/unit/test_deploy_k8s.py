@@ -396,3 +396,18 @@ def test_every_container_has_requests_and_limits(overlay: str) -> None:
             for section in ("requests", "limits"):
                 assert {"cpu", "memory"} <= container["resources"][section].keys(), (
                     f"{workload['metadata']['name']}/{container['name']} {section}")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_gateway_replicas_share_state_through_the_redis_service(overlay: str) -> None:
+    gateway = _container(_one(overlay, "Deployment", "fleet-gateway"), "gateway")
+    url = _flags(gateway["args"])["--shared-state"]
+    service = _one(overlay, "Service", "fleet-redis")
+    (port,) = service["spec"]["ports"]
+    assert url == f"redis://fleet-redis:{port['port']}/0"
+    redis = _one(overlay, "Deployment", "fleet-redis")
+    pod_labels = redis["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    policy = _one(overlay, "NetworkPolicy", "fleet-redis")
+    assert policy["spec"]["ingress"][0]["from"] == [
+        {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "fleet-gateway"}}}]

@@ -109,3 +109,61 @@ def test_snapshot_says_warming_up_for_one_expiry_after_start(
     assert registry.snapshot().warming_up
     clock.now += 6.0
     assert not registry.snapshot().warming_up
+
+
+# -- the table's changes, by revision ------------------------------------------------------------
+def _beat(running: int = 0, state: WorkerState = WorkerState.READY,
+          kv: float = 0.0) -> Heartbeat:
+    return Heartbeat(state=state, load=WorkerLoad(running=running, kv_cache_usage=kv))
+
+
+def test_changes_since_a_revision_carry_only_what_changed(registry: Registry) -> None:
+    for wid in ("w1", "w2", "w3"):
+        registry.register(registration(wid, state=WorkerState.READY))
+    first = registry.changes_since(None, None)
+    assert first.full and [w.worker_id for w in first.workers] == ["w1", "w2", "w3"]
+    registry.heartbeat("w1", _beat(running=4))                    # load alone
+    registry.heartbeat("w2", _beat(state=WorkerState.DRAINING))   # the record
+    registry.deregister("w3")
+    registry.register(registration("w4"))
+    changes = registry.changes_since(first.revision, first.epoch)
+    assert not changes.full
+    assert sorted(w.worker_id for w in changes.workers) == ["w2", "w4"]
+    assert changes.removed == ["w3"]
+    assert changes.loads == {"w1": (4, 0, 0.0)}
+    assert changes.revision > first.revision and changes.generation > first.generation
+    quiet = registry.changes_since(changes.revision, changes.epoch)
+    assert not quiet.full and not quiet.workers and not quiet.removed and not quiet.loads
+
+
+def test_an_unchanged_or_barely_changed_heartbeat_is_no_change(registry: Registry) -> None:
+    registry.register(registration(state=WorkerState.READY))
+    revision = registry.revision
+    registry.heartbeat("w1", _beat())
+    registry.heartbeat("w1", _beat(kv=0.01))  # under LOAD_KV_STEP
+    assert registry.revision == revision
+    registry.heartbeat("w1", _beat(kv=0.03))
+    assert registry.changes_since(revision, registry.epoch).loads == {"w1": (0, 0, 0.03)}
+
+
+def test_the_whole_table_for_another_run_or_a_gateway_too_far_behind(clock: FakeClock) -> None:
+    registry = Registry(heartbeat_interval=2.0, expiry=6.0, clock=clock, max_removed=2)
+    registry.register(registration("keep"))
+    start = registry.changes_since(None, None)
+    assert registry.changes_since(start.revision, "another-epoch").full
+    assert registry.changes_since(start.revision + 5, start.epoch).full  # from the future
+    for n in range(3):  # three removals, two remembered: the first is forgotten
+        registry.register(registration(f"gone{n}"))
+        registry.deregister(f"gone{n}")
+    behind = registry.changes_since(start.revision, start.epoch)
+    assert behind.full and [w.worker_id for w in behind.workers] == ["keep"]
+    recent = registry.changes_since(registry.revision - 2, start.epoch)
+    assert not recent.full and recent.removed == ["gone2"]
+
+
+def test_expiry_is_a_removal_in_the_changes(registry: Registry, clock: FakeClock) -> None:
+    registry.register(registration("w1"))
+    start = registry.changes_since(None, None)
+    clock.now += 7
+    registry.expire()
+    assert registry.changes_since(start.revision, start.epoch).removed == ["w1"]
