@@ -105,7 +105,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                            read_timeout=settings.read_timeout,
                            dead_peer_timeout=settings.dead_peer_timeout, ssl_context=tls)
     proxy = Proxy(engines, table, metrics, max_attempts=settings.max_attempts,
-                  retry_backoff=settings.retry_backoff)
+                  retry_backoff=settings.retry_backoff,
+                  max_continuations=settings.max_continuations,
+                  stall_timeout=settings.stall_timeout)
     pipeline = Pipeline(settings, auth=auth, limiter=limiter, table=table, metrics=metrics,
                         proxy=proxy)
 

@@ -28,9 +28,10 @@ from fastapi import Request
 from starlette.responses import Response
 
 from fleetcore.errors import FleetError, NotFoundError, PermissionDeniedError
-from gateway import validation
+from gateway import continuation, validation
 from gateway.asgi import ClientWatch, RelayResponse
 from gateway.auth import Authenticator
+from gateway.continuation import OPT_OUT_HEADER
 from gateway.endpoints import ENDPOINT_NAMES, RESPONSES, EngineEndpoint
 from gateway.forms import form_fields
 from gateway.limits import KeyLimiter, ask_for_usage, usage_charger, usage_charger_for
@@ -55,6 +56,7 @@ class Pipeline:
                  table: RoutingTable, metrics: GatewayMetrics, proxy: Proxy) -> None:
         self._session_header = settings.session_header
         self._limits = settings.input_limits()
+        self._continue = settings.max_continuations > 0
         self._auth = auth
         self._limiter = limiter
         self._table = table
@@ -204,12 +206,27 @@ class Pipeline:
             if parsed.stream and not (options and options.include_usage):
                 routed.body = ask_for_usage(routed.body)
             routed.on_usage = usage_charger(self._limiter, caller, parsed, max_model_len)
+        if routed.stream:
+            self.plan_continuation(request, routed)
         routed.route = RouteRequest(
             model=parsed.model,
             session=request.headers.get(self._session_header) or parsed.user,
             path=routed.path,
             render_prompt=parsed.prompt_text,
         )
+
+    def plan_continuation(self, request: Request, routed: RoutedRequest) -> None:
+        """Whether another worker may continue this stream if its worker fails mid-answer;
+        if so, the engine is asked for the answer's token ids (gateway/continuation.py)."""
+        data = pydantic_core.from_json(routed.body)
+        plan = continuation.plan(routed.path, data, request.headers.get(OPT_OUT_HEADER),
+                                 self._continue)
+        if isinstance(plan, str):
+            logger.debug("not continuable request_id=%s why=%s", routed.request_id, plan)
+            return
+        routed.resume = plan
+        if not plan.keep_ids:
+            routed.body = continuation.with_token_ids(data)
 
     def admit(self, request: Request, routed: RoutedRequest, model: str) -> None:
         """The key's rate limits for a request the gateway does not read beyond its model:

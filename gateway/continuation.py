@@ -1,0 +1,223 @@
+"""Streams that survive their worker: what a continuable stream keeps, and what it may be.
+
+A streaming chat or completion goes to its engine with `"return_token_ids": true`. Its relay
+(gateway/proxy.py) feeds every chunk through a `StreamTrack`, which keeps the prompt's and the
+answer's token ids as the engine's bytes (nothing is parsed per token beyond one regex pass)
+and gives back the bytes to relay: whole SSE events, with the token ids the client did not ask
+for put back to `null`, as the engine sends them without `return_token_ids`. When the worker
+fails mid-answer, gateway/resume.py sends the rest to another worker from those ids.
+
+`plan` decides, once per request, whether a stream can be continued exactly, and if not, why
+(the README lists each case and what happens instead).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import pydantic_core
+
+OPT_OUT_HEADER = "x-fleet-continue"
+CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
+
+# The sampling parameters a continuation (a completion from token ids) carries over as they
+# came; the output limits are carried over reduced by what was generated (`ResumePlan`).
+_SAMPLING = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+             "repetition_penalty", "stop", "stop_token_ids", "ignore_eos",
+             "include_stop_str_in_output", "skip_special_tokens",
+             "spaces_between_special_tokens", "logit_bias", "allowed_token_ids", "bad_words",
+             "seed", "user", "priority", "cache_salt")
+# Structured output constrains the answer from its first token: a grammar restarted at the
+# seam would constrain the rest wrongly.
+_STRUCTURED = ("response_format", "structured_outputs", "guided_json", "guided_regex",
+               "guided_choice", "guided_grammar")
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """What a continuation of one stream needs from its request."""
+
+    chat: bool
+    keep_ids: bool  # the client asked for token ids itself
+    include_usage: bool  # the client gets a usage chunk at the end
+    continuous_usage: bool  # ... and usage in every chunk
+    max_tokens: int | None  # None: up to the context (chat), vLLM's 16 for completions
+    min_tokens: int
+    stops: tuple[str, ...]
+    include_stop: bool
+    sampling: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def hold(self) -> int:
+        """Characters an engine holds back for a possible stop string (vLLM's stop buffer)."""
+        if not self.stops or self.include_stop:
+            return 0
+        return max(len(s) for s in self.stops) - 1
+
+
+def plan(path: str, data: dict[str, Any], opt_out: str | None, enabled: bool
+         ) -> ResumePlan | str:
+    """A plan to continue this streaming request, or why it will not be continued."""
+    if not enabled:
+        return "off"
+    if opt_out is not None and opt_out.strip().lower() in ("off", "0", "false", "no"):
+        return "opted out"
+    if path not in (CHAT, COMPLETIONS):
+        return "endpoint"
+    chat = path == CHAT
+    if (data.get("n") or 1) > 1 or data.get("best_of") not in (None, 1):
+        return "n"
+    if data.get("logprobs") not in (None, False) or data.get("top_logprobs") is not None \
+            or data.get("prompt_logprobs") is not None:
+        return "logprobs"
+    if data.get("tools") and data.get("tool_choice") != "none":
+        return "tools"
+    if any(data.get(k) not in (None, {"type": "text"}) for k in _STRUCTURED):
+        return "structured output"
+    if not chat:
+        prompt = data.get("prompt")
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+            if len(prompt) > 1:
+                return "several prompts"
+        if data.get("suffix") is not None:
+            return "suffix"
+    stop = data.get("stop")
+    stops = (stop,) if isinstance(stop, str) else tuple(s for s in stop or () if s)
+    options = data.get("stream_options") or {}
+    limit = data.get("max_completion_tokens") if chat else None
+    if limit is None:
+        limit = data.get("max_tokens", None if chat else 16)
+    return ResumePlan(
+        chat=chat, keep_ids=data.get("return_token_ids") is True,
+        include_usage=bool(options.get("include_usage")),
+        continuous_usage=bool(options.get("include_usage")
+                              and options.get("continuous_usage_stats")),
+        max_tokens=limit, min_tokens=int(data.get("min_tokens") or 0), stops=stops,
+        include_stop=bool(data.get("include_stop_str_in_output")),
+        sampling={k: data[k] for k in _SAMPLING if data.get(k) is not None},
+    )
+
+
+def with_token_ids(data: dict[str, Any]) -> bytes:
+    """The request body as the engine gets it: with the answer's token ids."""
+    return pydantic_core.to_json({**data, "return_token_ids": True})
+
+
+_IDS = re.compile(rb'"(prompt_)?token_ids":\[([0-9, ]*)\]')
+_DONE = b"data: [DONE]"
+_ERROR = b'data: {"error"'
+# An event whose text is empty: its tokens' text is still held by the engine's detokenizer
+# (an unfinished UTF-8 character) or its stop buffer.
+_EMPTY = (b'"delta":{}', b'"content":""', b'"text":""')
+_EMPTY_DELTA = b'"delta":{}'
+_UNPARSED = (b'"tool_calls"', b'"reasoning')
+
+
+def parse_ids(raw: bytes) -> list[int]:
+    return [int(x) for x in raw.split(b",") if x.strip()]
+
+
+class StreamTrack:
+    """What a continuable stream's relay keeps of the engine's answer, chunk by chunk."""
+
+    __slots__ = ("plan", "prompt_ids", "generated", "pending", "multi", "head", "finished",
+                 "done", "error", "unparsed", "texts", "_carry")
+
+    def __init__(self, plan: ResumePlan) -> None:
+        self.plan = plan
+        self.prompt_ids: bytes | None = None
+        self.generated: list[bytes] = []  # each event's ids, as the engine wrote them
+        self.pending = 0  # tokens since the last event that had text
+        self.multi = False  # the last event with text had several tokens
+        self.head: dict[str, Any] | None = None  # the first event: id, created, model, object
+        self.finished = False  # a finish_reason came
+        self.done = False  # [DONE] came
+        self.error: bytes | None = None  # an error event from the engine
+        self.unparsed = False  # tool calls or reasoning: not continued as plain text
+        self.texts: list[str] | None = [] if plan.stops else None  # relayed text, for stops
+        self._carry = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The bytes to relay for `chunk`: its whole events (the rest waits for the next
+        chunk), without an engine's error event (kept in `error`) and what follows it."""
+        if self._carry:
+            chunk, self._carry = self._carry + chunk, b""
+        if not chunk.endswith(b"\n\n"):
+            end = chunk.rfind(b"\n\n") + 2
+            chunk, self._carry = chunk[:end], chunk[end:]
+            if not chunk:
+                return b""
+        events = chunk.split(b"\n\n")
+        events.pop()  # the empty tail after the last "\n\n"
+        out = []
+        changed = False
+        for event in events:
+            keep = self._event(event)
+            if keep is None:
+                changed = True
+                if self.error is not None:
+                    break
+                continue
+            if keep is not event:
+                changed = True
+            out.append(keep)
+        if not changed:
+            return chunk
+        return b"".join(e + b"\n\n" for e in out)
+
+    def _event(self, event: bytes) -> bytes | None:
+        """One event as relayed; None to drop it."""
+        if event == _DONE:
+            self.done = True
+            return event
+        if event.startswith(_ERROR):
+            self.error = event
+            return None
+        if self.head is None and event.startswith(b"data: {"):
+            self.head = pydantic_core.from_json(event[6:])
+        count = 0
+        keep = self.plan.keep_ids
+        stripped = False
+        for match in _IDS.finditer(event):
+            if match.group(1):
+                self.prompt_ids = match.group(2)
+            else:
+                ids = match.group(2)
+                self.generated.append(ids)
+                count += ids.count(b",") + 1 if ids else 0
+            stripped = True
+        if stripped and not keep:
+            event = _IDS.sub(rb'"\1token_ids":null', event)
+        if b'"finish_reason":"' in event:
+            self.finished = True
+        if count:
+            if any(e in event for e in _EMPTY):
+                self.pending += count
+            else:
+                self.pending, self.multi = 0, count > 1
+        if any(u in event for u in _UNPARSED):
+            self.unparsed = True
+        if self.texts is not None and count:
+            self.texts.append(_text_of(event))
+        if not keep and _EMPTY_DELTA in event and b'"finish_reason":null' in event \
+                and b'"usage":{' not in event:
+            # Sent only because of return_token_ids: the client would not have had it.
+            return None
+        return event
+
+    def generated_ids(self) -> list[int]:
+        return parse_ids(b",".join(g for g in self.generated if g))
+
+    def relayed_text(self) -> str:
+        return "".join(self.texts or ())
+
+
+def _text_of(event: bytes) -> str:
+    data = pydantic_core.from_json(event[6:])
+    choices = data.get("choices") or [{}]
+    choice = choices[0]
+    if "delta" in choice:
+        return str((choice.get("delta") or {}).get("content") or "")
+    return str(choice.get("text") or "")
