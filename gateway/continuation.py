@@ -83,6 +83,9 @@ def plan(path: str, data: dict[str, Any], opt_out: str | None, enabled: bool
                 return "several prompts"
         if data.get("suffix") is not None:
             return "suffix"
+        if data.get("echo"):
+            # vLLM echoes no prompt text when token ids are asked for.
+            return "echo"
     stop = data.get("stop")
     stops = (stop,) if isinstance(stop, str) else tuple(s for s in stop or () if s)
     options = data.get("stream_options") or {}
@@ -98,11 +101,6 @@ def plan(path: str, data: dict[str, Any], opt_out: str | None, enabled: bool
         include_stop=bool(data.get("include_stop_str_in_output")),
         sampling={k: data[k] for k in _SAMPLING if data.get(k) is not None},
     )
-
-
-def with_token_ids(data: dict[str, Any]) -> bytes:
-    """The request body as the engine gets it: with the answer's token ids."""
-    return pydantic_core.to_json({**data, "return_token_ids": True})
 
 
 _IDS = re.compile(rb'"(prompt_)?token_ids":\[([0-9, ]*)\]')

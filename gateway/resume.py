@@ -13,8 +13,9 @@ it ends, as the proxy's attempts do.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 
 import pydantic_core
 
@@ -102,8 +103,11 @@ class Resumer:
                            answer.continuations)
             outcome = Outcome.CLIENT_GONE  # until the continuation ends otherwise
             try:
-                async for piece in self._continue(answer, kept, lease, request, watch):
-                    yield piece
+                # Closed at once if the client leaves, so the new worker's engine aborts it.
+                async with contextlib.aclosing(
+                        self._continue(answer, kept, lease, request, watch)) as pieces:
+                    async for piece in pieces:
+                        yield piece
                 outcome = Outcome.DONE
                 return
             except ClientGone:
@@ -123,7 +127,7 @@ class Resumer:
                 lease.settle(outcome)
 
     async def _continue(self, answer: Answer, kept: int, lease: Lease, request: RoutedRequest,
-                        watch: ClientWatch) -> AsyncIterator[bytes]:
+                        watch: ClientWatch) -> AsyncGenerator[bytes, None]:
         """One continuation on the leased worker, relayed; raises EngineError if it fails."""
         model, worker = lease.model, lease.worker
         held = ""

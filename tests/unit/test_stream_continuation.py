@@ -52,6 +52,7 @@ def test_a_completion_of_several_prompts_or_with_logprobs_is_not_continued() -> 
     body = {"model": "m", "stream": True, "prompt": ["a", "b"]}
     assert plan(COMPLETIONS, body, None, True) == "several prompts"
     assert plan(COMPLETIONS, {**body, "prompt": "a", "logprobs": 1}, None, True) == "logprobs"
+    assert plan(COMPLETIONS, {**body, "prompt": "a", "echo": True}, None, True) == "echo"
     assert isinstance(plan(COMPLETIONS, {**body, "prompt": [1, 2]}, None, True), ResumePlan)
 
 
