@@ -6,6 +6,7 @@ lease is settled once whatever fails where (property test over scripted engines)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from typing import Any
 
@@ -362,6 +363,7 @@ class ScriptedEngines(EngineClient):
         self.breaks = breaks
         self.failure = failure
         self.bodies: list[tuple[str, dict]] = []
+        self.responses: list[ScriptedResponse] = []
 
     async def request(self, method: str, endpoint: Any, headers: Any,  # type: ignore[override]
                       body: Any = None) -> ScriptedResponse:
@@ -379,6 +381,11 @@ class ScriptedEngines(EngineClient):
             events.append(chat_event(delta, ids, finish=finish) if chat
                           else completion_event(delta, ids, finish=finish))
         events.append(b"data: [DONE]\n\n")
+        response = self._script(wid, events)
+        self.responses.append(response)
+        return response
+
+    def _script(self, wid: str, events: list[bytes]) -> ScriptedResponse:
         cut = self.breaks.get(wid)
         if cut is None or cut >= len(events):
             return ScriptedResponse(events, None)
@@ -393,7 +400,8 @@ class ScriptedEngines(EngineClient):
 
 
 def _run(breaks: dict[str, int | None], failure: str, max_continuations: int = 2,
-         body: dict | None = None) -> tuple[bytes, RoutingTable, ScriptedEngines, RoutedRequest]:
+         body: dict | None = None, leave_after: int | None = None,
+         ) -> tuple[bytes, RoutingTable, ScriptedEngines, RoutedRequest]:
     table = RoutingTable(First())
     table.update(Snapshot(generation=1, heartbeat_interval=2, expiry=6, models=["m"],
                           workers=[_worker(w) for w in breaks]))
@@ -418,9 +426,12 @@ def _run(breaks: dict[str, int | None], failure: str, max_continuations: int = 2
         sent: list[bytes] = []
 
         async def send(message: dict) -> None:
+            if leave_after is not None and len(sent) >= leave_after:
+                raise OSError("the client left")
             sent.append(message.get("body", b""))
 
-        await response({"type": "http"}, receive, send)
+        with contextlib.suppress(OSError):
+            await response({"type": "http"}, receive, send)
         return b"".join(sent)
 
     return asyncio.run(scenario()), table, engines, routed
@@ -475,15 +486,28 @@ def test_a_stop_string_held_by_the_dead_engine_is_found_at_the_seam() -> None:
     assert finishes == ["stop"]
 
 
+def test_a_client_that_leaves_during_a_continuation_ends_it_on_the_new_worker() -> None:
+    _, table, engines, _ = _run({"a": 3, "b": None}, "broke", leave_after=5)
+    continuation = engines.responses[-1]
+    assert engines.bodies[-1][0] == "b" and continuation.closed
+    assert table.inflight == {}
+
+
 @settings(max_examples=60, deadline=None)
 @given(breaks=st.lists(st.one_of(st.none(), st.integers(0, 9)), min_size=1, max_size=3),
        failure=st.sampled_from(["broke", "stall", "error_event"]),
-       max_continuations=st.integers(0, 3))
+       max_continuations=st.integers(0, 3),
+       leave_after=st.one_of(st.none(), st.integers(1, 12)))
 def test_every_lease_is_settled_once_whatever_fails_where(
-        breaks: list[int | None], failure: str, max_continuations: int) -> None:
+        breaks: list[int | None], failure: str, max_continuations: int,
+        leave_after: int | None) -> None:
     workers = {w: b for w, b in zip("abc", breaks, strict=False)}
-    out, table, _, _ = _run(workers, failure, max_continuations)
+    out, table, engines, _ = _run(workers, failure, max_continuations,
+                                  leave_after=leave_after)
     assert table.inflight == {}
+    assert all(r.closed or r.released for r in engines.responses)
+    if leave_after is not None:
+        return
     assert out.endswith(b"data: [DONE]\n\n")
     events = _events(out)
     if "error" not in events[-1]:
