@@ -513,3 +513,35 @@ def test_every_lease_is_settled_once_whatever_fails_where(
     if "error" not in events[-1]:
         assert _text(out) == "".join(TOKENS)
         assert len([c for e in events for c in e["choices"] if c.get("finish_reason")]) == 1
+
+
+# --- the pipeline: what the engine is sent ---
+
+class _Headers:
+    def __init__(self, headers: dict[str, str]) -> None:
+        self.headers = headers
+
+
+def _pipeline(**settings: Any) -> Any:
+    from gateway.app import create_app
+    from gateway.settings import GatewaySettings
+
+    app = create_app(GatewaySettings(controller_address="http://127.0.0.1:9", **settings))
+    return app.state.pipeline
+
+
+@pytest.mark.parametrize(("headers", "settings_", "continued"), [
+    ({}, {}, True), ({"x-fleet-continue": "off"}, {}, False),
+    ({}, {"max_continuations": 0}, False)])
+def test_a_continuable_stream_asks_the_engine_for_token_ids(
+        headers: dict, settings_: dict, continued: bool) -> None:
+    pipeline = _pipeline(**settings_)
+    routed = RoutedRequest(request_id="r", started=0.0, path=CHAT,
+                           body=json.dumps(CHAT_BODY).encode(), stream=True)
+    pipeline.plan_continuation(_Headers(headers), routed, ask_usage=True)
+    sent = json.loads(routed.body)
+    assert sent["stream_options"] == {"include_usage": True}  # the key's tokens limit
+    assert (routed.resume is not None) is continued
+    assert sent.get("return_token_ids", False) is continued
+    if continued:
+        assert routed.resume is not None and routed.resume.include_usage
