@@ -52,7 +52,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterato
 
 
 def engines(fleet: FleetUp) -> dict[str, psutil.Process]:
-    """Each worker's engine process, by worker id."""
+    """Each worker's engine (its API server, the worker's child), by worker id."""
     found = {}
     procs = psutil.Process(fleet.proc.pid).children(recursive=True) if fleet.proc else []
     for worker in fleet.workers():
@@ -60,7 +60,9 @@ def engines(fleet: FleetUp) -> dict[str, psutil.Process]:
         for proc in procs:
             with contextlib.suppress(psutil.Error):
                 argv = proc.cmdline()
-                if "vllm.entrypoints.openai.api_server" in argv and port in argv:
+                parent = proc.parent()
+                if ("vllm.entrypoints.openai.api_server" in argv and port in argv
+                        and parent is not None and "worker" in parent.cmdline()):
                     found[worker["worker_id"]] = proc
     return found
 
@@ -240,6 +242,7 @@ def test_a_stalled_engine_moves_its_streams_to_the_other_worker(fleet: FleetUp) 
 def test_a_client_that_leaves_during_a_continuation_aborts_it(fleet: FleetUp) -> None:
     both_routable(fleet)
     path, request = body(0, max_tokens=400)
+    request["ignore_eos"] = True  # long enough to leave in the middle of its continuation
     leave = threading.Event()
     stream = Stream(fleet, path, request, leave_after=leave).start()
     assert stream.started.wait(120)
