@@ -13,7 +13,6 @@ fails mid-answer, gateway/resume.py sends the rest to another worker from those 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,14 +102,12 @@ def plan(path: str, data: dict[str, Any], opt_out: str | None, enabled: bool
     )
 
 
-_IDS = re.compile(rb'"(prompt_)?token_ids":\[([0-9, ]*)\]')
-_DONE = b"data: [DONE]"
+_DONE = b"data: [DONE]\n\n"
 _ERROR = b'data: {"error"'
-# An event whose text is empty: its tokens' text is still held by the engine's detokenizer
-# (an unfinished UTF-8 character) or its stop buffer.
-_EMPTY = (b'"delta":{}', b'"content":""', b'"text":""')
-_EMPTY_DELTA = b'"delta":{}'
-_UNPARSED = (b'"tool_calls"', b'"reasoning')
+_IDS = b'token_ids":['  # of '"token_ids":[' and '"prompt_token_ids":['
+_PROMPT = b'"prompt_'
+_NULL = b'"token_ids":null'
+_PROMPT_NULL = b'"prompt_token_ids":null'
 
 
 def parse_ids(raw: bytes) -> list[int]:
@@ -118,24 +115,35 @@ def parse_ids(raw: bytes) -> list[int]:
 
 
 class StreamTrack:
-    """What a continuable stream's relay keeps of the engine's answer, chunk by chunk."""
+    """What a continuable stream's relay keeps of the engine's answer, chunk by chunk.
 
-    __slots__ = ("plan", "prompt_ids", "generated", "pending", "multi", "head", "finished",
-                 "done", "error", "unparsed", "texts", "_carry")
+    The hot path: a few substring searches per event, in C, and no JSON parsing (but for
+    the first event, and for the relayed text when the request has stop strings)."""
+
+    __slots__ = ("plan", "prompt_ids", "generated", "_since_text", "multi", "head_event",
+                 "finished", "done", "error", "unparsed", "texts", "_carry", "_keep",
+                 "_text_key")
 
     def __init__(self, plan: ResumePlan) -> None:
         self.plan = plan
         self.prompt_ids: bytes | None = None
         self.generated: list[bytes] = []  # each event's ids, as the engine wrote them
-        self.pending = 0  # tokens since the last event that had text
+        self._since_text = 0  # generated[_since_text:]: ids of events that had no text
         self.multi = False  # the last event with text had several tokens
-        self.head: dict[str, Any] | None = None  # the first event: id, created, model, object
+        self.head_event: bytes | None = None  # the first event: its id, created, model, object
         self.finished = False  # a finish_reason came
         self.done = False  # [DONE] came
         self.error: bytes | None = None  # an error event from the engine
-        self.unparsed = False  # tool calls or reasoning: not continued as plain text
+        self.unparsed = False  # reasoning: not continued as plain text (tools are not planned)
         self.texts: list[str] | None = [] if plan.stops else None  # relayed text, for stops
         self._carry = b""
+        self._keep = plan.keep_ids
+        self._text_key = b'"delta":{"content":"' if plan.chat else b'"text":"'
+
+    @property
+    def pending(self) -> int:
+        """Tokens since the last event that had text: their text is still held."""
+        return len(parse_ids(b",".join(self.generated[self._since_text:])))
 
     def feed(self, chunk: bytes) -> bytes:
         """The bytes to relay for `chunk`: its whole events (the rest waits for the next
@@ -144,66 +152,86 @@ class StreamTrack:
             chunk, self._carry = self._carry + chunk, b""
         if not chunk.endswith(b"\n\n"):
             end = chunk.rfind(b"\n\n") + 2
-            chunk, self._carry = chunk[:end], chunk[end:]
-            if not chunk:
+            if end < 2:  # not one whole event yet
+                self._carry = chunk
                 return b""
-        events = chunk.split(b"\n\n")
-        events.pop()  # the empty tail after the last "\n\n"
+            chunk, self._carry = chunk[:end], chunk[end:]
+        if chunk.find(b"\n\n") == len(chunk) - 2:  # one event: the usual chunk
+            event = self._event(chunk)
+            return b"" if event is None else event
         out = []
-        changed = False
-        for event in events:
-            keep = self._event(event)
-            if keep is None:
-                changed = True
-                if self.error is not None:
-                    break
-                continue
-            if keep is not event:
-                changed = True
-            out.append(keep)
-        if not changed:
-            return chunk
-        return b"".join(e + b"\n\n" for e in out)
+        for event in chunk[:-2].split(b"\n\n"):
+            kept = self._event(event + b"\n\n")
+            if kept is not None:
+                out.append(kept)
+            elif self.error is not None:
+                break
+        return b"".join(out)
 
     def _event(self, event: bytes) -> bytes | None:
-        """One event as relayed; None to drop it."""
-        if event == _DONE:
-            self.done = True
+        """One event, with its blank line, as relayed; None to drop it."""
+        at = event.find(_IDS)
+        if at < 0:
+            if event == _DONE:
+                self.done = True
+            elif event.startswith(_ERROR):
+                self.error = event
+                return None
+            elif self.head_event is None and event.startswith(b"data: {"):
+                self.head_event = event
+            if b'"finish_reason":"' in event:
+                self.finished = True
             return event
-        if event.startswith(_ERROR):
-            self.error = event
-            return None
-        if self.head is None and event.startswith(b"data: {"):
-            self.head = pydantic_core.from_json(event[6:])
-        count = 0
-        keep = self.plan.keep_ids
-        stripped = False
-        for match in _IDS.finditer(event):
-            if match.group(1):
-                self.prompt_ids = match.group(2)
-            else:
-                ids = match.group(2)
-                self.generated.append(ids)
-                count += ids.count(b",") + 1 if ids else 0
-            stripped = True
-        if stripped and not keep:
-            event = _IDS.sub(rb'"\1token_ids":null', event)
-        if b'"finish_reason":"' in event:
+        if self.head_event is None:
+            self.head_event = event
+        ids = b""
+        counted = False
+        while at >= 0:  # the event's ids: the prompt's (first event) and the answer's
+            start = at + 12  # len(_IDS)
+            stop = event.find(b"]", start)
+            if stop < 0:
+                break
+            if event[at - 1] == 34:  # '"': the answer's
+                ids, counted, cut, null = event[start:stop], True, at - 1, _NULL
+            elif event.startswith(_PROMPT, at - 8):
+                self.prompt_ids, cut, null = event[start:stop], at - 8, _PROMPT_NULL
+            else:  # some other key ending in token_ids
+                at = event.find(_IDS, stop)
+                continue
+            if not self._keep:
+                event = b"".join((event[:cut], null, event[stop + 1:]))
+                stop = cut + len(null)
+            at = event.find(_IDS, stop)
+        if not counted:
+            if b'"finish_reason":"' in event:
+                self.finished = True
+            return event
+        self.generated.append(ids)
+        # One search each for: the text (empty or not), the finish, reasoning.
+        text = event.find(self._text_key)
+        if text < 0 or event[text + len(self._text_key)] == 34:  # no text, or ""
+            if text < 0 and not self._keep and b'"delta":{}' in event \
+                    and b'"finish_reason":null' in event:
+                # Sent only because of return_token_ids: the client would not have had it.
+                return None
+        else:
+            self._since_text = len(self.generated)
+            self.multi = b"," in ids
+        if event.find(b'"finish_reason":"', max(text, 0)) >= 0:
             self.finished = True
-        if count:
-            if any(e in event for e in _EMPTY):
-                self.pending += count
-            else:
-                self.pending, self.multi = 0, count > 1
-        if any(u in event for u in _UNPARSED):
+        if self.plan.chat and b'"reasoning' in event:
             self.unparsed = True
-        if self.texts is not None and count:
+        if self.texts is not None:
             self.texts.append(_text_of(event))
-        if not keep and _EMPTY_DELTA in event and b'"finish_reason":null' in event \
-                and b'"usage":{' not in event:
-            # Sent only because of return_token_ids: the client would not have had it.
-            return None
         return event
+
+    @property
+    def head(self) -> dict[str, Any] | None:
+        """The first event, parsed (only when the stream is continued)."""
+        if self.head_event is None:
+            return None
+        head = pydantic_core.from_json(self.head_event[6:])
+        return head if isinstance(head, dict) else None
 
     def generated_ids(self) -> list[int]:
         return parse_ids(b",".join(g for g in self.generated if g))

@@ -296,7 +296,7 @@ class Proxy:
             answer = Answer.from_track(track) if track is not None else None
             if answer is None:
                 if track is not None and track.error is not None:
-                    yield track.error + b"\n\ndata: [DONE]\n\n"  # the engine's own, as today
+                    yield track.error + b"data: [DONE]\n\n"  # the engine's own, as today
                 else:
                     yield sse_error_event(f"The worker serving this stream failed: {exc!r}")
                 return

@@ -42,10 +42,11 @@ class Answer:
     @classmethod
     def from_track(cls, track: StreamTrack) -> Answer | None:
         """None when the stream cannot be continued from what it relayed."""
-        if track.head is None or track.prompt_ids is None or track.done or track.unparsed:
+        head = track.head
+        if head is None or track.prompt_ids is None or track.done or track.unparsed:
             return None
         generated = track.generated_ids()
-        return cls(plan=track.plan, head=track.head,
+        return cls(plan=track.plan, head=head,
                    prompt_ids=[int(x) for x in track.prompt_ids.split(b",") if x.strip()],
                    generated=generated, pending=track.pending, multi=track.multi,
                    finished=track.finished, texts=track.texts,
