@@ -210,6 +210,36 @@ def busiest(streams: list[Stream]) -> str:
     return max(counts, key=lambda w: counts[w])
 
 
+def test_a_continuation_from_token_ids_joins_its_text_at_a_character_boundary(
+        fleet: FleetUp) -> None:
+    """What the seam relies on: a completion from token ids that end on a whole character
+    streams text that joins the prefix's as one decode of all the ids would. (Cut inside a
+    character, vLLM's detokenizer does not: the gateway never cuts there.)"""
+    url = next(w["engine_url"] for w in fleet.workers()).rstrip("/")
+    text = "Le café est très bon, où êtes-vous? 日本語のテキスト 😀 ok"
+    ids = httpx.post(f"{url}/tokenize", timeout=30, json={
+        "model": MODEL_NAME, "prompt": text, "add_special_tokens": False}).json()["tokens"]
+
+    def decode(tokens: list[int]) -> str:
+        return httpx.post(f"{url}/detokenize", timeout=30,
+                          json={"model": MODEL_NAME, "tokens": tokens}).json()["prompt"]
+
+    clean = [k for k in range(3, len(ids)) if not decode(ids[:k]).endswith("\ufffd")]
+    assert len(clean) < len(ids) - 3, "the text has no character split across tokens"
+    for k in clean[-8:]:
+        streamed, generated = "", []
+        with httpx.stream("POST", f"{url}/v1/completions", timeout=60, json={
+                "model": MODEL_NAME, "prompt": ids[:k], "max_tokens": 6, "temperature": 0,
+                "stream": True, "return_token_ids": True}) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    choice = json.loads(line[6:])["choices"][0]
+                    streamed += choice["text"]
+                    generated += choice["token_ids"] or []
+        prefix = decode(ids[:k])
+        assert prefix + streamed == decode(ids[:k] + generated), k
+
+
 def test_a_stalled_engine_moves_its_streams_to_the_other_worker(fleet: FleetUp) -> None:
     requests = [body(i) for i in range(4)]
     reference = run_all(fleet, requests)
@@ -295,32 +325,3 @@ def test_streams_on_a_killed_worker_complete_with_the_text_they_would_have_had(
         assert stream.usage() == ref.usage()
     assert continuations(fleet, "broke") - before >= 1
 
-
-def test_a_continuation_from_token_ids_joins_its_text_at_a_character_boundary(
-        fleet: FleetUp) -> None:
-    """What the seam relies on: a completion from token ids that end on a whole character
-    streams text that joins the prefix's as one decode of all the ids would. (Cut inside a
-    character, vLLM's detokenizer does not: the gateway never cuts there.)"""
-    url = next(w["engine_url"] for w in fleet.workers()).rstrip("/")
-    text = "Le café est très bon, où êtes-vous? 日本語のテキスト 😀 ok"
-    ids = httpx.post(f"{url}/tokenize", timeout=30, json={
-        "model": MODEL_NAME, "prompt": text, "add_special_tokens": False}).json()["tokens"]
-
-    def decode(tokens: list[int]) -> str:
-        return httpx.post(f"{url}/detokenize", timeout=30,
-                          json={"model": MODEL_NAME, "tokens": tokens}).json()["prompt"]
-
-    clean = [k for k in range(3, len(ids)) if not decode(ids[:k]).endswith("\ufffd")]
-    assert len(clean) < len(ids) - 3, "the text has no character split across tokens"
-    for k in clean[-8:]:
-        streamed, generated = "", []
-        with httpx.stream("POST", f"{url}/v1/completions", timeout=60, json={
-                "model": MODEL_NAME, "prompt": ids[:k], "max_tokens": 6, "temperature": 0,
-                "stream": True, "return_token_ids": True}) as response:
-            for line in response.iter_lines():
-                if line.startswith("data: {"):
-                    choice = json.loads(line[6:])["choices"][0]
-                    streamed += choice["text"]
-                    generated += choice["token_ids"] or []
-        prefix = decode(ids[:k])
-        assert prefix + streamed == decode(ids[:k] + generated), k
