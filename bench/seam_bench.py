@@ -108,6 +108,8 @@ def main() -> None:
     p.add_argument("--devices", default="cpus=0,cpus=1")
     p.add_argument("--worker-args", default="--enforce-eager --max-model-len 2048")
     p.add_argument("--gateway-args", default="", help="e.g. '--stall-timeout 5'")
+    p.add_argument("--sequential-start", action="store_true",
+                   help="start each worker once the one before is ready (workers sharing a GPU)")
     p.add_argument("--streams", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--kill-after", type=int, default=32, help="chunks every stream has first")
@@ -140,6 +142,8 @@ def main() -> None:
         stack.start_controller()
         for name, device in zip(names, devices, strict=True):
             start_worker(stack, name, device, args)
+            if args.sequential_start:
+                stack.wait_worker_state(name, "ready", timeout=900)
         for name in names:
             stack.wait_worker_state(name, "ready", timeout=900)
         stack.start_gateway(extra=shlex.split(args.gateway_args))
