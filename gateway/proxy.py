@@ -97,8 +97,10 @@ class Proxy:
         self._retry_backoff = retry_backoff
         self._rng = rng or random.Random()
         self._endpoints: dict[tuple[object, str], Endpoint] = {}
+        # A stall is no longer than the read timeout: that still bounds any silence.
+        self._stall_timeout = min(stall_timeout, engines.read_timeout)
         self.resumer = Resumer(table, metrics, self._send_to, max_continuations=max_continuations,
-                               stall_timeout=stall_timeout, error_event=sse_error_event)
+                               stall_timeout=self._stall_timeout, error_event=sse_error_event)
 
     async def _backoff(self, attempt: int) -> None:
         # Exponential with jitter, so retries of a burst do not arrive in lockstep.
@@ -268,7 +270,7 @@ class Proxy:
                     if request.on_answer is not None:
                         request.on_answer(chunk, lease.worker_id)
                     if track is not None:  # running now: silence is a stall
-                        upstream.set_read_timeout(self.resumer.stall_timeout)
+                        upstream.set_read_timeout(self._stall_timeout)
                 if track is not None:
                     chunk = track.feed(chunk)
                     if track.error is not None:
