@@ -121,7 +121,7 @@ class StreamTrack:
     the first event, and for the relayed text when the request has stop strings)."""
 
     __slots__ = ("plan", "prompt_ids", "generated", "_since_text", "multi", "head_event",
-                 "finished", "done", "error", "unparsed", "texts", "_carry", "_keep",
+                 "finished", "usage_sent", "done", "error", "unparsed", "texts", "_carry", "_keep",
                  "_text_key")
 
     def __init__(self, plan: ResumePlan) -> None:
@@ -132,6 +132,7 @@ class StreamTrack:
         self.multi = False  # the last event with text had several tokens
         self.head_event: bytes | None = None  # the first event: its id, created, model, object
         self.finished = False  # a finish_reason came
+        self.usage_sent = False  # and after it the engine's usage chunk
         self.done = False  # [DONE] came
         self.error: bytes | None = None  # an error event from the engine
         self.unparsed = False  # reasoning: not continued as plain text (tools are not planned)
@@ -181,6 +182,8 @@ class StreamTrack:
                 self.head_event = event
             if b'"finish_reason":"' in event:
                 self.finished = True
+            elif self.finished and b'"usage":{' in event:
+                self.usage_sent = True
             return event
         if self.head_event is None:
             self.head_event = event

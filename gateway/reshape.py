@@ -38,6 +38,7 @@ class Answer:
     texts: list[str] | None = None  # relayed text, kept when stop strings are set
     completion_tokens: int = 0  # counted in usage: what the engines generated and we kept
     continuations: int = 0
+    usage_sent: bool = False  # the engine's own usage chunk got through
 
     @classmethod
     def from_track(cls, track: StreamTrack) -> Answer | None:
@@ -50,7 +51,7 @@ class Answer:
                    prompt_ids=[int(x) for x in track.prompt_ids.split(b",") if x.strip()],
                    generated=generated, pending=track.pending, multi=track.multi,
                    finished=track.finished, texts=track.texts,
-                   completion_tokens=len(generated))
+                   completion_tokens=len(generated), usage_sent=track.usage_sent)
 
     @property
     def needs_text(self) -> bool:
@@ -202,7 +203,7 @@ class Reshaper:
     def end(self) -> bytes:
         """What ends the client's stream: the usage chunk if it asked for one, and [DONE]."""
         tail = b""
-        if self.answer.plan.include_usage:
+        if self.answer.plan.include_usage and not self.answer.usage_sent:
             event: dict[str, Any] = {**self._base, "choices": [],
                                      "usage": self.answer.usage()}
             tail = b"data: " + pydantic_core.to_json(event) + b"\n\n"

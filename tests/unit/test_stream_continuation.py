@@ -177,6 +177,18 @@ def test_an_engine_error_event_is_kept_back_with_what_follows() -> None:
     assert not track.done
 
 
+def test_a_stream_cut_after_its_finish_and_usage_gets_only_its_done() -> None:
+    from gateway.reshape import finish_only
+
+    track = StreamTrack(_plan(stream_options={"include_usage": True}))
+    track.feed(chat_event("", None, role=True, prompt=[1, 2, 3]))
+    track.feed(chat_event("Hi", [10], finish="stop"))
+    track.feed(usage_event(3, 1, id_="chatcmpl-1"))
+    answer = Answer.from_track(track)
+    assert answer is not None and answer.finished
+    assert finish_only(answer, "stop") == b"data: [DONE]\n\n"
+
+
 def test_tool_calls_or_reasoning_in_the_stream_make_it_not_continuable() -> None:
     track = StreamTrack(_plan())
     track.feed(chat_event("", None, role=True, prompt=[1]))
