@@ -45,7 +45,9 @@ def _stream(model: str, chunks: int, token_ids: bool = False) -> list[bytes]:
                                     "created": 0, "model": model, "choices": [choice]}
         if token_ids and i == 0:
             event["prompt_token_ids"] = list(range(100, 124))
-        frames.append(_frame(b"data: " + json.dumps(event).encode() + b"\n\n"))
+        # Compact, as vLLM writes its chunks (pydantic's model_dump_json).
+        frames.append(_frame(b"data: " + json.dumps(event, separators=(",", ":")).encode()
+                             + b"\n\n"))
     frames.append(_frame(b"data: [DONE]\n\n") + b"0\r\n\r\n")
     frames[0] = _HEAD + frames[0]
     return frames
