@@ -39,12 +39,11 @@ def _stream(model: str, chunks: int, token_ids: bool = False) -> list[bytes]:
         choice: dict[str, object] = {"index": 0, "delta": {"content": f" word{i}"},
                                      "logprobs": None,
                                      "finish_reason": "stop" if i == chunks - 1 else None}
-        if token_ids:
-            choice["token_ids"] = [1000 + i]
+        choice["token_ids"] = [1000 + i] if token_ids else None  # vLLM writes null without
         event: dict[str, object] = {"id": "fake-1", "object": "chat.completion.chunk",
                                     "created": 0, "model": model, "choices": [choice]}
-        if token_ids and i == 0:
-            event["prompt_token_ids"] = list(range(100, 124))
+        if i == 0:
+            event["prompt_token_ids"] = list(range(100, 124)) if token_ids else None
         # Compact, as vLLM writes its chunks (pydantic's model_dump_json).
         frames.append(_frame(b"data: " + json.dumps(event, separators=(",", ":")).encode()
                              + b"\n\n"))
