@@ -215,20 +215,22 @@ def test_a_continuation_from_token_ids_joins_its_text_at_a_character_boundary(
     """What the seam relies on: a completion from token ids that end on a whole character
     streams text that joins the prefix's as one decode of all the ids would. (Cut inside a
     character, vLLM's detokenizer does not: the gateway never cuts there.)"""
-    url = next(w["engine_url"] for w in fleet.workers()).rstrip("/")
+    worker = fleet.workers()[0]
+    url = worker["engine_url"].rstrip("/")
+    auth = {"Authorization": f"Bearer {worker['engine_api_key']}"}
     text = "Le café est très bon, où êtes-vous? 日本語のテキスト 😀 ok"
-    ids = httpx.post(f"{url}/tokenize", timeout=30, json={
+    ids = httpx.post(f"{url}/tokenize", timeout=30, headers=auth, json={
         "model": MODEL_NAME, "prompt": text, "add_special_tokens": False}).json()["tokens"]
 
     def decode(tokens: list[int]) -> str:
-        return httpx.post(f"{url}/detokenize", timeout=30,
+        return httpx.post(f"{url}/detokenize", timeout=30, headers=auth,
                           json={"model": MODEL_NAME, "tokens": tokens}).json()["prompt"]
 
     clean = [k for k in range(3, len(ids)) if not decode(ids[:k]).endswith("\ufffd")]
     assert len(clean) < len(ids) - 3, "the text has no character split across tokens"
     for k in clean[-8:]:
         streamed, generated = "", []
-        with httpx.stream("POST", f"{url}/v1/completions", timeout=60, json={
+        with httpx.stream("POST", f"{url}/v1/completions", timeout=60, headers=auth, json={
                 "model": MODEL_NAME, "prompt": ids[:k], "max_tokens": 6, "temperature": 0,
                 "stream": True, "return_token_ids": True}) as response:
             for line in response.iter_lines():
