@@ -238,8 +238,10 @@ def test_a_continuation_from_token_ids_joins_its_text_at_a_character_boundary(
                     choice = json.loads(line[6:])["choices"][0]
                     streamed += choice["text"]
                     generated += choice["token_ids"] or []
-        prefix = decode(ids[:k])
-        assert prefix + streamed == decode(ids[:k] + generated), k
+        # The whole decode may end in an unfinished character or a special token the stream
+        # does not show; what was streamed must join the prefix with nothing lost or repeated.
+        joined, whole = decode(ids[:k]) + streamed, decode(ids[:k] + generated)
+        assert whole.startswith(joined) and len(whole) - len(joined) <= 16, (k, joined, whole)
 
 
 def test_a_stalled_engine_moves_its_streams_to_the_other_worker(fleet: FleetUp) -> None:
