@@ -45,8 +45,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterato
         up.start_and_wait(timeout=600)
         yield up
     finally:
-        for process in engines(up).values():  # nothing left stopped
-            with contextlib.suppress(psutil.Error):
+        with contextlib.suppress(Exception):  # nothing left stopped
+            for process in engines(up).values():
                 process.send_signal(signal.SIGCONT)
         up.stop()
 
