@@ -51,25 +51,34 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterato
         up.stop()
 
 
+def _module(proc: psutil.Process) -> str:
+    argv = proc.cmdline()
+    return argv[argv.index("-m") + 1] if "-m" in argv else ""
+
+
 def engines(fleet: FleetUp) -> dict[str, psutil.Process]:
-    """Each worker's engine (its API server, the worker's child), by worker id."""
+    """Each worker's engine API server (under the worker's engine guard), by worker id."""
     found = {}
     procs = psutil.Process(fleet.proc.pid).children(recursive=True) if fleet.proc else []
     for worker in fleet.workers():
         port = str(httpx.URL(worker["engine_url"]).port)
         for proc in procs:
             with contextlib.suppress(psutil.Error):
-                argv = proc.cmdline()
                 parent = proc.parent()
-                if ("vllm.entrypoints.openai.api_server" in argv and port in argv
-                        and parent is not None and "worker" in parent.cmdline()):
+                if (_module(proc) == "vllm.entrypoints.openai.api_server"
+                        and port in proc.cmdline() and parent is not None
+                        and _module(parent) != _module(proc)):
                     found[worker["worker_id"]] = proc
     return found
 
 
 def worker_process(fleet: FleetUp, worker_id: str) -> psutil.Process:
-    engine = engines(fleet)[worker_id]
-    return engine.parent()
+    process = engines(fleet)[worker_id]
+    while _module(process) != "worker":
+        parent = process.parent()
+        assert parent is not None
+        process = parent
+    return process
 
 
 def engine_url(fleet: FleetUp, worker_id: str) -> str:
