@@ -135,7 +135,7 @@ class StreamTrack:
         self.usage_sent = False  # and after it the engine's usage chunk
         self.done = False  # [DONE] came
         self.error: bytes | None = None  # an error event from the engine
-        self.unparsed = False  # reasoning: not continued as plain text (tools are not planned)
+        self.unparsed = False  # in the middle of reasoning: not continued as plain text
         self.texts: list[str] | None = [] if plan.stops else None  # relayed text, for stops
         self._carry = b""
         self._keep = plan.keep_ids
@@ -213,17 +213,20 @@ class StreamTrack:
         # One search each for: the text (empty or not), the finish, reasoning.
         text = event.find(self._text_key)
         if text < 0 or event[text + len(self._text_key)] == 34:  # no text, or ""
-            if text < 0 and not self._keep and b'"delta":{}' in event \
-                    and b'"finish_reason":null' in event:
-                # Sent only because of return_token_ids: the client would not have had it.
-                return None
+            if text < 0:
+                if not self._keep and b'"delta":{}' in event \
+                        and b'"finish_reason":null' in event:
+                    # Sent only because of return_token_ids: the client would not have had it.
+                    return None
+                # A delta of reasoning (or a tool call): in the middle of it, the rest cannot
+                # be continued as plain text. Once content comes, it can again.
+                self.unparsed = b'"reasoning' in event or b'"tool_calls"' in event
         else:
             self._since_text = len(self.generated)
             self.multi = b"," in ids
+            self.unparsed = False
         if event.find(b'"finish_reason":"', max(text, 0)) >= 0:
             self.finished = True
-        if self.plan.chat and b'"reasoning' in event:
-            self.unparsed = True
         if self.texts is not None:
             self.texts.append(_text_of(event))
         return event

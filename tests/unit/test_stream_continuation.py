@@ -195,6 +195,8 @@ def test_tool_calls_or_reasoning_in_the_stream_make_it_not_continuable() -> None
     track.feed(b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m",'
                b'"choices":[{"index":0,"delta":{"reasoning":"hm"},"token_ids":[4]}]}\n\n')
     assert track.unparsed and Answer.from_track(track) is None
+    track.feed(chat_event("The answer", [5]))  # past the reasoning: plain text again
+    assert not track.unparsed and Answer.from_track(track) is not None
 
 
 # --- the continuation: its request, its re-shaped chunks, its count ---
