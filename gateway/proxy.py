@@ -1,8 +1,11 @@
 """Relaying one request to an engine: pick a worker, retry before the first byte, stream bytes.
 
 The client's body goes upstream as it came, and the engine's bytes come back as they arrive:
-no per-token parsing on the streaming path. Only the last few KiB of a stream are kept, to read
-the usage event if the client asked for one.
+no per-token JSON on the streaming path. Only the last few KiB of a stream are kept, to read
+the usage event if the client asked for one. A stream that another worker can continue
+(gateway/continuation.py) asks its engine for token ids and passes each chunk through a
+`StreamTrack` (a few substring searches); if its worker fails mid-answer, gateway/resume.py
+finishes it elsewhere.
 
 Each attempt holds its worker through a routing-table `Lease`, settled once with the attempt's
 `Outcome` wherever it ends; a stream's lease goes with its relay, and is settled when the relay
