@@ -74,7 +74,7 @@ class GatewayMetrics:
         self.continuations = Counter(
             "fleet_gateway_continuations",
             "Streams continued on another worker after theirs failed mid-answer, by reason "
-            "(broke, error_event, stall)",
+            "(broke, error_event, stall; refused: the continuation before it was refused)",
             ["model", "reason"], registry=self.registry,
         )
         self.registry.register(_TableCollector(table))

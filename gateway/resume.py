@@ -48,6 +48,14 @@ class EngineErrorEvent(EngineBroke):
     """The engine ended its stream with an error event."""
 
 
+class ContinuationRefused(EngineError):
+    """The worker answered the continuation with an error status."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(f"HTTP {status}: {detail}")
+        self.status = status
+
+
 def failure_reason(exc: EngineError) -> str:
     """The `reason` label of a continuation after `exc`."""
     if isinstance(exc, EngineTimeout):
@@ -114,6 +122,13 @@ class Resumer:
                 return
             except EngineConnectError as exc:
                 outcome, reason, failed = Outcome.CONNECT_ERROR, "broke", repr(exc)
+            except ContinuationRefused as exc:
+                # The worker is alive and said no: a failure, not a dead worker.
+                outcome = (Outcome.RETRY_STATUS if exc.status in (502, 503, 504)
+                           else Outcome.ENGINE_ERROR)
+                reason, failed = "refused", repr(exc)
+                logger.warning("continuation refused request_id=%s worker=%s error=%s",
+                               request.request_id, lease.worker_id, failed)
             except EngineError as exc:
                 if watch.gone:
                     return
@@ -141,7 +156,7 @@ class Resumer:
             watch.on_gone(upstream.close)
             if upstream.status != 200:
                 detail = (await upstream.read())[:300].decode(errors="replace")
-                raise EngineBroke(f"HTTP {upstream.status}: {detail}")
+                raise ContinuationRefused(upstream.status, detail)
             lease.answered()
             shaper = Reshaper(answer, kept, held)
             carry = b""

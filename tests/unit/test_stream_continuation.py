@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from controller.protocol import Snapshot, WorkerRecord, WorkerState
 from gateway.asgi import ClientWatch, RelayResponse
+from gateway.breaker import BreakerState
 from gateway.continuation import CHAT, COMPLETIONS, ResumePlan, StreamTrack, plan
 from gateway.engine_client import EngineBroke, EngineClient, EngineTimeout
 from gateway.metrics import GatewayMetrics
@@ -372,9 +373,11 @@ class ScriptedEngines(EngineClient):
     """Each worker answers chat from the prompt and continuations from token ids, and breaks
     after `breaks[worker]` events (None: never)."""
 
-    def __init__(self, breaks: dict[str, int | None], failure: str) -> None:
+    def __init__(self, breaks: dict[str, int | None], failure: str,
+                 refuse: frozenset[str] = frozenset()) -> None:
         super().__init__(connect_timeout=1, read_timeout=1, dead_peer_timeout=1)
         self.breaks = breaks
+        self.refuse = refuse  # workers that answer a continuation with a 400
         self.failure = failure
         self.bodies: list[tuple[str, dict]] = []
         self.responses: list[ScriptedResponse] = []
@@ -388,6 +391,8 @@ class ScriptedEngines(EngineClient):
             text = "".join(TOKENS[t - 10] for t in data["tokens"])
             return ScriptedResponse([json.dumps({"prompt": text}).encode()], None)
         chat = endpoint.target == "/v1/chat/completions"
+        if not chat and wid in self.refuse:
+            return ScriptedResponse([b'{"error":{"message":"no"}}'], None, status=400)
         events = [chat_event("", None, role=True, prompt=[1, 2, 3])] if chat else []
         start = 0 if chat else len(data["prompt"]) - 3
         stop = data.get("stop") or []
@@ -415,11 +420,12 @@ class ScriptedEngines(EngineClient):
 
 def _run(breaks: dict[str, int | None], failure: str, max_continuations: int = 2,
          body: dict | None = None, leave_after: int | None = None,
+         refuse: frozenset[str] = frozenset(),
          ) -> tuple[bytes, RoutingTable, ScriptedEngines, RoutedRequest]:
     table = RoutingTable(First())
     table.update(Snapshot(generation=1, heartbeat_interval=2, expiry=6, models=["m"],
                           workers=[_worker(w) for w in breaks]))
-    engines = ScriptedEngines(breaks, failure)
+    engines = ScriptedEngines(breaks, failure, refuse)
     proxy = Proxy(engines, table, GatewayMetrics(table), max_attempts=1,
                   max_continuations=max_continuations)
     data = body or {**CHAT_BODY, "max_tokens": 100}
@@ -478,6 +484,13 @@ def test_continuations_are_bounded() -> None:
     out, table, engines, _ = _run({"a": 3, "b": 1, "c": 1}, "broke", max_continuations=1)
     assert "error" in _events(out)[-1] and table.inflight == {}
     assert sum(1 for _, d in engines.bodies if "prompt" in d) == 1
+
+
+def test_a_worker_that_refuses_a_continuation_is_not_taken_for_dead() -> None:
+    out, table, _, _ = _run({"a": 3, "b": None, "c": None}, "broke", refuse=frozenset("b"))
+    assert _text(out) == "".join(TOKENS)  # b said no; c continued it
+    assert table.breakers.states().get("b", BreakerState.CLOSED) is BreakerState.CLOSED
+    assert table.inflight == {}
 
 
 def test_max_tokens_holds_across_the_seam() -> None:
