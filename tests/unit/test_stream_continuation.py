@@ -572,3 +572,37 @@ def test_a_continuable_stream_asks_the_engine_for_token_ids(
     assert sent.get("return_token_ids", False) is continued
     if continued:
         assert routed.resume is not None and routed.resume.include_usage
+
+
+# --- the README's list of what is not continued exactly, case by case ---
+
+def test_a_stream_that_may_not_be_continued_ends_with_the_error_event_as_before() -> None:
+    out, table, engines, routed = _run({"a": 3, "b": None}, "broke",
+                                       body={**CHAT_BODY, "max_tokens": 100, "n": 2})
+    assert routed.resume is None and "error" in _events(out)[-1]
+    assert not any("prompt" in d for _, d in engines.bodies)
+    assert table.inflight == {}
+
+
+def test_penalties_are_carried_over_and_restart_at_the_seam() -> None:
+    answer = _answer(_plan(presence_penalty=0.5, frequency_penalty=0.2,
+                           repetition_penalty=1.1), [10])
+    body = pydantic_core.from_json(continuation_body(answer, "m", 1))
+    assert (body["presence_penalty"], body["frequency_penalty"],
+            body["repetition_penalty"]) == (0.5, 0.2, 1.1)
+
+
+def test_continuous_usage_is_the_whole_answers_in_every_continued_chunk() -> None:
+    answer = _answer(_plan(stream_options={"include_usage": True,
+                                           "continuous_usage_stats": True}), [10, 11])
+    shaper = Reshaper(answer, 2, "")
+    out = shaper.feed(pydantic_core.from_json(completion_event(" c", [12])[6:]))
+    assert _events(out)[0]["usage"] == {"prompt_tokens": 3, "completion_tokens": 3,
+                                        "total_tokens": 6}
+
+
+def test_token_ids_the_client_asked_for_continue_in_its_chunks() -> None:
+    answer = _answer(_plan(return_token_ids=True), [10])
+    shaper = Reshaper(answer, 1, "")
+    out = shaper.feed(pydantic_core.from_json(completion_event(" b", [11])[6:]))
+    assert _events(out)[0]["choices"][0]["token_ids"] == [11]
