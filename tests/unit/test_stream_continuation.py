@@ -307,6 +307,7 @@ class ScriptedResponse:
         self._chunks = list(chunks)
         self._fail = fail
         self.closed = self.released = False
+        self.read_timeout: float | None = None
 
     async def read_chunk(self) -> bytes:
         await asyncio.sleep(0)
@@ -325,7 +326,7 @@ class ScriptedResponse:
         return b"".join(parts)
 
     def set_read_timeout(self, seconds: float) -> None:
-        pass
+        self.read_timeout = seconds
 
     def release(self) -> None:
         self.released = True
@@ -471,6 +472,9 @@ def test_a_stream_whose_worker_fails_is_finished_by_another(failure: str) -> Non
     continuation = next(d for w, d in engines.bodies if d.get("prompt"))
     assert continuation["prompt"][:3] == [1, 2, 3]
     assert routed.tried == {"a", "b"}
+    # Once each stream began, silence longer than the stall timeout (capped by the read
+    # timeout, 1 s here) ends it.
+    assert [r.read_timeout for r in engines.responses] == [1.0, 1.0]
 
 
 def test_a_stream_that_cannot_be_continued_ends_with_the_error_event_as_before() -> None:
