@@ -82,7 +82,8 @@ def worker_process(fleet: FleetUp, worker_id: str) -> psutil.Process:
 
 
 def engine_url(fleet: FleetUp, worker_id: str) -> str:
-    return next(w["engine_url"] for w in fleet.workers() if w["worker_id"] == worker_id)
+    url = next(w["engine_url"] for w in fleet.workers() if w["worker_id"] == worker_id)
+    return str(url).rstrip("/")
 
 
 def both_routable(fleet: FleetUp) -> None:
