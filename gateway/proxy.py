@@ -21,7 +21,7 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pydantic_core
 from starlette.responses import Response
@@ -50,6 +50,9 @@ from gateway.reshape import Answer
 from gateway.resume import EngineErrorEvent, Resumer, failure_reason
 from gateway.routed_request import RoutedRequest
 from gateway.routing_table import Lease, Outcome, RoutingTable
+
+if TYPE_CHECKING:
+    from gateway.tracing import RequestTrace
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +143,8 @@ class Proxy:
                     raise
                 break
             tried.add(lease.worker_id)
+            if request.trace is not None:
+                request.trace.attempt(lease, attempt + 1)
             logger.debug("route request_id=%s model=%s policy=%s worker=%s attempt=%d reason=%s",
                          request.request_id, model, request.policy, lease.worker_id, attempt + 1,
                          lease.reason)
@@ -152,6 +157,8 @@ class Proxy:
                 raise
             if isinstance(response, str):
                 last_error = response
+                if request.trace is not None:
+                    request.trace.retry(response)
                 continue
             return response
         raise ServiceUnavailableError(
@@ -235,14 +242,18 @@ class Proxy:
 
     async def _send(self, worker: WorkerRecord, request: RoutedRequest) -> EngineResponse:
         return await self._send_to(worker, request.path, request.upstream_body,
-                                   request.request_id, request.method, request.content_type)
+                                   request.request_id, request.method, request.content_type,
+                                   request.trace)
 
     async def _send_to(self, worker: WorkerRecord, path: str, body: RequestBody,
                        request_id: str, method: str = "POST",
-                       content_type: str = "application/json") -> EngineResponse:
+                       content_type: str = "application/json",
+                       trace: RequestTrace | None = None) -> EngineResponse:
         headers = {"Content-Type": content_type, "X-Request-Id": request_id}
         if worker.engine_api_key:
             headers["Authorization"] = f"Bearer {worker.engine_api_key}"
+        if trace is not None:
+            trace.inject(headers)
         endpoint = self._endpoints.get((worker.engine_url, path))
         if endpoint is None:  # parsed once per engine and path, not per request
             if len(self._endpoints) > 4096:  # engines come and go on new ports

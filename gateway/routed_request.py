@@ -12,12 +12,15 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.auth import ANONYMOUS, Caller
 from gateway.continuation import ResumePlan
 from gateway.limits import KeySlot
 from gateway.routing import RouteRequest
+
+if TYPE_CHECKING:
+    from gateway.tracing import RequestTrace
 
 # Told the usage of a response when it ends: None when it had none (a stream cut off).
 UsageHook = Callable[[dict[str, Any] | None], None]
@@ -46,6 +49,7 @@ class RoutedRequest:
     slot: KeySlot | None = None  # its key's place in flight, for a key with a concurrency limit
     settled: bool = False
     resume: ResumePlan | None = None  # a stream that another worker can continue, and how
+    trace: RequestTrace | None = None  # its spans, while tracing is on (gateway/tracing.py)
 
     @property
     def upstream_body(self) -> bytes | AsyncIterable[bytes]:
