@@ -3,9 +3,10 @@
 A streaming chat or completion goes to its engine with `"return_token_ids": true`. Its relay
 (gateway/proxy.py) feeds every chunk through a `StreamTrack`, which keeps the prompt's and the
 answer's token ids as the engine's bytes (no JSON per token: a few substring searches per
-event, about 2 µs) and gives back the bytes to relay: whole SSE events, with the token ids the client did not ask
-for put back to `null`, as the engine sends them without `return_token_ids`. When the worker
-fails mid-answer, gateway/resume.py sends the rest to another worker from those ids.
+event, about 2 µs) and gives back the bytes to relay: whole SSE events, with the token ids
+the client did not ask for put back to `null`, as the engine sends them without
+`return_token_ids`. When the worker fails mid-answer, gateway/resume.py sends the rest to
+another worker from those ids.
 
 `plan` decides, once per request, whether a stream can be continued exactly, and if not, why
 (the README lists each case and what happens instead).
