@@ -217,6 +217,13 @@ class EngineConnection(asyncio.Protocol):
             self.transport.resume_reading()
         return chunk
 
+    def set_read_timeout(self, seconds: float) -> None:
+        """From now on, fail after `seconds` of silence (a stream, once it has begun)."""
+        self._read_timeout = seconds
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = self._loop.call_later(seconds, self._check_silence)
+
     @property
     def reusable(self) -> bool:
         return (self.alive and self._complete and self._keep_alive and self._body_sent

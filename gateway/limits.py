@@ -254,8 +254,11 @@ def ask_for_usage(body: bytes) -> bytes:
     Only for streams of keys with a tokens limit that did not ask for usage themselves: the
     client then gets one more chunk, with `usage` and empty `choices`, before `[DONE]`.
     """
-    data = pydantic_core.from_json(body)
+    return pydantic_core.to_json(with_usage(pydantic_core.from_json(body)))
+
+
+def with_usage(data: dict[str, Any]) -> dict[str, Any]:
+    """`ask_for_usage` on a parsed body."""
     options = data.get("stream_options")
-    data["stream_options"] = {**(options if isinstance(options, dict) else {}),
-                              "include_usage": True}
-    return pydantic_core.to_json(data)
+    return {**data, "stream_options": {**(options if isinstance(options, dict) else {}),
+                                       "include_usage": True}}

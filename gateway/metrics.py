@@ -77,6 +77,12 @@ class GatewayMetrics:
             "fleet_gateway_retries", "Requests sent again to another worker, by reason",
             ["model", "reason"], registry=self.registry,
         )
+        self.continuations = Counter(
+            "fleet_gateway_continuations",
+            "Streams continued on another worker after theirs failed mid-answer, by reason "
+            "(broke, error_event, stall; refused: the continuation before it was refused)",
+            ["model", "reason"], registry=self.registry,
+        )
         self.registry.register(_TableCollector(table))
 
     def observe_latency(self, model: str, seconds: float) -> None:
