@@ -135,8 +135,8 @@ class Pipeline:
         except BaseException as exc:
             routed.settle()
             if isinstance(exc, FleetError):
-                self._metrics.requests.labels(routed.model, str(exc.status_code),
-                                              routed.policy, routed.endpoint).inc()
+                self._metrics.count_request(routed.model, exc.status_code, routed.policy,
+                                            routed.endpoint)
                 exc.headers.setdefault("X-Request-Id", routed.request_id)
                 logger.info("refused request_id=%s key=%s model=%s path=%s status=%d code=%s",
                             routed.request_id, routed.caller.name, routed.model, routed.path,
@@ -146,8 +146,8 @@ class Pipeline:
             response.add_close(routed.settle)  # in flight until the stream's relay is over
         else:
             routed.settle()
-        self._metrics.requests.labels(routed.model, str(response.status_code),
-                                      routed.policy, routed.endpoint).inc()
+        self._metrics.count_request(routed.model, response.status_code, routed.policy,
+                                    routed.endpoint)
         return response
 
     # --- the steps ---
