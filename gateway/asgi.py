@@ -138,6 +138,15 @@ class GenerateRoutes:
         build = app.build_middleware_stack
         app.build_middleware_stack = (  # type: ignore[method-assign]
             lambda: cls(build(), routes, under))
+        app.state.generate_routes = (routes, under)
+
+    @classmethod
+    def ahead_of(cls, app: Starlette, wrapped: ASGIApp) -> GenerateRoutes:
+        """The routes `install`ed on `app`, served ahead of `wrapped` (the app as the server
+        wraps it), so they skip the app's own `__call__` and the server's middleware too.
+        They read neither the client's address nor the scheme, which that middleware sets."""
+        routes, under = app.state.generate_routes
+        return cls(wrapped, routes, under)
 
     def _handler(self, scope: Scope) -> Handler | None:
         if scope["type"] != "http":
