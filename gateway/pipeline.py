@@ -143,8 +143,8 @@ class Pipeline:
             if trace is not None:
                 trace.end(routed, None, exc)
             if isinstance(exc, FleetError):
-                self._metrics.requests.labels(routed.model, str(exc.status_code),
-                                              routed.policy, routed.endpoint).inc()
+                self._metrics.count_request(routed.model, exc.status_code, routed.policy,
+                                            routed.endpoint)
                 exc.headers.setdefault("X-Request-Id", routed.request_id)
                 logger.info("refused request_id=%s key=%s model=%s path=%s status=%d code=%s",
                             routed.request_id, routed.caller.name, routed.model, routed.path,
@@ -158,8 +158,8 @@ class Pipeline:
             routed.settle()
             if trace is not None:
                 trace.end(routed, response.status_code)
-        self._metrics.requests.labels(routed.model, str(response.status_code),
-                                      routed.policy, routed.endpoint).inc()
+        self._metrics.count_request(routed.model, response.status_code, routed.policy,
+                                    routed.endpoint)
         return response
 
     # --- the steps ---
