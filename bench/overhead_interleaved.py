@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -34,13 +35,19 @@ from gateway.keys import KeyEntry, append_key, hash_key  # noqa: E402
 from tests.integration.harness import free_port  # noqa: E402
 
 
+def _path_with(tree: Path) -> str:
+    # The tree first; what the caller's PYTHONPATH holds after it (the GPU machine's packages
+    # live in /root/site).
+    return os.pathsep.join(p for p in (str(tree), os.environ.get("PYTHONPATH", "")) if p)
+
+
 def _start_fleet(name: str, tree: Path, workdir: Path, controller: str, keys: Path) -> tuple[
         Proc, str]:
     port = free_port()
     proc = Proc(name, [sys.executable, "-m", "gateway", "--port", str(port),
                        "--controller-address", controller, "--keys-file", str(keys),
                        "--routing", "least-load", "--log-level", "warning"],
-                "1", workdir, env={"PYTHONPATH": str(tree)}, cwd=tree)
+                "1", workdir, env={"PYTHONPATH": _path_with(tree)}, cwd=tree)
     url = f"http://127.0.0.1:{port}"
     auth = {"Authorization": f"Bearer {KEY}"}
     proc.wait_http(f"{url}/v1/models", 60, auth)
