@@ -29,7 +29,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.overhead_bench import KEY, MODEL, ROOT, Proc, _run_load, _start_proxy  # noqa: E402
+from bench.overhead_bench import KEY, MODEL, ROOT, Proc, _start_proxy, run_load  # noqa: E402
 from bench.peers import PEERS  # noqa: E402
 from gateway.keys import KeyEntry, append_key, hash_key  # noqa: E402
 from tests.integration.harness import free_port  # noqa: E402
@@ -88,13 +88,13 @@ def run(args: argparse.Namespace) -> Path:
                                                   controller)
         names = list(proxies)
         for name in names:
-            _run_load(proxies[name][1], args, rate=0, duration=1, concurrency=16)  # warm-up
+            run_load(proxies[name][1], args, rate=0, duration=1, concurrency=16)  # warm-up
         for rate in [float(r) for r in args.rates.split(",")]:
             for _ in range(args.rounds):
                 for name in names + names[::-1]:
                     proc, url = proxies[name]
                     cpu0 = proc.cpu_seconds()
-                    r = _run_load(url, args, rate=rate, duration=args.duration)
+                    r = run_load(url, args, rate=rate, duration=args.duration)
                     served = r["requests"] - r["errors"]
                     r["cpu_ms_per_1k"] = 1e6 * (proc.cpu_seconds() - cpu0) / max(served, 1)
                     results.setdefault(f"{rate:g}", {}).setdefault(name, []).append(r)
