@@ -273,7 +273,8 @@ class Worker:
             logger.info("--kv-events-config given: the worker does not relay KV events")
             return []
         self.kv_index = KvBlockIndex()
-        self._kv_relay = KvEventRelay(f"ipc://{workdir / 'kv-events'}", self.kv_index)
+        endpoint = self.settings.kv_events_endpoint or f"ipc://{workdir / 'kv-events'}"
+        self._kv_relay = KvEventRelay(endpoint, self.kv_index)
         return kv_events_args(self._kv_relay.endpoint)
 
     async def run(self) -> int:
