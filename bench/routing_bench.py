@@ -303,6 +303,18 @@ def block_size(stack: Stack) -> int:
     return 16
 
 
+def kv_events_live(stack: Stack) -> dict[str, int]:
+    """Per worker, the blocks its /kv-cache shows: 0 means the engine's events do not arrive
+    (cache-aware then routes that worker on its own estimate)."""
+    out = {}
+    for worker in stack.workers():
+        url = (worker.get("kv_cache_url") or "").rstrip("/")
+        answer = httpx.get(f"{url}/kv-cache", timeout=10,
+                           headers={"Authorization": f"Bearer {ENGINE_KEY}"}).json() if url else {}
+        out[worker["worker_id"]] = len(answer.get("added", []))
+    return out
+
+
 def start_router(stack: Stack, policy: str, replica: int, args: argparse.Namespace,
                  blocks: int) -> tuple[str, str]:
     """Start one router for `policy`; return its URL and the API key clients use with it."""
@@ -423,6 +435,9 @@ def main() -> None:
         start_workers(stack, args)
         _warm(stack, args)
         blocks = block_size(stack)
+        record["kv_events"] = kv_events_live(stack)
+        print(f"engines' KV block size {blocks}; blocks their workers saw after the warm-up: "
+              f"{record['kv_events']}", flush=True)
         routers: dict[str, Clients] = {}
         for policy in policies:
             started = [start_router(stack, policy, r, args, blocks)
