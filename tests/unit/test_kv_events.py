@@ -144,3 +144,49 @@ def test_a_long_poll_returns_as_soon_as_blocks_arrive() -> None:
         return loop.time() - started
 
     assert asyncio.run(main()) < 5
+
+
+# -- the worker's /kv-cache ----------------------------------------------------------------------
+def worker_app(index: KvBlockIndex | None):  # type: ignore[no-untyped-def]
+    from types import SimpleNamespace
+
+    from fastapi.testclient import TestClient
+
+    from worker.app import WorkerMetrics, create_app
+    from worker.protocol import TokenizerFiles
+
+    worker = SimpleNamespace(engine_api_key="engine-key-0123456789", kv_index=index,
+                             tokenizer_files=TokenizerFiles(tokenizer_json="{}"),
+                             metrics=WorkerMetrics())
+    return TestClient(create_app(worker))  # type: ignore[arg-type]
+
+
+AUTH = {"Authorization": "Bearer engine-key-0123456789"}
+
+
+def test_kv_cache_needs_the_engine_key() -> None:
+    client = worker_app(KvBlockIndex())
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        for path in ("/kv-cache", "/kv-cache/tokenizer"):
+            answer = client.get(path, headers=headers)
+            assert answer.status_code == 401 and answer.json()["error"]["type"] == \
+                "authentication_error"
+    assert client.get("/kv-cache/tokenizer", headers=AUTH).json()["tokenizer_json"] == "{}"
+
+
+def test_kv_cache_answers_the_whole_set_then_changes() -> None:
+    index = KvBlockIndex()
+    relay = KvEventRelay("ipc:///nowhere", index)
+    relay.receive(0, batch(stored([b"h1", b"h2"], PROMPT[:8])))
+    client = worker_app(index)
+    first = client.get("/kv-cache", headers=AUTH).json()
+    assert first["reset"] and sorted(first["added"]) == sorted(chain_keys(PROMPT[:8], BS))
+    relay.receive(1, batch(BlockRemoved(block_hashes=[b"h2"], medium="GPU")))
+    second = client.get("/kv-cache", headers=AUTH, params={
+        "epoch": first["epoch"], "after": first["seq"]}).json()
+    assert not second["reset"] and second["removed"] == [chain_keys(PROMPT[:8], BS)[1]]
+
+
+def test_a_worker_without_events_says_so() -> None:
+    answer = worker_app(None).get("/kv-cache", headers=AUTH)
+    assert answer.status_code == 404 and answer.json()["error"]["code"] == "kv_events_off"
