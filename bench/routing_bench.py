@@ -164,14 +164,19 @@ async def open_loop(clients: Clients, convs: list[dict[str, Any]], args: argpars
     tasks = []
     async with httpx.AsyncClient(timeout=600) as http:
         started = time.monotonic()
-        at = 0.0
-        for conv in itertools.cycle(convs):
-            at += rng.expovariate(rate / args.turns)
-            if at >= args.duration:
-                break
+        at = 0.0  # the first arrives at once
+        for n in itertools.count():
+            conv = convs[n % len(convs)]
+            if n >= len(convs):  # a conversation again, with questions of its own
+                again = n // len(convs)
+                conv = {"system": conv["system"],
+                        "turns": [f"{q} (take {again})" for q in conv["turns"]]}
             await asyncio.sleep(max(0.0, started + at - time.monotonic()))
             tasks.append(asyncio.create_task(
                 _conversation(http, clients, conv, args, None, turns)))
+            at += rng.expovariate(rate / args.turns)
+            if at >= args.duration:
+                break
         errors = sum(await asyncio.gather(*tasks))
         wall = time.monotonic() - started
     steady = [t for t in turns if args.warmup <= t["sent"] - started < args.duration]
@@ -256,7 +261,7 @@ def _parse() -> argparse.Namespace:
     args = p.parse_args()
     if args.smoke:
         args.groups, args.conversations, args.turns, args.system_words = 2, 4, 2, 150
-        args.duration, args.warmup = 4.0, 1.0
+        args.duration, args.warmup = 4.0, 0.0
     unknown = set(args.shapes.split(",")) - set(SHAPES)
     if unknown:
         p.error(f"unknown shapes {sorted(unknown)}; choose from {', '.join(SHAPES)}")
