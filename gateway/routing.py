@@ -149,6 +149,7 @@ class CacheAware:
         self._pending_s = pending_s
         self._trees: dict[str, PrefixTree] = {}
         self._pending: dict[str, dict[int, float]] = {}  # worker: key, until
+        self._pending_epochs: dict[str, str | None] = {}
         self._max_blocks = max_blocks_per_worker
         self._block_bytes = block_bytes
         self._rng = rng or random.Random()
@@ -160,12 +161,16 @@ class CacheAware:
         return tree
 
     def forget(self, live_worker_ids: set[str]) -> None:
-        for held in (self._trees, self._pending):
+        for held in (self._trees, self._pending, self._pending_epochs):
             for wid in set(held) - live_worker_ids:
                 del held[wid]
         self.placement.forget(live_worker_ids)
 
     def _held(self, worker_id: str, view: KvView, keys: Sequence[int]) -> int:
+        if self._pending_epochs.get(worker_id) != view.epoch:
+            # The engine's cache started over: what was sent before is gone with it.
+            self._pending.pop(worker_id, None)
+            self._pending_epochs[worker_id] = view.epoch
         pending = self._pending.get(worker_id, {})
         now = self._clock()
         matched = 0

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 from prometheus_client.parser import text_string_to_metric_families
 
 from controller.protocol import WorkerLoad
@@ -61,10 +64,16 @@ def prefill_counters(metrics_text: str) -> tuple[float, float, float] | None:
 
 class PrefillMeter:
     """The engine's prefill speed and work per request, as moving averages over the
-    differences between successive readings of its counters (one engine's lifetime)."""
+    differences between successive readings of its counters (one engine's lifetime).
 
-    def __init__(self, weight: float = 0.3) -> None:
+    Two lower bounds of the speed, the larger taken: tokens over the seconds the requests spent
+    in prefill (low when several prefill in one step, each counting the step), and tokens over
+    the time between readings (low when the engine was idle part of it)."""
+
+    def __init__(self, weight: float = 0.3, clock: Callable[[], float] = time.monotonic) -> None:
         self._weight = weight
+        self._clock = clock
+        self._last_at = clock()
         self._last: tuple[float, float, float] | None = None
         self.tokens_per_s: float | None = None
         self.tokens_per_request: float | None = None
@@ -75,14 +84,16 @@ class PrefillMeter:
     def update(self, load: WorkerLoad, metrics_text: str) -> WorkerLoad:
         """`load` with what this reading teaches about prefill."""
         now = prefill_counters(metrics_text)
+        at, elapsed = self._clock(), self._clock() - self._last_at
         if now is not None and self._last is not None:
             tokens, seconds, requests = (a - b for a, b in zip(now, self._last, strict=True))
             if requests > 0 and seconds > 0 and tokens >= 0:
                 if tokens > 0:
-                    self.tokens_per_s = self._average(self.tokens_per_s, tokens / seconds)
+                    speed = max(tokens / seconds, tokens / elapsed if elapsed > 0 else 0.0)
+                    self.tokens_per_s = self._average(self.tokens_per_s, speed)
                 self.tokens_per_request = self._average(self.tokens_per_request,
                                                         tokens / requests)
         if now is not None:
-            self._last = now
+            self._last, self._last_at = now, at
         return load.model_copy(update={"prefill_tokens_per_s": self.tokens_per_s,
                                        "prefill_tokens_per_request": self.tokens_per_request})

@@ -130,18 +130,27 @@ def metrics(prompt: float, hits: float, prefill_s: float, requests: float) -> st
 
 
 def test_the_worker_learns_prefill_speed_and_work_per_request_from_engine_counters() -> None:
-    meter = PrefillMeter(weight=0.5)
+    clock = Clock()
+    meter = PrefillMeter(weight=0.5, clock=clock)
     first = metrics(1000, 0, 1.0, 2)
     load = meter.update(parse_load(first), first)
     assert load.prefill_tokens_per_s is None and load.waiting == 2  # one reading: no rate
+    clock.now += 10  # readings 10 s apart: the engine was idle most of it
     second = metrics(9000, 4000, 2.0, 12)  # 4,000 computed in 1 s over 10 requests
     load = meter.update(parse_load(second), second)
     assert load.prefill_tokens_per_s == pytest.approx(4000)
     assert load.prefill_tokens_per_request == pytest.approx(400)
+    clock.now += 1
     third = metrics(9000, 4000, 2.0, 12)  # idle: nothing learned, nothing forgotten
     assert meter.update(parse_load(third), third).prefill_tokens_per_s == pytest.approx(4000)
+    clock.now += 10
     fourth = metrics(17000, 4000, 3.0, 22)  # 8,000 in 1 s
     assert meter.update(parse_load(fourth), fourth).prefill_tokens_per_s == pytest.approx(6000)
+    # Four prefills in one step each counted its second: 4,000 tokens in 0.5 s of wall time,
+    # not in the 2 s the histogram sums to.
+    clock.now += 0.5
+    fifth = metrics(21000, 4000, 5.0, 26)
+    assert meter.update(parse_load(fifth), fifth).prefill_tokens_per_s == pytest.approx(7000)
 
 
 def test_by_source_counters_count_computed_tokens_where_the_engine_has_them() -> None:
@@ -151,8 +160,10 @@ def test_by_source_counters_count_computed_tokens_where_the_engine_has_them() ->
         " 3000\n"
         'vllm:prompt_tokens_by_source_total{engine="0",model_name="m",source="local_cache_hit"}'
         " 6000\n")
-    meter = PrefillMeter()
+    clock = Clock()
+    meter = PrefillMeter(clock=clock)
     meter.update(parse_load(metrics(0, 0, 0, 0)), metrics(0, 0, 0, 0))
+    clock.now += 10
     assert meter.update(parse_load(text), text).prefill_tokens_per_s == pytest.approx(1500)
 
 
@@ -189,3 +200,17 @@ def test_a_burst_on_a_prefix_one_engine_holds_uses_it_then_spreads() -> None:
     shares = burst_shares(2, 400, prefix=1024, suffix=64, seed=3, hot=True)
     assert shares[0] > shares[1] > 0
     assert 2 * max(shares) / 400 <= 1.2, shares
+
+
+def test_prompts_sent_before_an_engine_cleared_its_cache_are_not_counted_as_held() -> None:
+    views = views_with({"a": [], "b": []})
+    clock = Clock()
+    policy = CacheAware(views=views, clock=clock)
+    fleet = [worker("a"), worker("b")]
+    first = policy.choose(req(PREFIX), fleet, {}).worker.worker_id
+    clock.now += 2
+    assert policy.choose(req(PREFIX), fleet, {}).worker.worker_id == first  # held, pending
+    views.views[first].apply(KvCacheChanges(epoch="after-reset", seq=0, block_size=16,
+                                            reset=True))
+    clock.now += 2
+    assert policy.choose(req(PREFIX), fleet, {}).reason.startswith("holds 0.00")
