@@ -95,3 +95,11 @@ def test_scale_bench_smoke_two_workers_then_the_report(tmp_path: Path) -> None:
                              str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert report.returncode == 0, report.stderr
     assert "| per-cpu | 2 (cpu:0, cpu:1) | 4 |" in report.stdout
+
+
+def test_tokenize_bench_smoke_measures_both_loads(tmp_path: Path) -> None:
+    """No engine: the demo model's tokenizer, a new and a shared system prompt."""
+    record = _smoke("tokenize_bench.py", tmp_path)
+    for load in ("fresh", "shared"):
+        assert record["cpu_ms_per_request"][load]["total_ms"]["p50"] > 0
+    assert record["requests"] == 10 and record["prompt_tokens_mean"] > 100
