@@ -77,29 +77,34 @@ class KvViews:
         return self.tokenizers.get(model)
 
 
+def _reach(worker: WorkerRecord) -> tuple[str, str | None]:
+    return str(worker.kv_cache_url), worker.engine_api_key
+
+
 class KvSync:
     """Keeps `views` current for the workers in the routing table's snapshot."""
 
     def __init__(self, views: KvViews, session: aiohttp.ClientSession) -> None:
         self._views = views
         self._session = session
-        self._polls: dict[str, tuple[str, asyncio.Task[None]]] = {}  # worker id: url, task
+        self._polls: dict[str, tuple[tuple[str, str | None], asyncio.Task[None]]] = {}
         self._fetching: dict[str, asyncio.Task[None]] = {}  # model: its tokenizer's fetch
 
     def reconcile(self, workers: Sequence[WorkerRecord]) -> None:
         """Poll every worker that publishes its cache; stop polling the ones that left."""
         wanted = {w.worker_id: w for w in workers if w.kv_cache_url is not None}
         for wid in list(self._polls):
-            url, task = self._polls[wid]
+            reached, task = self._polls[wid]
             worker = wanted.get(wid)
-            if worker is None or str(worker.kv_cache_url) != url:
+            # A worker started again (a new URL or a new engine key) is read afresh.
+            if worker is None or _reach(worker) != reached:
                 task.cancel()
                 del self._polls[wid]
                 self._views.views.pop(wid, None)
         for wid, worker in wanted.items():
             if wid not in self._polls:
-                url = str(worker.kv_cache_url)
-                self._polls[wid] = (url, asyncio.create_task(self._poll_forever(worker)))
+                self._polls[wid] = (_reach(worker),
+                                    asyncio.create_task(self._poll_forever(worker)))
             for model in worker.model_names:
                 if model not in self._views.tokenizers and model not in self._fetching:
                     self._fetching[model] = asyncio.create_task(self._fetch_tokenizer(
