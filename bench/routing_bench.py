@@ -344,7 +344,9 @@ def start_router(stack: Stack, policy: str, replica: int, args: argparse.Namespa
                 [python, "-m", "vllm_router.launch_router", "--host", "127.0.0.1",
                  "--port", str(port), "--worker-urls", *engines,
                  "--policy", router_policy, "--api-key", ENGINE_KEY,
-                 "--worker-startup-check-interval", "1", "--log-level", "warning", *extra],
+                 "--worker-startup-check-interval", "1", "--log-level", "warning",
+                 # Its own metrics port, or a second replica finds the default taken.
+                 "--prometheus-port", str(free_port()), *extra],
                 stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
         stack.services[name] = Service(name, proc, log)
         # It forwards the client's Authorization header to the engines as it is.
