@@ -56,7 +56,8 @@ class Worker:
         self.chat_template: str | None = None
         # The worker's own /health, /metrics and /kv-cache: a port fixed before it serves, so
         # that the first registration can name it.
-        self.port = settings.port or free_port(settings.host)
+        self.port = settings.port or free_port(
+            "127.0.0.1" if ":" in settings.host else settings.host)  # an IPv4 probe of IPv6
         self.kv_index: KvBlockIndex | None = None
         self._kv_relay: KvEventRelay | None = None
         self.tokenizer_files: TokenizerFiles | None = None
