@@ -57,7 +57,7 @@ class Worker:
         # The worker's own /health, /metrics and /kv-cache: a port fixed before it serves, so
         # that the first registration can name it.
         self.port = settings.port or free_port(
-            "127.0.0.1" if ":" in settings.host else settings.host)  # an IPv4 probe of IPv6
+            "127.0.0.1" if ":" in settings.host else settings.host)  # IPv6: probed on IPv4
         self.kv_index: KvBlockIndex | None = None
         self._kv_relay: KvEventRelay | None = None
         self.tokenizer_files: TokenizerFiles | None = None
