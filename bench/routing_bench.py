@@ -292,8 +292,15 @@ def start_workers(stack: Stack, args: argparse.Namespace) -> list[str]:
     return names
 
 
+_KV_PORTS: dict[str, int] = {}
+
+
 def kv_endpoint(stack: Stack, worker: str) -> str:
-    return f"ipc://{stack.workdir / f'kv-{worker}'}"
+    """What the engine binds: vLLM's router's kv_aware takes only tcp://HOST:PORT, and vLLM
+    binds (rather than connects) only an endpoint with `*` in it; our worker then reads it on
+    loopback. (Every interface: a bench machine only.)"""
+    port = _KV_PORTS.setdefault(worker, free_port())
+    return f"tcp://*:{port}"
 
 
 def block_size(stack: Stack) -> int:
@@ -334,8 +341,8 @@ def start_router(stack: Stack, policy: str, replica: int, args: argparse.Namespa
         extra: list[str] = []
         if router_policy == "kv_aware":
             for w in workers:
-                extra += ["--kv-event-source",
-                          f"{w['engine_url'].rstrip('/')}={kv_endpoint(stack, w['worker_id'])}"]
+                endpoint = kv_endpoint(stack, w["worker_id"]).replace("*", "127.0.0.1")
+                extra += ["--kv-event-source", f"{w['engine_url'].rstrip('/')}={endpoint}"]
             extra += ["--kv-event-block-size", str(blocks), "--kv-event-model",
                       args.model_name]
         log = stack.workdir / f"{name}.log"

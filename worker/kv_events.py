@@ -160,6 +160,12 @@ def _hashable(block: Any) -> Hashable:
     return tuple(block) if isinstance(block, list) else block
 
 
+def connect_address(endpoint: str) -> str:
+    """Where a subscriber connects to an endpoint the engine binds: `tcp://*:PORT` (every
+    interface, for subscribers on other hosts) is reached on loopback."""
+    return endpoint.replace("tcp://*:", "tcp://127.0.0.1:", 1)
+
+
 class KvEventRelay:
     """Subscribes to the engine's publisher and feeds `index`, for the worker's lifetime."""
 
@@ -194,7 +200,7 @@ class KvEventRelay:
         socket = context.socket(zmq.SUB)
         socket.setsockopt(zmq.SUBSCRIBE, b"")
         socket.setsockopt(zmq.RCVHWM, 100_000)
-        socket.connect(self.endpoint)
+        socket.connect(connect_address(self.endpoint))
         try:
             while True:
                 frames = await socket.recv_multipart()

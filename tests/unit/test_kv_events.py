@@ -190,3 +190,10 @@ def test_kv_cache_answers_the_whole_set_then_changes() -> None:
 def test_a_worker_without_events_says_so() -> None:
     answer = worker_app(None).get("/kv-cache", headers=AUTH)
     assert answer.status_code == 404 and answer.json()["error"]["code"] == "kv_events_off"
+
+
+def test_a_wildcard_tcp_endpoint_is_read_on_loopback() -> None:
+    from worker.kv_events import connect_address
+
+    assert connect_address("tcp://*:5557") == "tcp://127.0.0.1:5557"
+    assert connect_address("ipc:///run/fleet/kv") == "ipc:///run/fleet/kv"
