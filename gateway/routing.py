@@ -221,12 +221,13 @@ class CacheAware:
         self.placement.sent(best)
         wid = best.worker.worker_id
         chosen_view = views.get(wid)
+        from_engine = chosen_view is not None and chosen_view.block_size in chains
         if chosen_view is not None and chosen_view.block_size in chains:
             self._hold(wid, chains[chosen_view.block_size])
         else:
             self._tree(wid).insert(text_keys if text_keys is not None
                                    else block_keys(request.prompt, self._block_bytes))
-        source = "engine" if chosen_view is not None else "estimate"
+        source = "engine" if from_engine else "estimate"
         others = ", ".join(f"{e.worker.worker_id} {e.wait:.2f}s" for e in estimates
                            if e is not best)
         return Choice(best.worker, f"holds {held[wid]:.2f} ({source}), prefill wait "
