@@ -13,10 +13,15 @@
 # serve: `fleet up` with one worker on the GPU, then vLLM's serving benchmark (random 512 in,
 #   256 out, 512 prompts, concurrency 256, ignore-eos, chat) against the worker's engine directly
 #   and through the gateway, A-B-B-A (bench/serve_bench.py).
-# routing: two workers on GPU 0 with 0.40 of its memory each, the shared-prefix multi-turn load
-#   through our cache-aware and round-robin gateways and vLLM's router (cache_aware) over the same
-#   engines (bench/routing_bench.py). 48 system prompts of ~4,050 tokens are ~1.4x one engine's
-#   cache, so where a prefix goes matters.
+# routing: issue 23's run, about 9 minutes on one command. Two workers on GPU 0 with 0.25 of its
+#   memory each (164,640 KV tokens each on an H200), KV events on; per policy two routers behind
+#   the client: our cache-aware and round-robin gateways, vLLM's router cache_aware and kv_aware
+#   (the engines' KV events, through the same IPC sockets our workers read). Shapes `base` (32
+#   system prompts of ~2,100 tokens, 96 conversations of 3 turns, 48 at a time) and `many` (96
+#   prompts: more than the caches hold beside the running requests); each policy twice A-B-B-A
+#   closed-loop, then twice open-loop (Poisson at 0.7x round-robin's closed-loop rate, 10 s, the
+#   first 3 s left out). SHAPES=long,busy runs the other two shapes (another ~9 minutes).
+#   Results are written after every run, so a run cut short keeps what it measured.
 #
 # scale-*: `fleet up` with one worker per GPU (concurrency 512), with one worker on GPU 0 alone
 #   (CUDA_VISIBLE_DEVICES=0, concurrency 256), and with one tensor-parallel worker over both GPUs
@@ -55,10 +60,12 @@ routing)
   python3 bench/routing_bench.py --label "${LABEL:-gpu}" --out "$out" \
     --model "$model" --model-name llama-8b-dummy --devices gpus=0,gpus=0 --sequential-start \
     --kv-blocks 0 --vllm-router-python "${VLLM_ROUTER_PYTHON:-python3}" \
-    --worker-args "--load-format dummy --gpu-memory-utilization 0.40 --enforce-eager \
+    --worker-args "--load-format dummy --gpu-memory-utilization 0.25 --enforce-eager \
 --max-model-len 8192 ${WORKER_ARGS:-}" \
-    --groups 48 --system-words 3500 --conversations 192 --turns 3 --max-tokens 32 \
-    --concurrency 32 "$@"
+    --policies "${POLICIES:-cache-aware,round-robin,vllm-router:cache_aware,vllm-router:kv_aware}" \
+    --shapes "${SHAPES:-base,many}" --rounds 2 --replicas 2 --rate auto --duration 10 \
+    --warmup 3 --groups 32 --system-words 1800 --conversations 96 --turns 3 --max-tokens 32 \
+    --concurrency 48 "$@"
   ;;
 scale-*)
   layout=${phase#scale-}

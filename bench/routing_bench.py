@@ -1,16 +1,25 @@
-"""Routing policies on a multi-turn, shared-prefix chat workload, side by side in one run.
+"""Routing policies on multi-turn, shared-prefix chat loads, side by side in one run.
 
-Starts a controller, two workers (by default one CPU core each, demo model) and one router per
-policy, then for each policy: resets both engines' prefix caches, runs the same conversations
-through that policy's router, and reads TTFT, throughput and the engines' prefix-cache hit rate.
+Starts a controller, two workers (by default one CPU core each, demo model) and, per policy,
+--replicas routers (two gateways by default: the client sends each request to the next in
+turn), then for every load shape runs each policy --rounds times, interleaved A-B-C-C-B-A, each
+run from empty prefix caches:
+- closed loop: --concurrency conversations at a time, all of them: throughput, TTFT, hit rate;
+- open loop (--rate): conversations arrive as a Poisson process at --rate requests per second
+  (auto: 0.7 x round-robin's closed-loop throughput in that shape, a rate it sustains) for
+  --duration seconds; TTFT p50/p90/p99 of the requests sent after --warmup seconds, the
+  steady state, not the first cold wave.
 A policy is one of our gateway's (`cache-aware`, `round-robin`, `least-load`, ...) or
-`vllm-router:POLICY`, vLLM's own Rust router (PyPI vllm-router) over the same two engines.
+`vllm-router:POLICY`, vLLM's own router (PyPI vllm-router; `kv_aware` reads the engines' KV
+events) over the same engines.
 
 Workload: G groups of conversations; each group shares a long system prompt, each conversation
-has T turns, and every turn resends the whole history (as chat clients do).
+has T turns, and every turn resends the whole history (as chat clients do). Shapes change it:
+`base` (as given), `long` (prefixes twice as long, half as many), `many` (three times the
+prefixes: more than the caches hold), `busy` (three times the concurrency).
 
-    .venv/bin/python bench/routing_bench.py          # ours cache-aware, vLLM's router, round-robin
-    .venv/bin/python bench/routing_bench.py --policies cache-aware,round-robin,least-load
+    .venv/bin/python bench/routing_bench.py          # ours, vLLM's router, round-robin
+    .venv/bin/python bench/routing_bench.py --shapes base,many --rounds 2 --rate auto
 """
 
 from __future__ import annotations
@@ -18,14 +27,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import itertools
 import json
 import os
 import random
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -82,40 +94,94 @@ async def _turn(http: httpx.AsyncClient, url: str, key: str, model: str,
     return ttft, "".join(text), tokens
 
 
-async def run_policy(url: str, key: str, convs: list[dict[str, Any]], args: argparse.Namespace
-                     ) -> dict[str, Any]:
+class Clients:
+    """The client side: one HTTP client, and the next router URL for each request."""
+
+    def __init__(self, urls: list[str], key: str) -> None:
+        self.urls, self.key = urls, key
+        self._next = 0
+
+    def url(self) -> str:
+        self._next += 1
+        return self.urls[self._next % len(self.urls)]
+
+
+async def _conversation(http: httpx.AsyncClient, clients: Clients, conv: dict[str, Any],
+                        args: argparse.Namespace, limit: asyncio.Semaphore | None,
+                        out: list[dict[str, float]]) -> int:
+    """The turns of one conversation, one after the other; the errors it met."""
+    history = [{"role": "system", "content": conv["system"]}]
+    for question in conv["turns"]:
+        history.append({"role": "user", "content": question})
+        sent = time.monotonic()
+        try:
+            if limit is None:
+                ttft, answer, n = await _turn(http, clients.url(), clients.key,
+                                              args.model_name, history, args.max_tokens)
+            else:
+                async with limit:
+                    sent = time.monotonic()
+                    ttft, answer, n = await _turn(http, clients.url(), clients.key,
+                                                  args.model_name, history, args.max_tokens)
+        except httpx.HTTPError:
+            return 1
+        out.append({"sent": sent, "ttft": ttft, "tokens": n})
+        history.append({"role": "assistant", "content": answer})
+    return 0
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))] if ordered else float("nan")
+
+
+def _ttfts(turns: list[dict[str, float]]) -> dict[str, float]:
+    ttfts = [t["ttft"] for t in turns]
+    return {f"ttft_{name}_ms": 1000 * _quantile(ttfts, q)
+            for name, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))}
+
+
+async def closed_loop(clients: Clients, convs: list[dict[str, Any]],
+                      args: argparse.Namespace) -> dict[str, Any]:
     limit = asyncio.Semaphore(args.concurrency)
-    ttfts: list[float] = []
-    tokens = 0
-    errors = 0
-
-    async def conversation(conv: dict[str, Any]) -> None:
-        nonlocal tokens, errors
-        history = [{"role": "system", "content": conv["system"]}]
-        for question in conv["turns"]:
-            history.append({"role": "user", "content": question})
-            async with limit:
-                try:
-                    ttft, answer, n = await _turn(http, url, key, args.model_name, history,
-                                                  args.max_tokens)
-                except httpx.HTTPError:
-                    errors += 1
-                    return
-            ttfts.append(ttft)
-            tokens += n
-            history.append({"role": "assistant", "content": answer})
-
+    turns: list[dict[str, float]] = []
     async with httpx.AsyncClient(timeout=600) as http:
         started = time.monotonic()
-        await asyncio.gather(*(conversation(c) for c in convs))
+        errors = sum(await asyncio.gather(
+            *(_conversation(http, clients, c, args, limit, turns) for c in convs)))
         wall = time.monotonic() - started
-    ttfts.sort()
-    return {
-        "requests": len(ttfts), "errors": errors, "wall_s": wall,
-        "req_per_s": len(ttfts) / wall, "output_tok_per_s": tokens / wall,
-        "ttft_p50_ms": 1000 * ttfts[len(ttfts) // 2],
-        "ttft_p99_ms": 1000 * ttfts[min(len(ttfts) - 1, int(len(ttfts) * 0.99))],
-    }
+    tokens = sum(t["tokens"] for t in turns)
+    return {"requests": len(turns), "errors": errors, "wall_s": wall,
+            "req_per_s": len(turns) / wall, "output_tok_per_s": tokens / wall, **_ttfts(turns)}
+
+
+async def open_loop(clients: Clients, convs: list[dict[str, Any]], args: argparse.Namespace,
+                    rate: float, seed: int) -> dict[str, Any]:
+    """Conversations start at Poisson times (rate / turns a second, so requests come at about
+    `rate`) for `args.duration` seconds; the steady state is what was sent after the warm-up."""
+    rng = random.Random(seed)
+    turns: list[dict[str, float]] = []
+    tasks = []
+    async with httpx.AsyncClient(timeout=600) as http:
+        started = time.monotonic()
+        at = 0.0  # the first arrives at once
+        for n in itertools.count():
+            conv = convs[n % len(convs)]
+            if n >= len(convs):  # a conversation again, with questions of its own
+                again = n // len(convs)
+                conv = {"system": conv["system"],
+                        "turns": [f"{q} (take {again})" for q in conv["turns"]]}
+            await asyncio.sleep(max(0.0, started + at - time.monotonic()))
+            tasks.append(asyncio.create_task(
+                _conversation(http, clients, conv, args, None, turns)))
+            at += rng.expovariate(rate / args.turns)
+            if at >= args.duration:
+                break
+        errors = sum(await asyncio.gather(*tasks))
+        wall = time.monotonic() - started
+    steady = [t for t in turns if args.warmup <= t["sent"] - started < args.duration]
+    return {"rate": rate, "requests": len(turns), "steady_requests": len(steady),
+            "errors": errors, "wall_s": wall, **_ttfts(steady)}
 
 
 def prefix_counters(stack: Stack) -> tuple[float, float]:
@@ -137,12 +203,37 @@ def reset_caches(stack: Stack) -> None:
                    headers={"Authorization": f"Bearer {ENGINE_KEY}"}).raise_for_status()
 
 
+SHAPES = {
+    "base": {},
+    "long": {"system_words": 2.0, "groups": 0.5},
+    "many": {"groups": 3.0},
+    "busy": {"concurrency": 3.0},
+}
+
+
+def shaped(args: argparse.Namespace, shape: str) -> argparse.Namespace:
+    factors = SHAPES[shape]
+    return argparse.Namespace(**{**vars(args), **{
+        k: max(1, round(getattr(args, k) * f)) for k, f in factors.items()}})
+
+
 def _parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--policies", default="cache-aware,vllm-router:cache_aware,round-robin",
-                   help="ours by name (NAME@SETTING=VALUE@... sets gateway settings, e.g. "
-                   "cache-aware@balance_abs=32), or vllm-router:POLICY for vLLM's router")
+                   help="ours by name (NAME@SETTING=VALUE@... sets gateway settings), or "
+                   "vllm-router:POLICY for vLLM's router (cache_aware, kv_aware, ...)")
+    p.add_argument("--shapes", default="base", help=f"comma-separated: {', '.join(SHAPES)}")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="runs of each policy per shape and mode, interleaved A-B-B-A")
+    p.add_argument("--replicas", type=int, default=2,
+                   help="routers per policy; the client sends each request to the next")
+    p.add_argument("--rate", default="auto",
+                   help="open-loop requests per second: a number, auto (0.7 x round-robin's "
+                   "closed-loop throughput in the shape) or 0 (no open loop)")
+    p.add_argument("--duration", type=float, default=30.0, help="open loop: seconds of arrivals")
+    p.add_argument("--warmup", type=float, default=8.0,
+                   help="open loop: seconds of arrivals left out of the steady state")
     p.add_argument("--groups", type=int, default=16)
     p.add_argument("--conversations", type=int, default=32)
     p.add_argument("--turns", type=int, default=4)
@@ -171,6 +262,10 @@ def _parse() -> argparse.Namespace:
     args = p.parse_args()
     if args.smoke:
         args.groups, args.conversations, args.turns, args.system_words = 2, 4, 2, 150
+        args.duration, args.warmup = 4.0, 0.0
+    unknown = set(args.shapes.split(",")) - set(SHAPES)
+    if unknown:
+        p.error(f"unknown shapes {sorted(unknown)}; choose from {', '.join(SHAPES)}")
     return args
 
 
@@ -186,7 +281,9 @@ def start_workers(stack: Stack, args: argparse.Namespace) -> list[str]:
         stack._spawn(name, [
             "-m", "worker", "--model", str(args.model), "--model-name", args.model_name,
             "--port", str(stack.worker_ports[name]), "--controller-address",
-            stack.controller_url, f"--{kind}", value, "--worker-id", name, *extra,
+            stack.controller_url, f"--{kind}", value, "--worker-id", name,
+            # A known endpoint, so that vLLM's kv_aware can subscribe beside our worker.
+            "--kv-events-endpoint", kv_endpoint(stack, name), *extra,
         ], env={"FLEET_WORKER_ENGINE_API_KEY": ENGINE_KEY})
         names.append(name)
         if args.sequential_start:
@@ -196,40 +293,133 @@ def start_workers(stack: Stack, args: argparse.Namespace) -> list[str]:
     return names
 
 
-def start_router(stack: Stack, policy: str, args: argparse.Namespace) -> tuple[str, str]:
+_KV_PORTS: dict[str, int] = {}
+
+
+def kv_endpoint(stack: Stack, worker: str) -> str:
+    """What the engine binds: vLLM's router's kv_aware takes only tcp://HOST:PORT, and vLLM
+    binds (rather than connects) only an endpoint with `*` in it; our worker then reads it on
+    loopback. (Every interface: a bench machine only.)"""
+    port = _KV_PORTS.setdefault(worker, free_port())
+    return f"tcp://*:{port}"
+
+
+def block_size(stack: Stack) -> int:
+    """The engines' KV block size, as their workers saw it in the events (after a request)."""
+    for worker in stack.workers():
+        url = (worker.get("kv_cache_url") or "").rstrip("/")
+        if url:
+            answer = httpx.get(f"{url}/kv-cache", timeout=10,
+                               headers={"Authorization": f"Bearer {ENGINE_KEY}"}).json()
+            if answer.get("block_size"):
+                return int(answer["block_size"])
+    return 16
+
+
+def kv_events_live(stack: Stack) -> dict[str, int]:
+    """Per worker, the blocks its /kv-cache shows: 0 means the engine's events do not arrive
+    (cache-aware then routes that worker on its own estimate)."""
+    out = {}
+    for worker in stack.workers():
+        url = (worker.get("kv_cache_url") or "").rstrip("/")
+        answer = httpx.get(f"{url}/kv-cache", timeout=10,
+                           headers={"Authorization": f"Bearer {ENGINE_KEY}"}).json() if url else {}
+        out[worker["worker_id"]] = len(answer.get("added", []))
+    return out
+
+
+def start_router(stack: Stack, policy: str, replica: int, args: argparse.Namespace,
+                 blocks: int) -> tuple[str, str]:
     """Start one router for `policy`; return its URL and the API key clients use with it."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    name = f"{policy}#{replica}"
     if policy.startswith("vllm-router:"):
         python = args.vllm_router_python or str(peer_python("vllm-router"))
-        engines = [w["engine_url"].rstrip("/") for w in stack.workers()]
-        log = stack.workdir / f"{policy}.log"
+        workers = stack.workers()
+        engines = [w["engine_url"].rstrip("/") for w in workers]
+        router_policy = policy.split(":", 1)[1]
+        extra: list[str] = []
+        if router_policy == "kv_aware":
+            for w in workers:
+                endpoint = kv_endpoint(stack, w["worker_id"]).replace("*", "127.0.0.1")
+                extra += ["--kv-event-source", f"{w['engine_url'].rstrip('/')}={endpoint}"]
+            extra += ["--kv-event-block-size", str(blocks), "--kv-event-model",
+                      args.model_name]
+        log = stack.workdir / f"{name}.log"
         with log.open("ab") as handle:
             proc = subprocess.Popen(
                 [python, "-m", "vllm_router.launch_router", "--host", "127.0.0.1",
                  "--port", str(port), "--worker-urls", *engines,
-                 "--policy", policy.split(":", 1)[1], "--api-key", ENGINE_KEY,
-                 "--worker-startup-check-interval", "1", "--log-level", "warning"],
+                 "--policy", router_policy, "--api-key", ENGINE_KEY,
+                 "--worker-startup-check-interval", "1", "--log-level", "warning",
+                 # Its own metrics port, or a second replica finds the default taken.
+                 "--prometheus-port", str(free_port()), *extra],
                 stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
-        stack.services[policy] = Service(policy, proc, log)
+        stack.services[name] = Service(name, proc, log)
         # It forwards the client's Authorization header to the engines as it is.
         key = ENGINE_KEY
         stack.wait_for(lambda: httpx.get(f"{url}/v1/models", timeout=5,
                                          headers={"Authorization": f"Bearer {key}"}
-                                         ).status_code == 200, policy, 120)
+                                         ).status_code == 200, name, 120)
         return url, key
-    # `cache-aware@balance_abs=32`: a gateway setting (FLEET_GATEWAY_*) for this policy's gateway.
-    name, *settings = policy.split("@")
+    # `least-load@max_inflight_per_worker=8`: a gateway setting (FLEET_GATEWAY_*).
+    ours, *settings = policy.split("@")
     env = {f"FLEET_GATEWAY_{k.upper()}": v
            for k, v in (item.split("=", 1) for item in settings)}
-    stack._spawn(f"gw-{policy}", [
+    stack._spawn(f"gw-{name}", [
         "-m", "gateway", "--port", str(port), "--controller-address", stack.controller_url,
-        "--api-keys", API_KEY, "--routing", name, "--sync-interval", "0.5"], env=env)
+        "--api-keys", API_KEY, "--routing", ours, "--sync-interval", "0.5"], env=env)
     workers = len(args.devices.split(","))
     auth = {"Authorization": f"Bearer {API_KEY}"}  # /health shows the table only to a key
     stack.wait_for(lambda: httpx.get(f"{url}/health", headers=auth).json()["workers"] == workers,
-                   f"gateway {policy}", 30)
+                   f"gateway {name}", 30)
     return url, API_KEY
+
+
+def interleaved(policies: list[str], rounds: int) -> list[tuple[int, str]]:
+    """A-B-C, C-B-A, A-B-C, ...: every policy as often early as late."""
+    order = []
+    for r in range(rounds):
+        order += [(r, p) for p in (policies if r % 2 == 0 else policies[::-1])]
+    return order
+
+
+def _warm(stack: Stack, args: argparse.Namespace) -> None:
+    """One request straight to each engine: first-request costs, and a block in its cache."""
+    for worker in stack.workers():
+        httpx.post(f"{worker['engine_url'].rstrip('/')}/v1/chat/completions", timeout=600,
+                   headers={"Authorization": f"Bearer {ENGINE_KEY}"},
+                   json={"model": args.model_name, "max_tokens": 4, "messages": [
+                       {"role": "user", "content": "warm up " * 400}]}).raise_for_status()
+
+
+def measured(stack: Stack, run: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
+    """`run` from empty prefix caches, with the engines' hit rate over it."""
+    reset_caches(stack)
+    hits0, queries0 = prefix_counters(stack)
+    result = asyncio.run(run)
+    hits1, queries1 = prefix_counters(stack)
+    result["prefix_cache_hit_rate"] = (hits1 - hits0) / max(queries1 - queries0, 1)
+    return result
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
+    """Per mode and policy, the mean and the spread of each figure over the rounds."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for run in runs:
+        out.setdefault(run["mode"], {}).setdefault(run["policy"], {})
+    for mode, policies in out.items():
+        for policy in policies:
+            mine = [r for r in runs if r["mode"] == mode and r["policy"] == policy]
+            for k in ("rate", "req_per_s", "ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms",
+                      "prefix_cache_hit_rate", "errors"):
+                values = [r[k] for r in mine if k in r]
+                if values:
+                    policies[policy][k] = statistics.fmean(values)
+                    policies[policy][f"{k}_min"] = min(values)
+                    policies[policy][f"{k}_max"] = max(values)
+    return out
 
 
 def main() -> None:
@@ -242,47 +432,96 @@ def main() -> None:
     policies = args.policies.split(",")
     stack = Stack(workdir=Path(tempfile.mkdtemp(prefix="routing-bench-")),
                   model_path=args.model)
-    results: dict[str, Any] = {}
+    shapes: dict[str, Any] = {}
     record = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "label": args.label, "machine": f"{os.cpu_count()} cores",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "workload": {k: str(getattr(args, k)) for k in (
             "groups", "conversations", "turns", "system_words", "max_tokens", "concurrency",
-            "kv_blocks", "devices", "worker_args", "model_name")},
-        "results": results,
+            "kv_blocks", "devices", "worker_args", "model_name", "rounds", "replicas", "rate",
+            "duration", "warmup")},
+        "shapes": shapes,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"routing-{args.label}-{dt.datetime.now():%Y%m%d-%H%M%S}.json"
     try:
         stack.start_controller()
         start_workers(stack, args)
-        routers = {policy: start_router(stack, policy, args) for policy in policies}
-        convs = conversations(args)
-        # Warm-up (other prompts), so the first policy measured pays no first-request costs.
-        warm = conversations(argparse.Namespace(**{**vars(args), "seed": args.seed + 1}))
-        asyncio.run(run_policy(*routers[policies[0]], warm[:4], args))
-        for policy in policies:
-            reset_caches(stack)
-            hits0, queries0 = prefix_counters(stack)
-            result = asyncio.run(run_policy(*routers[policy], convs, args))
-            hits1, queries1 = prefix_counters(stack)
-            result["prefix_cache_hit_rate"] = (hits1 - hits0) / max(queries1 - queries0, 1)
-            results[policy] = result
-            # Written after every policy: a run cut short keeps what it measured.
+        _warm(stack, args)
+        blocks = block_size(stack)
+        record["kv_events"] = kv_events_live(stack)
+        print(f"engines' KV block size {blocks}; blocks their workers saw after the warm-up: "
+              f"{record['kv_events']}", flush=True)
+        routers: dict[str, Clients] = {}
+        for policy in list(policies):
+            try:
+                started = [start_router(stack, policy, r, args, blocks)
+                           for r in range(args.replicas)]
+            except AssertionError as exc:  # a peer that will not start: the others still run
+                if not policy.startswith("vllm-router:"):
+                    raise
+                print(f"{policy} did not start; measuring without it: {exc}"[:2000], flush=True)
+                record.setdefault("not_started", {})[policy] = str(exc)[-2000:]
+                policies.remove(policy)
+                continue
+            routers[policy] = Clients([u for u, _ in started], started[0][1])
+        for shape in args.shapes.split(","):
+            load = shaped(args, shape)
+            convs = conversations(load)
+            runs: list[dict[str, Any]] = []
+            shapes[shape] = {"workload": {k: getattr(load, k) for k in (
+                "groups", "conversations", "turns", "system_words", "concurrency")},
+                "runs": runs}
+            for round_, policy in interleaved(policies, args.rounds):
+                result = measured(stack, closed_loop(routers[policy], convs, load))
+                runs.append({"mode": "closed", "policy": policy, "round": round_, **result})
+                print(f"{shape} closed {policy} #{round_}: "
+                      f"{json.dumps({k: round(v, 3) for k, v in result.items()})}", flush=True)
+                path.write_text(json.dumps(record, indent=2) + "\n")
+            rate = _open_rate(args.rate, runs)
+            for round_, policy in interleaved(policies, args.rounds) if rate else ():
+                result = measured(stack, open_loop(routers[policy], convs, load, rate,
+                                                   seed=args.seed + round_))
+                runs.append({"mode": "open", "policy": policy, "round": round_, **result})
+                print(f"{shape} open {policy} #{round_}: "
+                      f"{json.dumps({k: round(v, 3) for k, v in result.items()})}", flush=True)
+                path.write_text(json.dumps(record, indent=2) + "\n")
+            shapes[shape]["summary"] = summarise(runs)
             path.write_text(json.dumps(record, indent=2) + "\n")
-            print(f"{policy}: {json.dumps({k: round(v, 3) for k, v in result.items()})}",
-                  flush=True)
     finally:
         stack.close()
-    print("\n| policy | req/s | out tok/s | TTFT p50 ms | TTFT p99 ms | prefix-cache hit rate "
-          "| errors |")
-    print("|---|---|---|---|---|---|---|")
-    for policy, r in results.items():
-        print(f"| {policy} | {r['req_per_s']:.2f} | {r['output_tok_per_s']:.1f} | "
-              f"{r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} | "
-              f"{r['prefix_cache_hit_rate']:.2f} | {r['errors']} |")
+    print_tables(shapes)
     print(f"wrote {path}")
+
+
+def _open_rate(setting: str, runs: list[dict[str, Any]]) -> float:
+    if setting != "auto":
+        return float(setting)
+    closed = [r for r in runs if r["mode"] == "closed"]
+    baseline = [r["req_per_s"] for r in closed if r["policy"] == "round-robin"] or \
+        [r["req_per_s"] for r in closed]
+    return 0.7 * statistics.fmean(baseline)
+
+
+def print_tables(shapes: dict[str, Any]) -> None:
+    for shape, data in shapes.items():
+        summary = data.get("summary", {})
+        closed, opened = summary.get("closed", {}), summary.get("open", {})
+        print(f"\n{shape} {data['workload']}")
+        print("| policy | req/s (min-max) | TTFT p50 ms | hit rate | open-loop TTFT p50 / p90 / "
+              "p99 ms | open hit rate | errors |")
+        print("|---|---|---|---|---|---|---|")
+        for policy, c in closed.items():
+            o = opened.get(policy, {})
+            open_ttft = (f"{o['ttft_p50_ms']:.0f} / {o['ttft_p90_ms']:.0f} / "
+                         f"{o['ttft_p99_ms']:.0f}") if o else "-"
+            open_hits = f"{o['prefix_cache_hit_rate']:.3f}" if o else "-"
+            errors = c["errors"] + o.get("errors", 0)
+            print(f"| {policy} | {c['req_per_s']:.2f} ({c['req_per_s_min']:.2f}-"
+                  f"{c['req_per_s_max']:.2f}) | {c['ttft_p50_ms']:.0f} | "
+                  f"{c['prefix_cache_hit_rate']:.3f} | {open_ttft} | {open_hits} | "
+                  f"{errors:.0f} |")
 
 
 if __name__ == "__main__":

@@ -43,6 +43,13 @@ class WorkerLoad(BaseModel):
     running: NonNegativeInt = Field(0, description="Requests the engine is running.")
     waiting: NonNegativeInt = Field(0, description="Requests queued in the engine.")
     kv_cache_usage: float = Field(0.0, ge=0.0, le=1.0, description="KV-cache use, 0..1.")
+    # Learned by the worker from its engine's counters; none until the engine has prefilled.
+    prefill_tokens_per_s: float | None = Field(
+        None, gt=0, description="Prompt tokens the engine computes (not cache hits) per second "
+        "of prefill time, a moving average.")
+    prefill_tokens_per_request: float | None = Field(
+        None, ge=0, description="Prompt tokens the engine computes per request, a moving "
+        "average: what each waiting request will cost it.")
 
 
 class WorkerInfo(BaseModel):
@@ -68,6 +75,9 @@ class WorkerInfo(BaseModel):
     )
 
     engine_paths: EnginePaths = None
+    kv_cache_url: HttpUrl | None = Field(
+        None, description="The worker's own URL whose /kv-cache tells gateways what its "
+        "engine's prefix cache holds (read with the engine's API key); none: not published.")
 
     @field_validator("model_names")
     @classmethod

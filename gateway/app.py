@@ -32,6 +32,7 @@ from gateway.endpoints import (
     routed_paths,
 )
 from gateway.engine_client import EngineClient
+from gateway.kv_view import KvSync, KvViews
 from gateway.limits import KeyLimiter
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline import Pipeline
@@ -74,22 +75,29 @@ _GENERATED: dict[int | str, dict[str, object]] = {
 }
 
 
-def _policy(name: str, settings: GatewaySettings) -> RoutingPolicy:
+def _policy(name: str, views: KvViews) -> RoutingPolicy:
     if name == CacheAware.name:
-        return CacheAware(match_threshold=settings.cache_match_threshold,
-                          balance_abs=settings.balance_abs, balance_rel=settings.balance_rel)
+        return CacheAware(views=views)
     return POLICIES[name]()
 
 
-def build_table(settings: GatewaySettings) -> RoutingTable:
+def build_table(settings: GatewaySettings, views: KvViews | None = None) -> RoutingTable:
+    views = views or KvViews()
     return RoutingTable(
-        _policy(settings.routing, settings),
-        overrides={m: _policy(p, settings) for m, p in settings.routing_overrides.items()},
+        _policy(settings.routing, views),
+        overrides={m: _policy(p, views) for m, p in settings.routing_overrides.items()},
         breakers=Breakers(threshold=settings.breaker_threshold,
                           cooldown=settings.breaker_cooldown),
         limits=Limits(max_inflight_per_worker=settings.max_inflight_per_worker,
                       queue_size=settings.queue_size, queue_timeout=settings.queue_timeout),
     )
+
+
+async def _reconcile_forever(kv_sync: KvSync, table: RoutingTable, interval: float) -> None:
+    while True:
+        if table.snapshot is not None:
+            kv_sync.reconcile(table.snapshot.workers)
+        await asyncio.sleep(interval)
 
 
 def create_app(settings: GatewaySettings) -> FastAPI:
@@ -99,7 +107,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         shared = SharedState(settings.shared_state, timeout=settings.shared_state_timeout,
                              interval=settings.shared_state_interval)
     limiter = KeyLimiter(shared=shared)
-    table = build_table(settings)
+    views = KvViews()
+    table = build_table(settings, views)
+    # Only cache-aware reads the engines' caches: nothing is polled for the other policies.
+    reads_caches = CacheAware.name in (settings.routing, *settings.routing_overrides.values())
     metrics = GatewayMetrics(table)
     table.on_latency = metrics.observe_latency
     if not auth.enabled:
@@ -131,6 +142,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             tasks = [asyncio.create_task(sync.run_forever())]
             if shared is not None:
                 tasks.append(asyncio.create_task(shared.run_forever(table)))
+            kv_sync = KvSync(views, session) if reads_caches else None
+            if kv_sync is not None:
+                tasks.append(asyncio.create_task(_reconcile_forever(
+                    kv_sync, table, settings.sync_interval)))
             if auth.keys_file is not None:
                 tasks.append(asyncio.create_task(
                     auth.watch_forever(settings.keys_reload_interval, limiter.forget)
@@ -144,6 +159,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                         await task
                 if shared is not None:
                     await shared.close()
+                if kv_sync is not None:
+                    await kv_sync.close()
                 engines.close()
                 if tracing is not None:
                     await asyncio.to_thread(tracing.shutdown)  # exports what is left

@@ -225,6 +225,7 @@ class Pipeline:
             session=request.headers.get(self._session_header) or parsed.user,
             path=routed.path,
             render_prompt=parsed.prompt_text,
+            prompt_ids=parsed.prompt_ids,
         )
 
     def plan_continuation(self, request: Request, routed: RoutedRequest,

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from fleetcore.json_types import JsonInt, PositiveInt
+from gateway.prompt_tokens import PromptTokenizer
 
 
 class _Open(BaseModel):
@@ -67,6 +68,12 @@ class ChatCompletionRequest(_Generation):
         """The conversation as text, in order: what prefix-aware routing matches on."""
         return "".join(f"<{m.role}>{_text(m.content)}\n" for m in self.messages)
 
+    def prompt_ids(self, tokenizer: PromptTokenizer) -> list[int] | None:
+        """The conversation as the engine's template and tokenizer make it."""
+        messages = [{**(m.model_extra or {}), "role": m.role, "content": _text(m.content)}
+                    for m in self.messages]
+        return tokenizer.chat_ids(messages, self.model_extra)
+
     def output_limit(self) -> tuple[str, int | None]:
         """The field that bounds the answer's length, and its value."""
         if self.max_completion_tokens is not None:
@@ -95,6 +102,16 @@ class CompletionRequest(_Generation):
             return first
         tokens = first if isinstance(first, list) else self.prompt
         return " ".join(map(str, tokens))
+
+    def prompt_ids(self, tokenizer: PromptTokenizer) -> list[int] | None:
+        """The (first) prompt as the engine's tokenizer makes it."""
+        if isinstance(self.prompt, str):
+            return tokenizer.text_ids(self.prompt)
+        first = self.prompt[0]
+        if isinstance(first, str):
+            return tokenizer.text_ids(first)
+        tokens = first if isinstance(first, list) else self.prompt
+        return [int(t) for t in tokens]  # type: ignore[arg-type]
 
 
 class ModelCard(BaseModel):

@@ -3,8 +3,8 @@
 Each policy is a small object behind one interface, testable without a server:
 - least-load: power-of-two choices over a load score;
 - round-robin;
-- cache-aware: longest prefix match on an approximate per-worker prefix tree, with an imbalance
-  guard that falls back to least-load (like SGLang's balance_abs/rel thresholds);
+- cache-aware: the shortest wait for the first token, from what each engine holds of the
+  prompt (its own KV events, or an approximate per-worker prefix tree) and its prefill backlog;
 - session: consistent hashing on a session key, so a leaving worker moves only its sessions.
 """
 
@@ -14,13 +14,21 @@ import bisect
 import hashlib
 import itertools
 import random
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Protocol
 
 from controller.protocol import WorkerRecord
+from fleetcore.kv_blocks import chain_keys
+from gateway.kv_view import KvView, KvViews
+from gateway.placement import Placement
 from gateway.prefix_tree import PrefixTree, block_keys
+from gateway.prompt_tokens import PromptIds, PromptTokenizer
+
+# Bytes of prompt text per token, for a prompt the gateway cannot tokenise.
+CHARS_PER_TOKEN = 4.0
 
 
 @dataclass
@@ -32,10 +40,24 @@ class RouteRequest:
     path: str | None = None  # the engine endpoint; None: any worker of the model
     worker_id: str | None = None  # only this worker (it holds what the request is about)
     render_prompt: Callable[[], str] = field(default=lambda: "", repr=False)
+    prompt_ids: PromptIds | None = field(default=None, repr=False)
+    _ids: dict[int, list[int] | None] = field(default_factory=dict, repr=False)
 
     @cached_property
     def prompt(self) -> str:
         return self.render_prompt()
+
+    def token_ids(self, tokenizer: PromptTokenizer | None) -> list[int] | None:
+        """The prompt as `tokenizer` makes it, worked out once per request (a retry reuses
+        it); None without a tokenizer, or for a prompt it cannot render."""
+        if tokenizer is None or self.prompt_ids is None:
+            return None
+        if id(tokenizer) not in self._ids:
+            try:
+                self._ids[id(tokenizer)] = self.prompt_ids(tokenizer)
+            except Exception:  # a template that fails on this chat: route on the estimate
+                self._ids[id(tokenizer)] = None
+        return self._ids[id(tokenizer)]
 
 
 @dataclass(frozen=True)
@@ -105,22 +127,32 @@ class RoundRobin:
 
 
 class CacheAware:
-    """Send a prompt where its prefix most likely sits in the engine's prefix cache."""
+    """Send a prompt where it waits least for its first token, counting what each engine
+    already holds of it (gateway/placement.py).
+
+    What an engine holds comes from its own KV events (gateway/kv_view.py) where its worker
+    publishes them and the gateway has the model's tokenizer; otherwise from an approximate
+    tree of the prompts this gateway sent there. Either way the prompt just routed counts as
+    held for `pending_s` seconds, until the engine's own events can say so: the next prompt
+    with the same prefix then sees it there, with its prefill ahead of it."""
 
     name = "cache-aware"
 
     def __init__(
-        self, *, match_threshold: float = 0.5, balance_abs: float = 16.0,
-        balance_rel: float = 1.5, max_blocks_per_worker: int = 100_000,
-        block_bytes: int = 64, rng: random.Random | None = None,
+        self, *, views: KvViews | None = None, max_blocks_per_worker: int = 100_000,
+        block_bytes: int = 64, pending_s: float = 10.0, rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.match_threshold = match_threshold
-        self.balance_abs = balance_abs
-        self.balance_rel = balance_rel
+        self.views = views
+        self.placement = Placement(clock)
+        self._clock = clock
+        self._pending_s = pending_s
         self._trees: dict[str, PrefixTree] = {}
+        self._pending: dict[str, dict[int, float]] = {}  # worker: key, until
+        self._pending_epochs: dict[str, str | None] = {}
         self._max_blocks = max_blocks_per_worker
         self._block_bytes = block_bytes
-        self._fallback = LeastLoad(rng)
+        self._rng = rng or random.Random()
 
     def _tree(self, worker_id: str) -> PrefixTree:
         tree = self._trees.get(worker_id)
@@ -129,50 +161,77 @@ class CacheAware:
         return tree
 
     def forget(self, live_worker_ids: set[str]) -> None:
-        for wid in set(self._trees) - live_worker_ids:
-            del self._trees[wid]
+        for held in (self._trees, self._pending, self._pending_epochs):
+            for wid in set(held) - live_worker_ids:
+                del held[wid]
+        self.placement.forget(live_worker_ids)
 
-    def overloaded(self, worker: WorkerRecord, candidates: Sequence[WorkerRecord],
-                   inflight: Mapping[str, int]) -> bool:
-        """Is `worker` too far above the least-loaded candidate to be worth its cache hits?
+    def _held(self, worker_id: str, view: KvView, keys: Sequence[int]) -> int:
+        if self._pending_epochs.get(worker_id) != view.epoch:
+            # The engine's cache started over: what was sent before is gone with it.
+            self._pending.pop(worker_id, None)
+            self._pending_epochs[worker_id] = view.epoch
+        pending = self._pending.get(worker_id, {})
+        now = self._clock()
+        matched = 0
+        for key in keys:
+            if key not in view.keys and pending.get(key, 0.0) <= now:
+                break
+            matched += 1
+        return matched
 
-        Both thresholds must be passed: the absolute one keeps small loads from flapping, the
-        relative one scales with the load.
-        """
-        load = load_score(worker, inflight)
-        low = min(load_score(w, inflight) for w in candidates)
-        return load - low > self.balance_abs and load > low * self.balance_rel
+    def _hold(self, worker_id: str, keys: Sequence[int]) -> None:
+        pending = self._pending.setdefault(worker_id, {})
+        now = self._clock()
+        if len(pending) > 4 * self._max_blocks:
+            for key in [k for k, until in pending.items() if until <= now]:
+                del pending[key]
+        until = now + self._pending_s
+        for key in keys:
+            pending[key] = until
 
     def choose(
         self, request: RouteRequest, candidates: Sequence[WorkerRecord],
         inflight: Mapping[str, int],
     ) -> Choice:
-        keys = block_keys(request.prompt, self._block_bytes)
-        matches = {w.worker_id: self._tree(w.worker_id).match(keys) for w in candidates}
-        best = max(matches.values())
-        ratio = best / len(keys) if keys else 0.0
-        if ratio >= self.match_threshold:
-            tied = [w for w in candidates if matches[w.worker_id] == best]
-            worker = min(tied, key=lambda w: load_score(w, inflight))
-            choice = Choice(worker, f"prefix match {ratio:.2f}")
-            if self.overloaded(worker, candidates, inflight):
-                fallback = self._fallback.choose(request, candidates, inflight)
-                choice = Choice(fallback.worker, f"prefix match {ratio:.2f} on "
-                                f"{worker.worker_id}, but imbalanced: least-load "
-                                f"{fallback.reason}")
+        ids = request.token_ids(self.views.tokenizer(request.model)) if self.views else None
+        views = {w.worker_id: self.views.view(w.worker_id) for w in candidates} \
+            if self.views is not None and ids else {}
+        text_keys: list[bytes] | None = None
+        chains: dict[int, list[int]] = {}  # block size: the prompt's keys
+        held: dict[str, float] = {}  # worker: share of the prompt its engine holds
+        for worker in candidates:
+            view = views.get(worker.worker_id)
+            if ids and view is not None and view.block_size:
+                keys = chains.setdefault(view.block_size, chain_keys(ids, view.block_size))
+                matched = self._held(worker.worker_id, view, keys)
+                held[worker.worker_id] = matched * view.block_size / len(ids)
+            else:
+                if text_keys is None:
+                    text_keys = block_keys(request.prompt, self._block_bytes)
+                matched = self._tree(worker.worker_id).match(text_keys)
+                held[worker.worker_id] = matched / len(text_keys) if text_keys else 0.0
+        tokens = float(len(ids)) if ids else len(request.prompt.encode()) / CHARS_PER_TOKEN
+        estimates = self.placement.estimates(
+            candidates, lambda w: tokens * (1.0 - held[w.worker_id]), tokens)
+        best = min(estimates, key=lambda e: (
+            round(e.wait, 6), -held[e.worker.worker_id], inflight.get(e.worker.worker_id, 0),
+            self._tree(e.worker.worker_id).size + len(self._pending.get(e.worker.worker_id, ())),
+            self._rng.random()))
+        self.placement.sent(best)
+        wid = best.worker.worker_id
+        chosen_view = views.get(wid)
+        from_engine = chosen_view is not None and chosen_view.block_size in chains
+        if chosen_view is not None and chosen_view.block_size in chains:
+            self._hold(wid, chains[chosen_view.block_size])
         else:
-            # No worker holds enough of it: the least-cached worker has the most room, unless
-            # it is the busy one.
-            worker = min(candidates, key=lambda w: (self._tree(w.worker_id).size,
-                                                    load_score(w, inflight)))
-            choice = Choice(worker, f"prefix match {ratio:.2f} < {self.match_threshold}, "
-                                    "least cached")
-            if self.overloaded(worker, candidates, inflight):
-                fallback = self._fallback.choose(request, candidates, inflight)
-                choice = Choice(fallback.worker, f"least cached {worker.worker_id} is busy: "
-                                f"least-load {fallback.reason}")
-        self._tree(choice.worker.worker_id).insert(keys)
-        return choice
+            self._tree(wid).insert(text_keys if text_keys is not None
+                                   else block_keys(request.prompt, self._block_bytes))
+        source = "engine" if from_engine else "estimate"
+        others = ", ".join(f"{e.worker.worker_id} {e.wait:.2f}s" for e in estimates
+                           if e is not best)
+        return Choice(best.worker, f"holds {held[wid]:.2f} ({source}), prefill wait "
+                      f"{best.wait:.2f}s, backlog {best.backlog:.0f} tokens; others: {others}")
 
     # For gateways that share placement (gateway/shared_state.py): what another gateway sent.
 

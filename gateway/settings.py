@@ -81,17 +81,6 @@ class GatewaySettings(CliSettings, ControllerCredentials, ClientTLSSettings, Ser
         "X-Session-Id",
         description="Header with the session key the session policy routes by (else the body's "
         "'user').")
-    cache_match_threshold: float = Field(
-        0.5, ge=0, le=1, description="cache-aware: the share of a prompt a worker's cached "
-        "prefix must cover for the request to go to it.")
-    # Measured (bench/RESULTS.md, routing): at 4, two H100 engines fed 32 streams balanced so
-    # often that the prefix-cache hit rate fell from 0.91 to 0.70 and TTFT p50 doubled; 16 and
-    # 64 kept 0.91. 16 still bounds the queue in front of a small (CPU) engine.
-    balance_abs: float = Field(
-        16.0, ge=0, description="cache-aware: fall back to least-load when the chosen worker's "
-        "load exceeds the lowest by more than this and by a factor of more than --balance-rel.")
-    balance_rel: float = Field(
-        1.5, ge=1, description="cache-aware: the factor of --balance-abs's fallback.")
     max_inflight_per_worker: int = Field(
         512, ge=0, description="Requests in flight to one worker before new ones queue; 0: no "
         "cap.")

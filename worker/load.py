@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 from prometheus_client.parser import text_string_to_metric_families
 
 from controller.protocol import WorkerLoad
@@ -28,3 +31,69 @@ def parse_load(metrics_text: str) -> WorkerLoad:
     return WorkerLoad(
         running=int(running), waiting=int(waiting), kv_cache_usage=min(max(usage, 0.0), 1.0)
     )
+
+
+_PROMPT = "vllm:prompt_tokens_total"
+_BY_SOURCE = "vllm:prompt_tokens_by_source_total"
+_HITS = "vllm:prefix_cache_hits_total"
+_PREFILL_SUM = "vllm:request_prefill_time_seconds_sum"
+_PREFILL_COUNT = "vllm:request_prefill_time_seconds_count"
+
+
+def prefill_counters(metrics_text: str) -> tuple[float, float, float] | None:
+    """Computed prompt tokens, seconds of prefill and prefilled requests, summed over the
+    engine's label sets; None when the engine does not export them."""
+    sums: dict[str, float] = {}
+    computed = 0.0
+    has_source = False
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name in (_PROMPT, _HITS, _PREFILL_SUM, _PREFILL_COUNT):
+                sums[sample.name] = sums.get(sample.name, 0.0) + sample.value
+            elif sample.name == _BY_SOURCE and sample.labels.get("source") == "local_compute":
+                computed += sample.value
+                has_source = True
+    if _PREFILL_SUM not in sums or _PREFILL_COUNT not in sums:
+        return None
+    if not has_source:  # older engines: all prompt tokens less the cache hits
+        if _PROMPT not in sums:
+            return None
+        computed = sums[_PROMPT] - sums.get(_HITS, 0.0)
+    return computed, sums[_PREFILL_SUM], sums[_PREFILL_COUNT]
+
+
+class PrefillMeter:
+    """The engine's prefill speed and work per request, as moving averages over the
+    differences between successive readings of its counters (one engine's lifetime).
+
+    Two lower bounds of the speed, the larger taken: tokens over the seconds the requests spent
+    in prefill (low when several prefill in one step, each counting the step), and tokens over
+    the time between readings (low when the engine was idle part of it)."""
+
+    def __init__(self, weight: float = 0.3, clock: Callable[[], float] = time.monotonic) -> None:
+        self._weight = weight
+        self._clock = clock
+        self._last_at = clock()
+        self._last: tuple[float, float, float] | None = None
+        self.tokens_per_s: float | None = None
+        self.tokens_per_request: float | None = None
+
+    def _average(self, old: float | None, new: float) -> float:
+        return new if old is None else old + self._weight * (new - old)
+
+    def update(self, load: WorkerLoad, metrics_text: str) -> WorkerLoad:
+        """`load` with what this reading teaches about prefill."""
+        now = prefill_counters(metrics_text)
+        at, elapsed = self._clock(), self._clock() - self._last_at
+        if now is not None and self._last is not None:
+            tokens, seconds, requests = (a - b for a, b in zip(now, self._last, strict=True))
+            if requests > 0 and seconds > 0 and tokens >= 0:
+                if tokens > 0:
+                    speed = max(tokens / seconds, tokens / elapsed if elapsed > 0 else 0.0)
+                    self.tokens_per_s = self._average(self.tokens_per_s, speed)
+                self.tokens_per_request = self._average(self.tokens_per_request,
+                                                        tokens / requests)
+        if now is not None:
+            self._last, self._last_at = now, at
+        return load.model_copy(update={"prefill_tokens_per_s": self.tokens_per_s,
+                                       "prefill_tokens_per_request": self.tokens_per_request})

@@ -17,14 +17,23 @@ import uvicorn
 from pydantic import HttpUrl, TypeAdapter
 
 from controller.protocol import EnginePaths, Heartbeat, Registration, WorkerLoad, WorkerState
-from fleetcore.chat_template import CHATML, EngineTemplateFiles, plan_template, write_engine_files
+from fleetcore.chat_template import (
+    CHATML,
+    EngineTemplateFiles,
+    flag_value,
+    plan_template,
+    write_engine_files,
+)
 from fleetcore.tracing import Tracing, engine_tracing_args
 from worker.app import EmbeddedServer, WorkerMetrics, create_app
 from worker.engine import EngineFailed, EngineProcess, build_engine_command, free_port
-from worker.load import parse_load
+from worker.kv_events import KV_EVENTS_FLAG, KvBlockIndex, KvEventRelay, kv_events_args
+from worker.load import PrefillMeter, parse_load
 from worker.model_source import resolve_model, served_names
+from worker.protocol import TokenizerFiles
 from worker.registration import ControllerClient, ControllerRefused
 from worker.settings import WorkerSettings
+from worker.tokenizer_files import read_tokenizer_files
 
 logger = logging.getLogger(__name__)
 _ENGINE_PATHS: TypeAdapter[list[str] | None] = TypeAdapter(EnginePaths)
@@ -45,6 +54,14 @@ class Worker:
         self.worker_id = settings.worker_id or f"{socket.gethostname()}-{self.engine_port}"
         self.engine_url = ""
         self.chat_template: str | None = None
+        # The worker's own /health, /metrics and /kv-cache: a port fixed before it serves, so
+        # that the first registration can name it.
+        self.port = settings.port or free_port(
+            "127.0.0.1" if ":" in settings.host else settings.host)  # IPv6: probed on IPv4
+        self.kv_index: KvBlockIndex | None = None
+        self._kv_relay: KvEventRelay | None = None
+        self.tokenizer_files: TokenizerFiles | None = None
+        self._prefill = PrefillMeter()
         self.heartbeat_interval = 2.0
         self._stop = asyncio.Event()
         self._force = False
@@ -85,9 +102,23 @@ class Worker:
             engine_paths=self.engine_paths,
             device=self.settings.device,
             chat_template=self.chat_template,
+            kv_cache_url=HttpUrl(self.kv_cache_url) if self.kv_index is not None else None,
             state=self.state,
             load=self.load,
         )
+
+    @property
+    def kv_cache_url(self) -> str:
+        """Where gateways read /kv-cache: this worker's host as the engine's advertised URL
+        names it, else as it binds (loopback for a wildcard)."""
+        scheme = "https" if self.settings.uvicorn_ssl() else "http"
+        host = httpx.URL(self.engine_url).host if self.settings.advertise_url else \
+            self.settings.host
+        if host in ("0.0.0.0", "", "::"):
+            host = "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{scheme}://{host}:{self.port}"
 
     async def _report_to(self, controller: ControllerClient) -> None:
         try:
@@ -122,7 +153,7 @@ class Worker:
         try:
             response = await self._engine_http.get(f"{self._engine_base}/metrics", timeout=2.0)
             response.raise_for_status()
-            self.load = parse_load(response.text)
+            self.load = self._prefill.update(parse_load(response.text), response.text)
         except (httpx.HTTPError, ValueError) as exc:
             logger.warning("could not read engine metrics error=%r", exc)
 
@@ -168,6 +199,9 @@ class Worker:
 
     async def _start_engine(self) -> None:
         assert self._engine is not None and self._engine_http is not None
+        if self._kv_relay is not None:
+            self._kv_relay.engine_started()
+        self._prefill = PrefillMeter()
         await self._engine.start()
         await self._engine.wait_healthy(self._engine_http, self.settings.engine_start_timeout)
         await self._read_max_model_len()
@@ -225,15 +259,34 @@ class Worker:
         self.chat_template = plan.label
         logger.info("chat template model=%s template=%s stop_token_ids=%s", model_path,
                     plan.label, list(plan.stop_token_ids))
-        return await asyncio.to_thread(write_engine_files, plan, model_path, workdir,
-                                       engine_args)
+        files = await asyncio.to_thread(write_engine_files, plan, model_path, workdir,
+                                        engine_args)
+        folder = Path(flag_value(engine_args, "--tokenizer") or model_path)
+        try:
+            self.tokenizer_files = await asyncio.to_thread(read_tokenizer_files, folder,
+                                                           files.chat_template)
+        except OSError as exc:
+            logger.warning("could not read the tokenizer files folder=%s error=%r", folder, exc)
+        return files
+
+    def _kv_events(self, workdir: Path) -> list[str]:
+        """The engine's KV events on an IPC socket in the worker's private folder (0700): no
+        port to guard. A --kv-events-config of the user's own is left alone, and not relayed."""
+        if flag_value(self.settings.engine_args, KV_EVENTS_FLAG) is not None:
+            logger.info("--kv-events-config given: the worker does not relay KV events")
+            return []
+        self.kv_index = KvBlockIndex()
+        endpoint = self.settings.kv_events_endpoint or f"ipc://{workdir / 'kv-events'}"
+        self._kv_relay = KvEventRelay(endpoint, self.kv_index)
+        return kv_events_args(self._kv_relay.endpoint)
 
     async def run(self) -> int:
         model_path, extra_args = await resolve_model(self.settings)
         workdir = Path(tempfile.mkdtemp(prefix="fleet-worker-"))
         try:
             template = await self._template_files(model_path, workdir)
-            return await self._run(model_path, [*extra_args, *template.engine_args()])
+            return await self._run(model_path, [*extra_args, *template.engine_args(),
+                                                *self._kv_events(workdir)])
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
 
@@ -258,7 +311,7 @@ class Worker:
         self.engine_url = (self.settings.advertise_url or command.base_url).rstrip("/")
         self._engine = EngineProcess(command)
         server = EmbeddedServer(uvicorn.Config(
-            create_app(self), host=self.settings.host, port=self.settings.port,
+            create_app(self), host=self.settings.host, port=self.port,
             log_level="warning", access_log=False, **self.settings.uvicorn_ssl(),
         ))
         token = self.settings.cluster_token
@@ -275,12 +328,16 @@ class Worker:
             ]
             serving = asyncio.create_task(server.serve())
             self._heartbeats = asyncio.create_task(self._heartbeat_forever())
+            relay = asyncio.create_task(self._kv_relay.run()) if self._kv_relay else None
             try:
                 return await self._serve_until_stopped()
             finally:
                 server.should_exit = True
                 self._heartbeats.cancel()
-                await asyncio.gather(serving, self._heartbeats, return_exceptions=True)
+                if relay is not None:
+                    relay.cancel()
+                await asyncio.gather(serving, self._heartbeats, *filter(None, [relay]),
+                                     return_exceptions=True)
 
     async def _serve_until_stopped(self) -> int:
         assert self._engine is not None

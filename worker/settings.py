@@ -73,6 +73,10 @@ class WorkerSettings(CliSettings, ClusterTokenSettings, ClientTLSSettings, Serve
     chat_template: str | None = Field(
         None, description="Jinja chat template file, or 'chatml' for the built-in ChatML "
         "template; none: the tokenizer's own, else ChatML with its stop tokens.")
+    kv_events_endpoint: str | None = Field(
+        None, description="Where the engine publishes its KV-cache events (a ZMQ endpoint, "
+        "e.g. ipc:///run/fleet/kv-w0) for another subscriber besides the worker; none: an IPC "
+        "socket in the worker's private folder.")
     log_level: str = Field("info", description="debug, info, warning or error.")
     # Set it where something besides the gateway must reach the engine with a known key, such
     # as another router in a side-by-side benchmark.

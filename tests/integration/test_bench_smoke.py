@@ -52,14 +52,19 @@ def _smoke(script: str, tmp_path: Path, *args: str) -> dict:
 
 
 def test_routing_bench_smoke_runs_ours_and_vllms_router(tmp_path: Path) -> None:
-    """Two CPU workers; our cache-aware gateway and vLLM's router (installed in its own venv
-    on first use) over the same engines."""
-    record = _smoke("routing_bench.py", tmp_path,
-                    "--policies", "cache-aware,vllm-router:cache_aware")
-    for policy in ("cache-aware", "vllm-router:cache_aware"):
-        result = record["results"][policy]
-        assert result["requests"] == 8 and result["errors"] == 0
-        assert 0 <= result["prefix_cache_hit_rate"] <= 1
+    """Two CPU workers; our cache-aware gateways and vLLM's router (installed in its own venv
+    on first use), two replicas each, over the same engines: each policy twice in a closed
+    loop (A-B-B-A), then twice in an open loop."""
+    policies = ("cache-aware", "vllm-router:cache_aware")
+    record = _smoke("routing_bench.py", tmp_path, "--policies", ",".join(policies))
+    runs = record["shapes"]["base"]["runs"]
+    assert [(r["mode"], r["policy"]) for r in runs] == [
+        (mode, p) for mode in ("closed", "open") for p in (*policies, *policies[::-1])]
+    for run in runs:
+        assert run["errors"] == 0 and 0 <= run["prefix_cache_hit_rate"] <= 1, run
+        assert run["requests"] == 8 if run["mode"] == "closed" else run["steady_requests"] > 0
+    summary = record["shapes"]["base"]["summary"]
+    assert set(summary["open"]) == set(policies) and summary["open"]["cache-aware"]["rate"] > 0
 
 
 def test_overhead_bench_smoke_measures_every_proxy(tmp_path: Path) -> None:
@@ -101,3 +106,11 @@ def test_controller_bench_smoke_follows_the_table_by_changes(tmp_path: Path) -> 
     # Every simulated worker beat on schedule (within one beat of the window's edges).
     assert abs(result["heartbeats_per_s"] - record["setup"]["workers"] / 2.0) <= 1
     assert result["sync"]["reads"] > 0 and result["sync"]["full_reads"] == 2
+
+
+def test_tokenize_bench_smoke_measures_both_loads(tmp_path: Path) -> None:
+    """No engine: the demo model's tokenizer, a new and a shared system prompt."""
+    record = _smoke("tokenize_bench.py", tmp_path)
+    for load in ("fresh", "shared"):
+        assert record["cpu_ms_per_request"][load]["total_ms"]["p50"] > 0
+    assert record["requests"] == 10 and record["prompt_tokens_mean"] > 100

@@ -74,36 +74,39 @@ def test_round_robin_takes_turns_per_model() -> None:
 SYSTEM = "You are a helpful assistant who answers in one sentence. " * 8
 
 
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_cache_aware_follows_the_prefix_and_spreads_new_ones() -> None:
-    policy, workers = CacheAware(), [worker("a"), worker("b")]
+    clock = Clock()
+    policy, workers = CacheAware(clock=clock), [worker("a"), worker("b")]
     first = policy.choose(req(prompt=SYSTEM + "Q1"), workers, {}).worker.worker_id
+    clock.now += 5  # its prefill is done
     again = policy.choose(req(prompt=SYSTEM + "Q1 and a follow-up"), workers, {})
-    assert again.worker.worker_id == first and "prefix match" in again.reason
+    assert again.worker.worker_id == first and again.reason.startswith("holds 1.00 (estimate)")
+    clock.now += 5
     other = policy.choose(req(prompt="Something else entirely. " * 20), workers, {})
     assert other.worker.worker_id != first  # the least-cached worker takes a new prefix
 
 
-def test_cache_aware_imbalance_guard_falls_back_to_least_load() -> None:
-    policy = CacheAware(balance_abs=4, balance_rel=1.5)
-    hot, cold = worker("hot"), worker("cold")
-    policy.choose(req(prompt=SYSTEM), [hot], {})  # the prefix now lives on "hot"
-    # Within the thresholds, the prefix wins over a lighter load.
-    choice = policy.choose(req(prompt=SYSTEM + "more"), [hot, cold], {"hot": 3, "cold": 0})
-    assert choice.worker.worker_id == "hot" and "prefix match" in choice.reason
-    # Past both thresholds, a hot prefix cannot pile more onto one worker.
-    choice = policy.choose(req(prompt=SYSTEM + "again"), [hot, cold], {"hot": 10, "cold": 0})
-    assert choice.worker.worker_id == "cold" and "imbalanced" in choice.reason
-    # Both thresholds must be passed: 13 against 8.9 is a gap of 4.1 but a ratio under 1.5.
-    assert not policy.overloaded(hot, [hot, cold], {"hot": 13, "cold": 8.9})
-    assert policy.overloaded(hot, [hot, cold], {"hot": 14, "cold": 8.9})
-
-
-def test_cache_aware_threshold_needs_most_of_the_prompt() -> None:
-    policy, workers = CacheAware(match_threshold=0.9), [worker("a"), worker("b")]
-    first = policy.choose(req(prompt=SYSTEM), workers, {}).worker.worker_id
-    # Shares only the first half: below the threshold, so it goes to the least-cached worker.
-    long_tail = SYSTEM + "x" * len(SYSTEM)
-    assert policy.choose(req(prompt=long_tail), workers, {}).worker.worker_id != first
+def test_cache_aware_leaves_the_prefix_when_its_worker_queue_costs_more() -> None:
+    """The engine's own queue (waiting requests times its work per request, as its worker
+    learned them) outweighs the prefix once waiting costs more than computing it again."""
+    clock = Clock()
+    policy = CacheAware(clock=clock)
+    policy.choose(req(prompt=SYSTEM), [worker("hot")], {})  # the prefix now lives on "hot"
+    clock.now += 5
+    hot, cold = worker("hot", waiting=0), worker("cold")
+    assert policy.choose(req(prompt=SYSTEM + "more"), [hot, cold], {}).worker.worker_id == "hot"
+    clock.now += 5
+    hot = worker("hot", waiting=2)  # two prompts' work ahead: more than the prefix is worth
+    assert policy.choose(req(prompt=SYSTEM + "again"), [hot, cold], {}).worker.worker_id == \
+        "cold"
 
 
 def test_cache_aware_forgets_departed_workers() -> None:

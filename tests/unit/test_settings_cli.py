@@ -17,7 +17,6 @@ from fleetcore.settings_cli import CliSettings, settings_of
 from gateway.app import build_table
 from gateway.breaker import Breakers
 from gateway.proxy import Proxy
-from gateway.routing import CacheAware
 from gateway.settings import GatewaySettings
 from gateway.validation import InputLimits
 from webui.settings import WebUISettings
@@ -66,11 +65,10 @@ def test_a_flag_wins_over_its_variable_which_wins_over_the_default(
 def test_flags_that_had_none_before(tmp_path: Path) -> None:
     gateway = GatewaySettings.from_cli([
         "--keys-reload-interval", "2", "--connect-timeout", "3", "--retry-backoff", "0.5",
-        "--prompt-chars-per-token", "4", "--cache-match-threshold", "0.8", "--balance-abs", "8",
-        "--balance-rel", "2", "--api-keys", "k1,k2", "--routing-overrides", "m=session"])
+        "--prompt-chars-per-token", "4", "--api-keys", "k1,k2", "--routing-overrides",
+        "m=session"])
     assert (gateway.keys_reload_interval, gateway.connect_timeout, gateway.retry_backoff,
-            gateway.prompt_chars_per_token, gateway.cache_match_threshold, gateway.balance_abs,
-            gateway.balance_rel) == (2, 3, 0.5, 4, 0.8, 8, 2)
+            gateway.prompt_chars_per_token) == (2, 3, 0.5, 4)
     assert gateway.api_keys == ["k1", "k2"] and gateway.routing_overrides == {"m": "session"}
     worker = WorkerSettings.from_cli(["--model", "m", "--restart-backoff-max", "5"])
     assert worker.restart_backoff_max == 5
@@ -120,11 +118,9 @@ def test_the_gateway_parts_defaults_are_the_settings_defaults() -> None:
     declared ones, or a part built without settings behaves unlike the gateway users start."""
     declared = {n: f.get_default(call_default_factory=True)
                 for n, f in GatewaySettings.model_fields.items()}
-    breakers, cache_aware, limits = Breakers(), CacheAware(), InputLimits()
+    breakers, limits = Breakers(), InputLimits()
     assert (breakers.threshold, breakers.cooldown) == \
         (declared["breaker_threshold"], declared["breaker_cooldown"])
-    assert (cache_aware.match_threshold, cache_aware.balance_abs, cache_aware.balance_rel) == \
-        (declared["cache_match_threshold"], declared["balance_abs"], declared["balance_rel"])
     assert limits == GatewaySettings().input_limits()
     retry_backoff = inspect.signature(Proxy).parameters["retry_backoff"].default
     assert retry_backoff == declared["retry_backoff"]

@@ -1,0 +1,75 @@
+"""The engine's own cache, as a gateway sees it: a real worker with KV events on (its default),
+one prompt sent through the stack, then the gateway's view of that worker holds the prompt's
+blocks, tokenised by the gateway as the engine did, and the same prefix routes there."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import httpx
+import openai
+import pytest
+
+from controller.protocol import WorkerRecord
+from gateway.kv_view import KvSync, KvViews
+from gateway.protocol import ChatCompletionRequest
+from gateway.routing import CacheAware, RouteRequest
+from tests.integration.harness import MODEL_NAME, Stack
+
+pytestmark = pytest.mark.integration
+
+SYSTEM = ("You are the archivist of a lighthouse museum. Rules: " +
+          " ".join(f"rule {i} says keep the lantern {i % 7} polished." for i in range(60)))
+
+
+def chat(question: str) -> ChatCompletionRequest:
+    return ChatCompletionRequest(model=MODEL_NAME, messages=[
+        {"role": "system", "content": SYSTEM}, {"role": "user", "content": question}])
+
+
+def test_the_gateway_sees_the_engines_cache_and_routes_the_prefix_there(
+        stack: Stack, client: openai.OpenAI) -> None:
+    record = WorkerRecord.model_validate(stack.worker_record("worker"))
+    assert record.kv_cache_url is not None
+    denied = httpx.get(f"{record.kv_cache_url}kv-cache", timeout=5)
+    assert denied.status_code == 401 and denied.json()["error"]["code"] == "invalid_api_key"
+
+    client.chat.completions.create(model=MODEL_NAME, max_tokens=2, temperature=0,
+                                   messages=chat("Name the capital of France.").model_dump()[
+                                       "messages"])
+    # A second worker that publishes nothing: only the real one can hold the prefix.
+    other = record.model_copy(update={"worker_id": "other", "kv_cache_url": None})
+
+    async def main() -> tuple[str, str, str]:
+        views = KvViews()
+        async with aiohttp.ClientSession() as session:
+            sync = KvSync(views, session)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 60
+            policy = CacheAware(views=views)
+            try:
+                while True:
+                    sync.reconcile([record])
+                    view = views.view("worker")
+                    if views.tokenizer(MODEL_NAME) is not None and view and view.keys:
+                        break
+                    assert loop.time() < deadline, "the view never showed the engine's blocks"
+                    await asyncio.sleep(0.2)
+                same = chat("Which lantern is polished first?")
+                hit = policy.choose(RouteRequest(model=MODEL_NAME, prompt_ids=same.prompt_ids),
+                                    [other, record], {})
+                fresh = chat("x")
+                fresh.messages[0].content = "A different system prompt entirely. " * 80
+                miss = CacheAware(views=views).choose(
+                    RouteRequest(model=MODEL_NAME, prompt_ids=fresh.prompt_ids), [record], {})
+                return hit.worker.worker_id, hit.reason, miss.reason
+            finally:
+                await sync.close()
+
+    worker, reason, miss = asyncio.run(main())
+    print(reason, miss, sep="\n")
+    assert worker == "worker" and "(engine)" in reason, reason
+    held = float(reason.split()[1])
+    assert held >= 0.7, reason  # the whole system prompt, less the partial last block
+    assert miss.startswith("holds 0.00 (engine)"), miss
