@@ -11,8 +11,11 @@ from fastapi import FastAPI, Request, Response
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from controller.adapters import AdapterCatalogue
 from controller.auth import ClusterAuth, ClusterAuthMiddleware, document_security
 from controller.protocol import (
+    AdapterList,
+    AdapterSpec,
     Heartbeat,
     ModelList,
     RegisterResponse,
@@ -23,7 +26,12 @@ from controller.protocol import (
 )
 from controller.registry import Registry, UnknownWorker
 from controller.settings import ControllerSettings
-from fleetcore.errors import ErrorResponse, NotFoundError, install_error_handlers
+from fleetcore.errors import (
+    ErrorResponse,
+    InvalidRequestError,
+    NotFoundError,
+    install_error_handlers,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +64,8 @@ async def _expire_forever(registry: Registry) -> None:
 
 def create_app(settings: ControllerSettings) -> FastAPI:
     registry = Registry(heartbeat_interval=settings.heartbeat_interval, expiry=settings.expiry)
+    catalogue = AdapterCatalogue(settings.adapters_file)
+    registry.adapters = catalogue.list
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -69,6 +79,7 @@ def create_app(settings: ControllerSettings) -> FastAPI:
 
     app = FastAPI(title="llm-fleet controller", version="0.1.0", lifespan=lifespan)
     app.state.registry = registry
+    app.state.adapters = catalogue
     app.state.settings = settings
     install_error_handlers(app)
     # Every call but /health, /metrics and the docs needs a token: the registry decides where
@@ -129,6 +140,31 @@ def create_app(settings: ControllerSettings) -> FastAPI:
     @app.get("/snapshot", response_model=Snapshot)
     async def snapshot(request: Request) -> Snapshot:
         return _get_registry(request).snapshot()
+
+    @app.get("/adapters", response_model=AdapterList)
+    async def list_adapters() -> AdapterList:
+        return AdapterList(adapters=catalogue.list())
+
+    @app.put("/adapters/{name}", response_model=AdapterSpec, responses=_ERRORS)
+    async def declare_adapter(name: str, body: AdapterSpec) -> AdapterSpec:
+        if body.name != name:
+            raise InvalidRequestError(f"The body names adapter '{body.name}', the path '{name}'.",
+                                      param="name")
+        if body.name in registry.models():
+            raise InvalidRequestError(f"'{name}' is the name of a base model.", param="name",
+                                      code="name_taken")
+        if catalogue.put(body):
+            registry.generation += 1
+        return body
+
+    @app.delete("/adapters/{name}", response_model=AdapterSpec, responses=_ERRORS)
+    async def remove_adapter(name: str) -> AdapterSpec:
+        spec = catalogue.remove(name)
+        if spec is None:
+            raise NotFoundError(f"No adapter '{name}' is declared.", param="name",
+                                code="adapter_not_found")
+        registry.generation += 1
+        return spec
 
     @app.get("/health")
     async def health() -> dict[str, str]:

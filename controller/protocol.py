@@ -45,6 +45,32 @@ class WorkerLoad(BaseModel):
     kv_cache_usage: float = Field(0.0, ge=0.0, le=1.0, description="KV-cache use, 0..1.")
 
 
+ModelName = Annotated[str, Field(pattern=MODEL_NAME_PATTERN)]
+# The LoRA adapters an engine holds now; None in a heartbeat: not reported (unchanged).
+AdapterNames = Annotated[
+    list[ModelName] | None,
+    Field(None, max_length=1024, description="The LoRA adapters the engine holds now, static "
+          "(--lora-modules) and loaded at run time; none: not reported."),
+]
+
+
+class AdapterSpec(BaseModel):
+    """A LoRA adapter declared for the fleet: gateways load it on workers of its base model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: ModelName
+    source: str = Field(
+        min_length=1, max_length=1024, pattern=r"^\S+$",
+        description="An absolute folder on the workers' hosts, or a Hugging Face id (a "
+        "ModelScope id where the engines have VLLM_USE_MODELSCOPE=True): vLLM's lora_path.")
+    base_model: ModelName
+
+
+class AdapterList(BaseModel):
+    adapters: list[AdapterSpec]
+
+
 class WorkerInfo(BaseModel):
     """The static facts of a worker; sent when it registers."""
 
@@ -68,6 +94,14 @@ class WorkerInfo(BaseModel):
     )
 
     engine_paths: EnginePaths = None
+    # LoRA: how many adapters the engine runs at once (--max-loras); None: LoRA is off.
+    lora_slots: PositiveInt | None = None
+    static_adapters: list[ModelName] = Field(
+        default_factory=list, max_length=1024,
+        description="Adapters the engine was started with (--lora-modules): never unloaded.")
+    adapters: list[ModelName] = Field(
+        default_factory=list, max_length=1024,
+        description="The LoRA adapters the engine holds now, static ones included.")
 
     @field_validator("model_names")
     @classmethod
@@ -90,6 +124,7 @@ class Heartbeat(BaseModel):
     # Facts that become known only once the engine is up.
     max_model_len: PositiveInt | None = None
     engine_paths: EnginePaths = None
+    adapters: AdapterNames = None
 
 
 class RegisterResponse(BaseModel):
@@ -131,3 +166,5 @@ class Snapshot(BaseModel):
     # True for one expiry period after the controller starts: workers are still registering
     # again, so a worker missing from `workers` may well be alive.
     warming_up: bool = False
+    # The fleet's adapter catalogue (declared, persisted by the controller).
+    adapters: list[AdapterSpec] = Field(default_factory=list)

@@ -9,7 +9,14 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 
-from controller.protocol import Heartbeat, Registration, Snapshot, WorkerRecord, WorkerState
+from controller.protocol import (
+    AdapterSpec,
+    Heartbeat,
+    Registration,
+    Snapshot,
+    WorkerRecord,
+    WorkerState,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +45,8 @@ class Registry:
         self._known_models: dict[str, float] = {}
         # Bumped on every change that matters to routing, so gateways can see staleness.
         self.generation = 0
+        # The adapter catalogue's reader (controller/adapters.py), for the snapshot.
+        self.adapters: Callable[[], list[AdapterSpec]] = list
 
     def register(self, registration: Registration) -> WorkerRecord:
         now_wall, now = time.time(), self._clock()
@@ -75,6 +84,10 @@ class Registry:
             record.max_model_len = beat.max_model_len
         if beat.engine_paths is not None:
             record.engine_paths = beat.engine_paths
+        if beat.adapters is not None and beat.adapters != record.adapters:
+            logger.info("adapters worker_id=%s %s", worker_id, ",".join(beat.adapters) or "-")
+            record.adapters = beat.adapters
+            self.generation += 1
         record.last_heartbeat = time.time()
         self._seen[worker_id] = now
         for name in record.model_names:
@@ -126,6 +139,7 @@ class Registry:
             workers=self.workers(),
             models=self.known_models(),
             warming_up=self._clock() - self._started < self.expiry,
+            adapters=self.adapters(),
         )
 
     def count_by_state(self) -> dict[WorkerState, int]:

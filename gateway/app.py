@@ -19,6 +19,8 @@ from starlette.responses import Response
 from fleetcore.cluster_auth import bearer
 from fleetcore.errors import ErrorResponse, FleetError, NotFoundError, install_error_handlers
 from gateway import validation
+from gateway.adapter_admin import AdapterAdmin
+from gateway.adapters import AdapterFleet
 from gateway.asgi import GenerateRoutes, Handler, RelayResponse
 from gateway.auth import Authenticator
 from gateway.breaker import Breakers
@@ -32,16 +34,19 @@ from gateway.endpoints import (
 )
 from gateway.engine_client import EngineClient
 from gateway.limits import KeyLimiter
+from gateway.lora_placement import PLACEMENTS, DemandPlacement, PlacementPolicy
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline import Pipeline
 from gateway.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     GatewayStatus,
+    LoadLoraAdapterRequest,
     ModelCard,
     ModelList,
     ModelRequest,
     TableHealth,
+    UnloadLoraAdapterRequest,
 )
 from gateway.proxy import Proxy
 from gateway.routing import POLICIES, CacheAware, RoutingPolicy
@@ -78,8 +83,15 @@ def _policy(name: str, settings: GatewaySettings) -> RoutingPolicy:
     return POLICIES[name]()
 
 
+def _placement(settings: GatewaySettings) -> PlacementPolicy:
+    if settings.lora_placement == DemandPlacement.name:
+        return DemandPlacement(spread_at=settings.adapter_spread_at,
+                               shrink_after=settings.adapter_shrink_after)
+    return PLACEMENTS[settings.lora_placement]()
+
+
 def build_table(settings: GatewaySettings) -> RoutingTable:
-    return RoutingTable(
+    table = RoutingTable(
         _policy(settings.routing, settings),
         overrides={m: _policy(p, settings) for m, p in settings.routing_overrides.items()},
         breakers=Breakers(threshold=settings.breaker_threshold,
@@ -87,12 +99,23 @@ def build_table(settings: GatewaySettings) -> RoutingTable:
         limits=Limits(max_inflight_per_worker=settings.max_inflight_per_worker,
                       queue_size=settings.queue_size, queue_timeout=settings.queue_timeout),
     )
+    table.adapters = AdapterFleet(table, _placement(settings),
+                                  wait_timeout=settings.adapter_wait_timeout)
+    return table
+
+
+async def _upkeep_forever(adapters: AdapterFleet, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        adapters.upkeep()
 
 
 def create_app(settings: GatewaySettings) -> FastAPI:
-    auth = Authenticator(settings.load_keys(), settings.keys_file)
+    auth = Authenticator(settings.load_keys(), settings.keys_file, settings.admin_api_keys)
     limiter = KeyLimiter()
     table = build_table(settings)
+    adapters = table.adapters
+    assert adapters is not None
     metrics = GatewayMetrics(table)
     table.on_latency = metrics.observe_latency
     if not auth.enabled:
@@ -108,6 +131,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                   retry_backoff=settings.retry_backoff)
     pipeline = Pipeline(settings, auth=auth, limiter=limiter, table=table, metrics=metrics,
                         proxy=proxy)
+    admin = AdapterAdmin(table, adapters, lambda: adapters.session,
+                         settings.controller_addresses, bearer(settings.controller_token()))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -116,7 +141,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             sync = ControllerSync(table, session, settings.controller_addresses,
                                   interval=settings.sync_interval,
                                   headers=bearer(settings.controller_token()))
-            tasks = [asyncio.create_task(sync.run_forever())]
+            adapters.session = session
+            tasks = [asyncio.create_task(sync.run_forever()),
+                     asyncio.create_task(_upkeep_forever(adapters, settings.sync_interval))]
             if auth.keys_file is not None:
                 tasks.append(asyncio.create_task(
                     auth.watch_forever(settings.keys_reload_interval, limiter.forget)
@@ -128,6 +155,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
+                adapters.session = None
                 engines.close()
 
     app = FastAPI(title="llm-fleet gateway", version="0.1.0", lifespan=lifespan)
@@ -172,12 +200,21 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     def model_cards(request: Request) -> list[ModelCard]:
         caller = auth.authenticate(request.headers.get("authorization"))
         created = int(time.time())
-        return [
-            # A base model is its own root; adapters will name their base as parent.
+        served = table.models()
+        cards = [
+            # A base model is its own root; an adapter names its base as parent.
             ModelCard(id=name, created=created, root=name,
                       max_model_len=table.max_model_len(name), endpoints=routed_paths(workers))
-            for name, workers in sorted(table.models().items()) if caller.entry.allows(name)
+            for name, workers in sorted(served.items()) if caller.entry.allows(name)
         ]
+        for name, source, base in adapters.listing():
+            workers = [w for w in served.get(base, []) if w.lora_slots
+                       or w.worker_id in adapters.holders(name)]
+            if workers and caller.entry.allows(name):
+                cards.append(ModelCard(id=name, created=created, root=source, parent=base,
+                                       max_model_len=table.max_model_len(base),
+                                       endpoints=routed_paths(workers)))
+        return cards
 
     @app.get("/v1/models", response_model=ModelList, responses=_ERRORS,
              openapi_extra=_BEARER)
@@ -192,6 +229,24 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             raise NotFoundError(f"The model '{model}' does not exist.", param="model",
                                 code="model_not_found")
         return card
+
+    @app.post("/v1/load_lora_adapter", responses=_ERRORS, openapi_extra=_BEARER,
+              summary="Declare a LoRA adapter for the fleet (admin key)")
+    async def load_lora_adapter(request: Request, body: LoadLoraAdapterRequest) -> Response:
+        auth.authenticate_admin(request.headers.get("authorization"))
+        await admin.declare(body)
+        # vLLM's own answer, so that its clients and scripts work unchanged.
+        return Response(f"Success: LoRA adapter '{body.lora_name}' added successfully.",
+                        media_type="text/plain")
+
+    @app.post("/v1/unload_lora_adapter", responses=_ERRORS, openapi_extra=_BEARER,
+              summary="Remove a LoRA adapter from the fleet (admin key)")
+    async def unload_lora_adapter(request: Request, body: UnloadLoraAdapterRequest
+                                  ) -> Response:
+        auth.authenticate_admin(request.headers.get("authorization"))
+        await admin.remove(body.lora_name)
+        return Response(f"Success: LoRA adapter '{body.lora_name}' removed successfully.",
+                        media_type="text/plain")
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:

@@ -13,12 +13,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fleetcore.errors import AuthenticationError
+from fleetcore.errors import AuthenticationError, PermissionDeniedError
 from gateway.keys import KeyEntry, KeysFile, hash_key
 
 logger = logging.getLogger(__name__)
 
 _PLAIN = KeyEntry(name="api-keys")
+_PLAIN_ADMIN = KeyEntry(name="admin-api-keys", admin=True)
 
 
 @dataclass(frozen=True)
@@ -37,8 +38,10 @@ ANONYMOUS = Caller(key_id="", entry=KeyEntry(name="anonymous"))
 
 
 class Authenticator:
-    def __init__(self, plain_keys: Iterable[str] = (), keys_file: Path | None = None) -> None:
-        self._plain = {hash_key(k): _PLAIN for k in plain_keys}
+    def __init__(self, plain_keys: Iterable[str] = (), keys_file: Path | None = None,
+                 admin_keys: Iterable[str] = ()) -> None:
+        self._plain = {**{hash_key(k): _PLAIN for k in plain_keys},
+                       **{hash_key(k): _PLAIN_ADMIN for k in admin_keys}}
         self.keys_file = KeysFile(keys_file) if keys_file is not None else None
         self._entries: dict[str, KeyEntry] = {}
         self._merge()
@@ -79,6 +82,17 @@ class Authenticator:
         if entry is None:
             raise AuthenticationError("The API key is not valid.")
         return Caller(key_id=key_id, entry=entry)
+
+    def authenticate_admin(self, authorization: str | None) -> Caller:
+        """An admin caller (`--admin-api-keys`, or `admin: true` in the keys file); 401 for
+        no valid key, 403 for a key that is not an admin's. Without any keys configured the
+        gateway trusts every caller, as it does for everything else."""
+        caller = self.authenticate(authorization)
+        if self.enabled and not caller.entry.admin:
+            raise PermissionDeniedError("This API key may not manage the fleet's adapters; an "
+                                        "admin key may (--admin-api-keys, or admin: true in "
+                                        "the keys file).", code="admin_required")
+        return caller
 
     def caller_or_none(self, authorization: str | None) -> Caller | None:
         """The caller, or None for a missing or invalid key: for pages that answer a stranger

@@ -71,6 +71,7 @@ class Pipeline:
             parsed = await self.parse(request, routed, schema)
             self.authorize(routed, parsed.model)
             self.limit(request, routed, parsed)
+            await self.place(routed)
 
         return await self._walk(request, routed, prepare)
 
@@ -88,6 +89,7 @@ class Pipeline:
                 parsed = await self.parse(request, routed, ModelRequest)
             self.authorize(routed, parsed.model)
             self.admit(request, routed, parsed.model)
+            await self.place(routed)
             if endpoint.path == RESPONSES:
                 model, key_id = parsed.model, routed.caller.key_id
                 routed.on_answer = lambda first, worker_id: self.responses.learn(
@@ -189,8 +191,7 @@ class Pipeline:
             )
         table = self._table
         # Client-chosen names would make the label set unbounded.
-        known = table.snapshot is not None and model in table.snapshot.models
-        routed.model = model if known else "unknown"
+        routed.model = model if table.is_known(model) else "unknown"
         routed.policy = table.policy_for(model).name
 
     def limit(self, request: Request, routed: RoutedRequest, parsed: GenerationRequest) -> None:
@@ -210,6 +211,14 @@ class Pipeline:
             path=routed.path,
             render_prompt=parsed.prompt_text,
         )
+
+    async def place(self, routed: RoutedRequest) -> None:
+        """A request naming a LoRA adapter waits until a worker it may go to holds it. The
+        last step before forwarding: nothing awaits between it and the lease, so the adapter
+        cannot be unloaded in between."""
+        adapters = self._table.adapters
+        if adapters is not None and routed.route is not None:
+            await adapters.ensure(routed.route)
 
     def admit(self, request: Request, routed: RoutedRequest, model: str) -> None:
         """The key's rate limits for a request the gateway does not read beyond its model:

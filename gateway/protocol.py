@@ -131,3 +131,20 @@ class TableHealth(GatewayStatus):
     routable_workers: int = Field(
         description="Workers it would send a request to now: ready, breaker not open.")
     models: list[str]
+
+
+class LoadLoraAdapterRequest(BaseModel):
+    """vLLM's own body for /v1/load_lora_adapter; at the gateway it declares the adapter for the
+    fleet. `base_model_name` may be left out where the fleet has one LoRA-enabled base model."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    lora_name: str = Field(min_length=1, max_length=256)
+    lora_path: str = Field(min_length=1, max_length=1024)
+    base_model_name: str | None = Field(None, min_length=1, max_length=256)
+
+
+class UnloadLoraAdapterRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    lora_name: str = Field(min_length=1, max_length=256)

@@ -31,6 +31,7 @@ class RouteRequest:
     session: str | None = None
     path: str | None = None  # the engine endpoint; None: any worker of the model
     worker_id: str | None = None  # only this worker (it holds what the request is about)
+    adapter: str | None = None  # the LoRA adapter it names (then `model` is that adapter)
     render_prompt: Callable[[], str] = field(default=lambda: "", repr=False)
 
     @cached_property
@@ -147,7 +148,11 @@ class CacheAware:
         self, request: RouteRequest, candidates: Sequence[WorkerRecord],
         inflight: Mapping[str, int],
     ) -> Choice:
-        keys = block_keys(request.prompt, self._block_bytes)
+        # An adapter's KV cache is its own: the same prompt under another adapter (or the
+        # base model) is another prefix, so prefixes are keyed by worker and adapter.
+        prompt = request.prompt if request.adapter is None else \
+            f"{request.adapter}\0{request.prompt}"
+        keys = block_keys(prompt, self._block_bytes)
         matches = {w.worker_id: self._tree(w.worker_id).match(keys) for w in candidates}
         best = max(matches.values())
         ratio = best / len(keys) if keys else 0.0

@@ -21,6 +21,7 @@ from fleetcore.chat_template import CHATML, EngineTemplateFiles, plan_template, 
 from worker.app import EmbeddedServer, WorkerMetrics, create_app
 from worker.engine import EngineFailed, EngineProcess, build_engine_command, free_port
 from worker.load import parse_load
+from worker.lora import LoraArgs, adapters_in, parse_lora_args
 from worker.model_source import resolve_model, served_names
 from worker.registration import ControllerClient, ControllerRefused
 from worker.settings import WorkerSettings
@@ -36,6 +37,8 @@ class Worker:
         self.load = WorkerLoad()
         self.max_model_len: int | None = None
         self.engine_paths: list[str] | None = None
+        self.lora = LoraArgs()
+        self.adapters: list[str] = []
         self.metrics = WorkerMetrics()
         self.model_names = served_names(settings)
         self.engine_port = settings.engine_port or free_port(settings.engine_host)
@@ -80,6 +83,9 @@ class Worker:
             engine_paths=self.engine_paths,
             device=self.settings.device,
             chat_template=self.chat_template,
+            lora_slots=self.lora.slots,
+            static_adapters=self.lora.static,
+            adapters=self.adapters,
             state=self.state,
             load=self.load,
         )
@@ -89,7 +95,8 @@ class Worker:
             if controller.registered:
                 beat = Heartbeat(state=self.state, load=self.load,
                                  max_model_len=self.max_model_len,
-                                 engine_paths=self.engine_paths)
+                                 engine_paths=self.engine_paths,
+                                 adapters=self.adapters if self.lora.slots else None)
                 if await controller.heartbeat(self.worker_id, beat):
                     return
                 logger.info("controller forgot worker_id=%s address=%s; registering again",
@@ -121,9 +128,25 @@ class Worker:
         except (httpx.HTTPError, ValueError) as exc:
             logger.warning("could not read engine metrics error=%r", exc)
 
+    async def _read_adapters(self) -> None:
+        """The adapters the engine holds now, from its /v1/models (adapters name a parent)."""
+        assert self._engine_http is not None
+        if self.lora.slots is None or self.state not in (WorkerState.READY,
+                                                         WorkerState.DRAINING):
+            return
+        try:
+            response = await self._engine_http.get(
+                f"{self._engine_base}/v1/models", timeout=2.0,
+                headers={"Authorization": f"Bearer {self.engine_api_key}"})
+            response.raise_for_status()
+            self.adapters = adapters_in(response.json())
+        except (httpx.HTTPError, ValueError) as exc:
+            logger.warning("could not read the engine's adapters error=%r", exc)
+
     async def _heartbeat_forever(self) -> None:
         while True:
             await self._read_load()
+            await self._read_adapters()
             await self._report()
             # A state change is reported at once, not at the next tick.
             with contextlib.suppress(asyncio.TimeoutError):
@@ -170,6 +193,7 @@ class Worker:
         await self._engine.wait_healthy(self._engine_http, self.settings.engine_start_timeout)
         await self._read_max_model_len()
         await self._read_engine_paths()
+        self.adapters = list(self.lora.static)  # a restarted engine holds only these
         self._set_state(WorkerState.READY)
 
     async def _supervise(self) -> None:
@@ -236,6 +260,7 @@ class Worker:
             shutil.rmtree(workdir, ignore_errors=True)
 
     async def _run(self, model_path: str, extra_args: list[str]) -> int:
+        self.lora = parse_lora_args(self.settings.engine_args)
         command = build_engine_command(
             model_path=model_path,
             served_names=self.model_names,
