@@ -154,9 +154,13 @@ class AdapterFleet:
         deadline = loop.time() + self.wait_timeout
         while True:
             self._table.candidates(base, path=route.path)  # 404/400/503 for the base itself
+            failed = self._failed.get(adapter)
+            # After a failed load, requests hear of it for a while rather than each try again.
+            backing_off = failed is not None and \
+                self._clock() - failed[1] < self._failure_backoff
             workers = self._slots(base)
             decision = self.policy.decide(adapter, workers, self._clock())
-            if decision.load is not None:
+            if decision.load is not None and not backing_off:
                 self._start(adapter, decision.load, pinned=decision.pin is not None)
             if not decision.wait:
                 if decision.pin is not None:
@@ -167,10 +171,8 @@ class AdapterFleet:
                     f"No worker of base model '{base}' serves LoRA adapters (start its workers "
                     "with --enable-lora).", param="model", code="no_lora_worker",
                     headers={"Retry-After": "10"})
-            failed = self._failed.get(adapter)
             loading = any(a == adapter for (_, a) in self._pending)
-            if failed is not None and not loading and \
-                    self._clock() - failed[1] < self._failure_backoff:
+            if failed is not None and backing_off and not loading:
                 raise ServiceUnavailableError(
                     f"Adapter '{adapter}' could not be loaded: {failed[0]}", param="model",
                     code="adapter_load_failed", headers={"Retry-After": "5"})

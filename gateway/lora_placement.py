@@ -128,8 +128,8 @@ class DemandPlacement:
                 copies.setdefault(name, []).append((w, use))
         out = []
         for name, held in sorted(copies.items()):
-            # The most recently used copy stays, whatever its age.
-            held.sort(key=lambda wu: (-wu[1].last_used, wu[0].worker_id))
+            # The copy in use, else the most recently used one, stays, whatever its age.
+            held.sort(key=lambda wu: (wu[1].inflight == 0, -wu[1].last_used, wu[0].worker_id))
             for worker, use in held[1:]:
                 if not use.static and use.inflight == 0 and \
                         now - use.last_used >= self.shrink_after:
