@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 
 from controller.protocol import AdapterSpec, Snapshot, WorkerRecord
-from fleetcore.errors import ServiceUnavailableError
+from fleetcore.errors import NotFoundError, ServiceUnavailableError
 from gateway.lora_placement import Load, PlacementPolicy, Slots, Use
 from gateway.routing import RouteRequest, load_score
 
@@ -75,7 +75,10 @@ class AdapterFleet:
         now = self._clock()
         self._reported = {w.worker_id: set(w.adapters) for w in snapshot.workers}
         self._static = {w.worker_id: set(w.static_adapters) for w in snapshot.workers}
-        self._base_of_held = {a: w.model_names[0] for w in snapshot.workers for a in w.adapters}
+        # Held but not declared: the static adapters are served as they are; any other is
+        # on its way out (removed from the catalogue) and is not offered any more.
+        self._base_of_held = {a: w.model_names[0] for w in snapshot.workers
+                              for a in w.static_adapters}
         for wid, held in self._reported.items():
             for adapter in held:
                 # A copy this gateway has not used counts as used when first seen: it is not
@@ -104,7 +107,7 @@ class AdapterFleet:
         return held
 
     def listing(self) -> list[tuple[str, str, str]]:
-        """(name, source, base model) of every declared or held adapter."""
+        """(name, source, base model) of every declared or static adapter."""
         out = {name: (name, spec.source, spec.base_model) for name, spec in self.catalogue.items()}
         for name, base in self._base_of_held.items():
             out.setdefault(name, (name, name, base))
@@ -153,6 +156,9 @@ class AdapterFleet:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.wait_timeout
         while True:
+            if self.base_of(adapter) is None:  # removed while the request waited
+                raise NotFoundError(f"The model '{adapter}' does not exist (any more).",
+                                    param="model", code="model_not_found")
             self._table.candidates(base, path=route.path)  # 404/400/503 for the base itself
             failed = self._failed.get(adapter)
             # After a failed load, requests hear of it for a while rather than each try again.

@@ -187,3 +187,35 @@ async def test_reports_win_once_the_gateways_own_actions_are_old(fleet: tuple) -
     adapters._hold = 0.0
     table.update(_snapshot(ports, ["x", "y", "z"], generation=3))
     assert adapters.holders("x") == set()
+
+
+async def test_an_adapter_removed_while_requests_wait_is_a_404_to_them(fleet: tuple) -> None:
+    table, adapters, engines = fleet
+    leases = []
+    for name in ("x", "y"):
+        route = RouteRequest(model=name)
+        await adapters.ensure(route)
+        leases.append(await table.acquire(route))
+    adapters.wait_timeout = 5.0
+    waiter = asyncio.create_task(adapters.ensure(RouteRequest(model="z")))
+    await asyncio.sleep(0.05)
+    adapters.forget("z")
+    adapters._wake()
+    with pytest.raises(NotFoundError):
+        await waiter
+    for lease in leases:
+        lease.settle(Outcome.DONE)
+
+
+async def test_an_undeclared_adapter_still_on_a_worker_is_not_offered(fleet: tuple) -> None:
+    table, adapters, engines = fleet
+    ports = {w.worker_id: w.engine_url.port for w in table.snapshot.workers}
+    snapshot = _snapshot(ports, [], generation=2)
+    snapshot.workers[0].adapters = ["gone", "kept"]
+    snapshot.workers[0].static_adapters = ["kept"]
+    table.update(snapshot)
+    assert not adapters.is_adapter("gone")
+    assert adapters.is_adapter("kept") and adapters.base_of("kept") == "m"
+    # Upkeep unloads what left the catalogue, never a static adapter.
+    await asyncio.gather(*adapters.upkeep())
+    assert [c for c in engines.calls if c[1] == "unload"] == [("w0", "unload", "gone")]
