@@ -47,7 +47,9 @@ class ControllerClient:
     async def register(self, registration: Registration) -> RegisterResponse:
         response = await self._client.post(
             f"{self.address}/workers/register",
-            content=registration.model_dump_json(),
+            # Defaults left out: a worker without LoRA then sends what controllers from before
+            # the LoRA fields accept (their models forbid unknown fields).
+            content=registration.model_dump_json(exclude_defaults=True),
             headers={"content-type": "application/json", **self._auth},
             timeout=self._timeout,
         )
@@ -59,7 +61,7 @@ class ControllerClient:
         """Send a heartbeat; False when the controller does not know this worker."""
         response = await self._client.post(
             f"{self.address}/workers/{worker_id}/heartbeat",
-            content=beat.model_dump_json(),
+            content=beat.model_dump_json(exclude_defaults=True),
             headers={"content-type": "application/json", **self._auth},
             timeout=self._timeout,
         )

@@ -100,3 +100,12 @@ def test_bad_declarations_are_refused(tmp_path: Path) -> None:
         assert client.put("/adapters/sql", json={**SPEC, "source": "two words"}
                           ).status_code == 400
         assert client.delete("/adapters/none").json()["error"]["code"] == "adapter_not_found"
+
+
+def test_a_worker_without_lora_sends_what_older_controllers_accept() -> None:
+    from controller.protocol import Registration
+
+    body = Registration.model_validate(REG).model_dump(exclude_defaults=True)
+    assert not {"lora_slots", "static_adapters", "adapters"} & set(body)
+    beat = Heartbeat.model_validate({"state": "ready"}).model_dump(exclude_defaults=True)
+    assert "adapters" not in beat
