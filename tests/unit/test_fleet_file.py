@@ -227,7 +227,8 @@ def test_adapters_turn_lora_on_and_are_declared_for_the_fleet(tmp_path: Path,
     (tmp_path / "adapters" / "sql").mkdir(parents=True)
     path = tmp_path / "fleet.yaml"
     path.write_text("models:\n  - source: /models/m\n    served_names: [m]\n"
-                    "    adapters: [{name: sql, source: adapters/sql}, {name: hub, source: org/x}]\n"
+                    "    adapters: [{name: sql, source: adapters/sql},\n"
+                    "               {name: hub, source: org/x}]\n"
                     "  - source: /models/e\n    max_loras: 4\n"
                     "  - source: /models/plain\n")
     fleet = load_fleet(path)
