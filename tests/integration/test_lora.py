@@ -160,7 +160,7 @@ def test_mixed_traffic_over_more_adapters_than_slots_fails_nothing(lora: Lora) -
     assert evictions >= 1  # 4 adapters, 3 free slots
 
 
-def test_the_catalogue_survives_a_controller_restart(lora: Lora) -> None:
+def test_the_catalogue_survives_a_controller_and_a_gateway_restart(lora: Lora) -> None:
     lora.stack.stop("controller")
     lora.start_controller()
 
@@ -170,6 +170,18 @@ def test_the_catalogue_survives_a_controller_restart(lora: Lora) -> None:
         return {a["name"] for a in snapshot["adapters"]} == set(DYNAMIC)
 
     lora.stack.wait_for(declared_again, "the catalogue back", 30)
+    # A gateway keeps no catalogue of its own: a new one reads it from the controller.
+    lora.stack.stop("gateway")
+    lora.stack._spawn("gateway", [
+        "-m", "gateway", "--port", lora.url.rsplit(":", 1)[1], "--controller-address",
+        lora.stack.controller_url, "--api-keys", API_KEY, "--admin-api-keys", ADMIN_KEY,
+        "--sync-interval", "0.5"])
+
+    def listed() -> bool:
+        cards = httpx.get(f"{lora.url}/v1/models", headers=AUTH, timeout=5).json()["data"]
+        return set(DYNAMIC) <= {c["id"] for c in cards}
+
+    lora.stack.wait_for(listed, "the restarted gateway to list the adapters", 30)
     assert httpx.post(f"{lora.url}/v1/unload_lora_adapter", headers=ADMIN, timeout=10,
                       json={"lora_name": "a4"}).status_code == 200
     lora.stack.wait_for(lambda: lora.chat("a4").status_code == 404, "a4 gone", 30)
