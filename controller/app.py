@@ -6,14 +6,17 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from typing import Annotated
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Path, Request, Response
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from controller.adapters import AdapterCatalogue
 from controller.auth import ClusterAuth, ClusterAuthMiddleware, document_security
 from controller.protocol import (
+    MODEL_NAME_PATTERN,
+    AdapterDeclaration,
     AdapterList,
     AdapterSpec,
     Heartbeat,
@@ -27,8 +30,8 @@ from controller.protocol import (
 from controller.registry import Registry, UnknownWorker
 from controller.settings import ControllerSettings
 from fleetcore.errors import (
+    ConflictError,
     ErrorResponse,
-    InvalidRequestError,
     NotFoundError,
     install_error_handlers,
 )
@@ -39,6 +42,14 @@ _ERRORS: dict[int | str, dict[str, object]] = {
     400: {"model": ErrorResponse, "description": "Invalid request"},
     404: {"model": ErrorResponse, "description": "Unknown worker"},
 }
+
+
+_ADAPTER_ERRORS: dict[int | str, dict[str, object]] = {
+    400: {"model": ErrorResponse, "description": "Invalid request"},
+    404: {"model": ErrorResponse, "description": "Unknown adapter"},
+    409: {"model": ErrorResponse, "description": "The name is a base model's"},
+}
+AdapterName = Annotated[str, Path(pattern=MODEL_NAME_PATTERN)]
 
 
 def _unknown_worker(worker_id: str) -> NotFoundError:
@@ -145,20 +156,18 @@ def create_app(settings: ControllerSettings) -> FastAPI:
     async def list_adapters() -> AdapterList:
         return AdapterList(adapters=catalogue.list())
 
-    @app.put("/adapters/{name}", response_model=AdapterSpec, responses=_ERRORS)
-    async def declare_adapter(name: str, body: AdapterSpec) -> AdapterSpec:
-        if body.name != name:
-            raise InvalidRequestError(f"The body names adapter '{body.name}', the path '{name}'.",
-                                      param="name")
-        if body.name in registry.models():
-            raise InvalidRequestError(f"'{name}' is the name of a base model.", param="name",
-                                      code="name_taken")
-        if catalogue.put(body):
+    @app.put("/adapters/{name}", response_model=AdapterSpec, responses=_ADAPTER_ERRORS)
+    async def declare_adapter(body: AdapterDeclaration, name: AdapterName) -> AdapterSpec:
+        if name in registry.known_models():
+            raise ConflictError(f"'{name}' is the name of a base model.", param="name",
+                                code="name_taken")
+        spec = AdapterSpec(name=name, **body.model_dump())
+        if catalogue.put(spec):
             registry.generation += 1
-        return body
+        return spec
 
-    @app.delete("/adapters/{name}", response_model=AdapterSpec, responses=_ERRORS)
-    async def remove_adapter(name: str) -> AdapterSpec:
+    @app.delete("/adapters/{name}", response_model=AdapterSpec, responses=_ADAPTER_ERRORS)
+    async def remove_adapter(name: AdapterName) -> AdapterSpec:
         spec = catalogue.remove(name)
         if spec is None:
             raise NotFoundError(f"No adapter '{name}' is declared.", param="name",

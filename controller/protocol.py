@@ -54,17 +54,23 @@ AdapterNames = Annotated[
 ]
 
 
-class AdapterSpec(BaseModel):
-    """A LoRA adapter declared for the fleet: gateways load it on workers of its base model."""
+class AdapterDeclaration(BaseModel):
+    """The body of `PUT /adapters/{name}`: where the adapter comes from, and its base model."""
 
     model_config = ConfigDict(extra="forbid")
 
-    name: ModelName
     source: str = Field(
-        min_length=1, max_length=1024, pattern=r"^\S+$",
+        # No whitespace, as the spec's ECMA regex and Python both see it (see MODEL_NAME_PATTERN).
+        min_length=1, max_length=1024, pattern=r"^[^\s\u0085\ufeff]+$",
         description="An absolute folder on the workers' hosts, or a Hugging Face id (a "
         "ModelScope id where the engines have VLLM_USE_MODELSCOPE=True): vLLM's lora_path.")
     base_model: ModelName
+
+
+class AdapterSpec(AdapterDeclaration):
+    """A LoRA adapter declared for the fleet: gateways load it on workers of its base model."""
+
+    name: ModelName
 
 
 class AdapterList(BaseModel):

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from controller.protocol import AdapterSpec
 from fleetcore.errors import (
     BadGatewayError,
+    ConflictError,
     FleetError,
     InvalidRequestError,
     NotFoundError,
@@ -63,15 +64,16 @@ class AdapterAdmin:
     async def declare(self, body: LoadLoraAdapterRequest) -> AdapterSpec:
         name = body.lora_name
         if self._table.snapshot is not None and name in self._table.snapshot.models:
-            raise InvalidRequestError(f"'{name}' is the name of a base model.",
-                                      param="lora_name", code="name_taken")
+            raise ConflictError(f"'{name}' is the name of a base model.", param="lora_name",
+                                code="name_taken")
         try:
             spec = AdapterSpec(name=name, source=body.lora_path,
                                base_model=self._base_model(body))
         except ValidationError as exc:
             raise InvalidRequestError(f"Not a valid adapter: {exc.errors()[0]['msg']}",
                                       param="lora_name") from None
-        await self._each_controller("PUT", f"/adapters/{name}", spec.model_dump(mode="json"))
+        await self._each_controller("PUT", f"/adapters/{name}",
+                                    spec.model_dump(mode="json", exclude={"name"}))
         self._fleet.declare(spec)
         logger.info("adapter declared adapter=%s base=%s source=%s", name, spec.base_model,
                     spec.source)
@@ -95,7 +97,7 @@ class AdapterAdmin:
                                          for c in self._controllers), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         for error in errors:
-            if isinstance(error, FleetError) and error.status_code in (400, 403):
+            if isinstance(error, FleetError) and error.status_code in (400, 403, 409):
                 raise error
         if len(errors) == len(results):
             raise BadGatewayError(f"No controller took the change: {errors[0]}")
@@ -113,6 +115,6 @@ class AdapterAdmin:
                 raise BadGatewayError(
                     f"The controller refused the gateway's token ({response.status}): declaring "
                     "adapters needs the cluster token, not the read token.")
-            if response.status == 400:
+            if response.status in (400, 409, 422):
                 raise InvalidRequestError(f"The controller refused the adapter: {text}")
             raise BadGatewayError(f"The controller answered {response.status}: {text}")

@@ -62,6 +62,7 @@ _ERRORS: dict[int | str, dict[str, object]] = {
         (401, "Missing or invalid API key"),
         (403, "The API key may not use this model"),
         (404, "Unknown model"),
+        (409, "A LoRA adapter may not take a base model's name"),
         (429, "The API key is over a limit, or every worker is busy and the queue is full"),
         (503, "No worker available for the model"),
     ]

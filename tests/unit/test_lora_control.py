@@ -16,6 +16,7 @@ from worker.lora import LoraArgs, adapters_in, parse_lora_args
 
 REG = {"worker_id": "w1", "engine_url": "http://127.0.0.1:9000", "model_names": ["m"]}
 SPEC = {"name": "sql", "source": "/adapters/sql", "base_model": "m"}
+BODY = {"source": "/adapters/sql", "base_model": "m"}
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -82,8 +83,8 @@ def test_heartbeats_change_what_a_worker_holds_and_the_snapshot_says_so() -> Non
 def test_the_catalogue_survives_a_controller_restart(tmp_path: Path) -> None:
     path = tmp_path / "state" / "adapters.json"
     with _client(path) as client:
-        assert client.put("/adapters/sql", json=SPEC).status_code == 200
-        assert client.put("/adapters/chat", json={**SPEC, "name": "chat"}).status_code == 200
+        assert client.put("/adapters/sql", json=BODY).json() == SPEC
+        assert client.put("/adapters/chat", json=BODY).status_code == 200
         assert client.delete("/adapters/chat").status_code == 200
         assert client.get("/snapshot").json()["adapters"] == [SPEC]
     with _client(path) as client:
@@ -94,11 +95,12 @@ def test_the_catalogue_survives_a_controller_restart(tmp_path: Path) -> None:
 def test_bad_declarations_are_refused(tmp_path: Path) -> None:
     with _client(None) as client:
         client.post("/workers/register", json=REG)
-        assert client.put("/adapters/other", json=SPEC).status_code == 400
-        assert client.put("/adapters/m", json={**SPEC, "name": "m"}).json()["error"][
-            "code"] == "name_taken"
-        assert client.put("/adapters/sql", json={**SPEC, "source": "two words"}
+        assert client.put("/adapters/sql", json=SPEC).status_code == 400  # no name in it
+        taken = client.put("/adapters/m", json=BODY)
+        assert taken.status_code == 409 and taken.json()["error"]["code"] == "name_taken"
+        assert client.put("/adapters/sql", json={**BODY, "source": "two words"}
                           ).status_code == 400
+        assert client.put("/adapters/two%20words", json=BODY).status_code == 400
         assert client.delete("/adapters/none").json()["error"]["code"] == "adapter_not_found"
 
 
