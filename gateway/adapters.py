@@ -86,9 +86,9 @@ class AdapterFleet:
                 self._last_used.setdefault((wid, adapter), now)
         self._local = {k: v for k, v in self._local.items()
                        if now - v[1] < self._hold and k[0] in self._reported}
-        self._wake()
+        self.wake()
 
-    def _wake(self) -> None:
+    def wake(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
 
@@ -210,7 +210,7 @@ class AdapterFleet:
 
     def _loaded(self, key: tuple[str, str]) -> None:
         self._pending.pop(key, None)
-        self._wake()
+        self.wake()
 
     def _mark(self, worker_id: str, adapter: str, *, held: bool) -> None:
         self._local[(worker_id, adapter)] = (held, self._clock())
@@ -312,4 +312,4 @@ class AdapterFleet:
         """The adapter was declared through this gateway: usable before the next sync."""
         self.catalogue[spec.name] = spec
         self._failed.pop(spec.name, None)
-        self._wake()
+        self.wake()

@@ -349,5 +349,7 @@ class RoutingTable:
             elif lease._trial:
                 breaker.abandon_trial()
         self._wake_waiters()
+        if self.adapters is not None:
+            self.adapters.wake()  # a slot may be idle now: requests waiting for one look again
         if lease.answered_at is not None and self.on_latency is not None:
             self.on_latency(lease.model, time.monotonic() - lease.started)

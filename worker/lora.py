@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 ENABLE = "--enable-lora"
 MAX_LORAS = "--max-loras"
+# Adapters the engine keeps in memory; vLLM swaps them into its --max-loras batch slots itself.
+MAX_CPU_LORAS = "--max-cpu-loras"
 MODULES = "--lora-modules"
 # vLLM's default for --max-loras.
 DEFAULT_SLOTS = 1
@@ -18,7 +20,10 @@ RUNTIME_UPDATING_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
 
 @dataclass(frozen=True)
 class LoraArgs:
-    slots: int | None = None  # None: LoRA is off
+    # How many adapters the engine holds at once (--max-cpu-loras, else --max-loras): more
+    # registered than this, vLLM drops them from memory and reads them from disk again on
+    # use. None: LoRA is off.
+    slots: int | None = None
     static: list[str] = field(default_factory=list)
 
 
@@ -59,6 +64,8 @@ def parse_lora_args(args: Sequence[str]) -> LoraArgs:
     slots = int(counts[-1]) if counts else DEFAULT_SLOTS
     if slots < 1:
         raise ValueError(f"{MAX_LORAS} must be at least 1")
+    held = _values(args, MAX_CPU_LORAS)
+    slots = max(slots, int(held[-1])) if held else slots
     return LoraArgs(slots=slots, static=[_module_name(v) for v in _values(args, MODULES)])
 
 

@@ -146,9 +146,8 @@ async def test_a_request_waits_a_bounded_time_when_no_slot_can_be_had(fleet: tup
     # A slot frees while one waits: the waiter gets it.
     waiter = asyncio.create_task(adapters.ensure(RouteRequest(model="z")))
     await asyncio.sleep(0.05)
-    leases[0].settle(Outcome.DONE)
-    adapters._wake()  # what the next sync does
-    await waiter
+    leases[0].settle(Outcome.DONE)  # wakes the waiter: no sync needed
+    await asyncio.wait_for(waiter, 0.4)
     assert ("z", "first_use") in adapters.loads
     leases[1].settle(Outcome.DONE)
 
@@ -200,7 +199,7 @@ async def test_an_adapter_removed_while_requests_wait_is_a_404_to_them(fleet: tu
     waiter = asyncio.create_task(adapters.ensure(RouteRequest(model="z")))
     await asyncio.sleep(0.05)
     adapters.forget("z")
-    adapters._wake()
+    adapters.wake()
     with pytest.raises(NotFoundError):
         await waiter
     for lease in leases:

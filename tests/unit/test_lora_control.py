@@ -28,6 +28,7 @@ BODY = {"source": "/adapters/sql", "base_model": "m"}
      LoraArgs(slots=3, static=["a", "b"])),
     (["--enable-lora", "--lora-modules", '{"name": "j", "path": "/x/j"}'],
      LoraArgs(slots=1, static=["j"])),
+    (["--enable-lora", "--max-loras", "2", "--max-cpu-loras", "6"], LoraArgs(slots=6)),
 ])
 def test_lora_settings_come_from_the_engine_arguments(args: list[str], expected: LoraArgs
                                                       ) -> None:
