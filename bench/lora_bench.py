@@ -12,6 +12,8 @@ hottest), `--concurrency` at a time, each asking for exactly `--max-tokens` toke
   which loads the adapter if it lacks it (the baseline of "load wherever it lands").
 - resident: `--max-loras 8`, all 8 adapters given to both engines at start (`--lora-modules`):
   nothing is ever loaded; the upper bound.
+- held4 (with `--held 4`): demand placement on workers with `--max-loras 2 --max-cpu-loras 4`:
+  still 2 adapters per batch, but 4 kept in memory, which vLLM swaps into its 2 slots per step.
 
 demand and naive run on the same engines, in A-B-B-A order, all adapters unloaded between runs;
 then the workers restart with 8 slots for the two resident runs. Each run has its own gateway.
@@ -97,8 +99,10 @@ def gateway_loads(url: str) -> float:
 
 
 def start_workers(stack: Stack, args: argparse.Namespace, slots: int,
-                  static: dict[str, Path] | None) -> None:
+                  static: dict[str, Path] | None, held: int | None = None) -> None:
     extra = ["--enable-lora", "--max-loras", str(slots), "--max-lora-rank", "8"]
+    if held:
+        extra += ["--max-cpu-loras", str(held)]
     if static:
         extra += ["--lora-modules", *(f"{n}={p}" for n, p in static.items())]
     for i in range(2):
@@ -156,6 +160,8 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent s")
     p.add_argument("--repeats", type=int, default=2, help="runs per side (A-B-B-A order)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--held", type=int, default=0,
+                   help="also run demand with --max-cpu-loras HELD (0: not)")
     p.add_argument("--label", default="cpu")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     return p.parse_args()
@@ -206,6 +212,11 @@ def main() -> None:
         for number, side in enumerate(order):
             measure(side, side, number)
         stop_workers(stack)
+        if args.held:
+            start_workers(stack, args, slots=2, static=None, held=args.held)
+            for number in range(args.repeats):
+                measure(f"held{args.held}", "demand", len(order) + 10 + number)
+            stop_workers(stack)
         start_workers(stack, args, slots=args.adapters, static=adapters)
         for number in range(args.repeats):
             measure("resident", "demand", len(order) + number)
@@ -214,7 +225,7 @@ def main() -> None:
     print("\n| side | runs | req/s | out tok/s | latency p50 s | p99 s | adapter loads | "
           "failed |")
     print("|---|---|---|---|---|---|---|---|")
-    for side in ("demand", "naive", "resident"):
+    for side in ("demand", "naive", f"held{args.held}", "resident"):
         mine = [r for r in runs if r["side"] == side]
         if not mine:
             continue
