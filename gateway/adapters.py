@@ -79,6 +79,7 @@ class AdapterFleet:
         # on its way out (removed from the catalogue) and is not offered any more.
         self._base_of_held = {a: w.model_names[0] for w in snapshot.workers
                               for a in w.static_adapters}
+        self._last_used = {k: v for k, v in self._last_used.items() if k[0] in self._reported}
         for wid, held in self._reported.items():
             for adapter in held:
                 # A copy this gateway has not used counts as used when first seen: it is not
