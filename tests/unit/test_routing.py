@@ -83,6 +83,20 @@ def test_cache_aware_follows_the_prefix_and_spreads_new_ones() -> None:
     assert other.worker.worker_id != first  # the least-cached worker takes a new prefix
 
 
+def test_cache_aware_keys_prefixes_by_adapter() -> None:
+    """The same prompt under another adapter is another KV cache: no match carries over."""
+    policy, workers = CacheAware(), [worker("a"), worker("b")]
+    prompt = SYSTEM + "Q1"
+    with_x = RouteRequest(model="x", adapter="x", render_prompt=lambda: prompt)
+    first = policy.choose(with_x, workers, {}).worker.worker_id
+    again = policy.choose(RouteRequest(model="x", adapter="x", render_prompt=lambda: prompt),
+                          workers, {})
+    assert again.worker.worker_id == first and "prefix match" in again.reason
+    with_y = policy.choose(RouteRequest(model="y", adapter="y", render_prompt=lambda: prompt),
+                           workers, {})
+    assert "prefix match 0.00" in with_y.reason and with_y.worker.worker_id != first
+
+
 def test_cache_aware_imbalance_guard_falls_back_to_least_load() -> None:
     policy = CacheAware(balance_abs=4, balance_rel=1.5)
     hot, cold = worker("hot"), worker("cold")
