@@ -140,6 +140,11 @@ class AdapterFleet:
                                resident, pending))
         return views
 
+    def lost(self, worker_id: str, adapter: str) -> None:
+        """The worker's engine answered that it does not hold the adapter."""
+        self._mark(worker_id, adapter, held=False)
+        self.wake()
+
     def touch(self, worker_id: str, adapter: str) -> None:
         """A request for `adapter` was sent to the worker: it is recently used there."""
         self._last_used[(worker_id, adapter)] = self._clock()

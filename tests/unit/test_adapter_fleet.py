@@ -57,7 +57,14 @@ class FakeEngines:
             self.held[wid].discard(body["lora_name"])
             return web.Response(text="ok")
 
+        async def chat(request: web.Request) -> web.Response:
+            body = await request.json()
+            if body["model"] not in self.held[wid]:
+                return web.json_response({"error": {"message": "no such model"}}, status=404)
+            return web.json_response({"choices": [], "served_by": wid})
+
         app = web.Application()
+        app.router.add_post("/v1/chat/completions", chat)
         app.router.add_post("/v1/load_lora_adapter", load)
         app.router.add_post("/v1/unload_lora_adapter", unload)
         return app
@@ -218,3 +225,37 @@ async def test_an_undeclared_adapter_still_on_a_worker_is_not_offered(fleet: tup
     # Upkeep unloads what left the catalogue, never a static adapter.
     await asyncio.gather(*adapters.upkeep())
     assert [c for c in engines.calls if c[1] == "unload"] == [("w0", "unload", "gone")]
+
+
+async def test_an_adapter_the_engine_lost_is_placed_again_and_the_request_answered(
+        fleet: tuple) -> None:
+    from gateway.asgi import ClientWatch
+    from gateway.engine_client import EngineClient
+    from gateway.metrics import GatewayMetrics
+    from gateway.proxy import Proxy
+    from gateway.routed_request import RoutedRequest
+
+    table, adapters, engines = fleet
+    await adapters.ensure(RouteRequest(model="x"))
+    (holder, _), = engines.loads()
+    engines.held[holder].discard("x")  # another gateway unloaded it; the reports lag
+
+    async def receive() -> dict:
+        await asyncio.Event().wait()
+        return {}
+
+    client = EngineClient(connect_timeout=1, read_timeout=10, dead_peer_timeout=10)
+    metrics = GatewayMetrics(table)
+    proxy = Proxy(client, table, metrics, max_attempts=3, retry_backoff=0.0)
+    route = RouteRequest(model="x")
+    await adapters.ensure(route)
+    routed = RoutedRequest(request_id="r", started=0.0, path="/v1/chat/completions",
+                           body=b'{"model": "x", "messages": []}', route=route)
+    try:
+        response = await proxy.forward(routed, ClientWatch(receive))
+    finally:
+        client.close()
+    assert response.status_code == 200
+    assert len(engines.loads()) == 2  # loaded again, once
+    assert metrics.retries.labels("x", "adapter_missing")._value.get() == 1
+    assert not table.inflight
