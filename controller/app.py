@@ -35,6 +35,7 @@ from fleetcore.errors import (
     NotFoundError,
     install_error_handlers,
 )
+from fleetcore.tracing import Tracing, server_span
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,10 @@ def create_app(settings: ControllerSettings) -> FastAPI:
     registry = Registry(heartbeat_interval=settings.heartbeat_interval, expiry=settings.expiry)
     catalogue = AdapterCatalogue(settings.adapters_file)
     registry.adapters = catalogue.list
+    # Off unless the OTEL_* variables configure an exporter (fleetcore/tracing.py): then a
+    # worker's registrations and heartbeats are spans in the worker's traces.
+    tracing = Tracing.from_env("llm-fleet-controller")
+    tracer = tracing.tracer if tracing is not None else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -87,6 +92,8 @@ def create_app(settings: ControllerSettings) -> FastAPI:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+            if tracing is not None:
+                await asyncio.to_thread(tracing.shutdown)  # exports what is left
 
     app = FastAPI(title="llm-fleet controller", version="0.1.0", lifespan=lifespan)
     app.state.registry = registry
@@ -111,7 +118,8 @@ def create_app(settings: ControllerSettings) -> FastAPI:
     @app.post("/workers/register", response_model=RegisterResponse, responses=_ERRORS)
     async def register(body: Registration, request: Request) -> RegisterResponse:
         reg = _get_registry(request)
-        reg.register(body)
+        with server_span(tracer, "register", request.headers, {"fleet.worker_id": body.worker_id}):
+            reg.register(body)
         return RegisterResponse(
             worker_id=body.worker_id,
             heartbeat_interval=reg.heartbeat_interval,
@@ -121,7 +129,8 @@ def create_app(settings: ControllerSettings) -> FastAPI:
     @app.post("/workers/{worker_id}/heartbeat", response_model=WorkerRecord, responses=_ERRORS)
     async def heartbeat(worker_id: str, body: Heartbeat, request: Request) -> WorkerRecord:
         try:
-            return _get_registry(request).heartbeat(worker_id, body)
+            with server_span(tracer, "heartbeat", request.headers, {"fleet.worker_id": worker_id}):
+                return _get_registry(request).heartbeat(worker_id, body)
         except UnknownWorker:
             raise _unknown_worker(worker_id) from None
 

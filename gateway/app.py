@@ -18,6 +18,7 @@ from starlette.responses import Response
 
 from fleetcore.cluster_auth import bearer
 from fleetcore.errors import ErrorResponse, FleetError, NotFoundError, install_error_handlers
+from fleetcore.tracing import Tracing
 from gateway import validation
 from gateway.adapter_admin import AdapterAdmin
 from gateway.adapters import AdapterFleet
@@ -52,6 +53,7 @@ from gateway.proxy import Proxy
 from gateway.routing import POLICIES, CacheAware, RoutingPolicy
 from gateway.routing_table import Limits, RoutingTable
 from gateway.settings import GatewaySettings
+from gateway.tracing import RequestTracing
 
 logger = logging.getLogger(__name__)
 
@@ -130,8 +132,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                            dead_peer_timeout=settings.dead_peer_timeout, ssl_context=tls)
     proxy = Proxy(engines, table, metrics, max_attempts=settings.max_attempts,
                   retry_backoff=settings.retry_backoff)
+    # Off unless the OTEL_* variables configure an exporter (fleetcore/tracing.py).
+    tracing = Tracing.from_env("llm-fleet-gateway")
     pipeline = Pipeline(settings, auth=auth, limiter=limiter, table=table, metrics=metrics,
-                        proxy=proxy)
+                        proxy=proxy,
+                        tracing=None if tracing is None else RequestTracing(tracing.tracer))
     admin = AdapterAdmin(table, adapters, lambda: adapters.session,
                          settings.controller_addresses, bearer(settings.controller_token()))
 
@@ -158,6 +163,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                         await task
                 adapters.session = None
                 engines.close()
+                if tracing is not None:
+                    await asyncio.to_thread(tracing.shutdown)  # exports what is left
 
     app = FastAPI(title="llm-fleet gateway", version="0.1.0", lifespan=lifespan)
     app.state.table = table

@@ -42,6 +42,7 @@ from gateway.routed_request import RoutedRequest
 from gateway.routing import RouteRequest
 from gateway.routing_table import RoutingTable
 from gateway.settings import GatewaySettings
+from gateway.tracing import RequestTracing
 from gateway.validation import GenerationRequest
 
 logger = logging.getLogger(__name__)
@@ -52,7 +53,8 @@ class Pipeline:
     """The steps of a routed request, over the gateway's shared objects."""
 
     def __init__(self, settings: GatewaySettings, *, auth: Authenticator, limiter: KeyLimiter,
-                 table: RoutingTable, metrics: GatewayMetrics, proxy: Proxy) -> None:
+                 table: RoutingTable, metrics: GatewayMetrics, proxy: Proxy,
+                 tracing: RequestTracing | None = None) -> None:
         self._session_header = settings.session_header
         self._limits = settings.input_limits()
         self._auth = auth
@@ -60,6 +62,7 @@ class Pipeline:
         self._table = table
         self._metrics = metrics
         self._proxy = proxy
+        self._tracing = tracing  # None: tracing is off (gateway/tracing.py)
         self.responses = ResponseOwners()
 
     async def generate(self, request: Request, path: str,
@@ -130,12 +133,15 @@ class Pipeline:
     async def _walk(self, request: Request, routed: RoutedRequest,
                     prepare: Callable[[], Awaitable[None]]) -> Response | RelayResponse:
         """identify → (parse → authorize → limit) → forward; refusals counted and logged."""
+        trace = None if self._tracing is None else self._tracing.begin(routed, request.headers)
         try:
             self.identify(request, routed)
             await prepare()
             response = await self._proxy.forward(routed, ClientWatch(request.receive))
         except BaseException as exc:
             routed.settle()
+            if trace is not None:
+                trace.end(routed, None, exc)
             if isinstance(exc, FleetError):
                 self._metrics.requests.labels(routed.model, str(exc.status_code),
                                               routed.policy, routed.endpoint).inc()
@@ -146,8 +152,12 @@ class Pipeline:
             raise
         if isinstance(response, RelayResponse):
             response.add_close(routed.settle)  # in flight until the stream's relay is over
+            if trace is not None:
+                response.add_close(lambda: trace.end(routed, 200))
         else:
             routed.settle()
+            if trace is not None:
+                trace.end(routed, response.status_code)
         self._metrics.requests.labels(routed.model, str(response.status_code),
                                       routed.policy, routed.endpoint).inc()
         return response

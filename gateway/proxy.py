@@ -130,6 +130,8 @@ class Proxy:
                     raise
                 break
             tried.add(lease.worker_id)
+            if request.trace is not None:
+                request.trace.attempt(lease, attempt + 1)
             logger.debug("route request_id=%s model=%s policy=%s worker=%s attempt=%d reason=%s",
                          request.request_id, model, request.policy, lease.worker_id, attempt + 1,
                          lease.reason)
@@ -142,6 +144,8 @@ class Proxy:
                 raise
             if isinstance(response, str):
                 last_error = response
+                if request.trace is not None:
+                    request.trace.retry(response)
                 continue
             return response
         raise ServiceUnavailableError(
@@ -239,6 +243,8 @@ class Proxy:
         headers = {"Content-Type": request.content_type, "X-Request-Id": request.request_id}
         if worker.engine_api_key:
             headers["Authorization"] = f"Bearer {worker.engine_api_key}"
+        if request.trace is not None:
+            request.trace.inject(headers)
         path = request.path
         endpoint = self._endpoints.get((worker.engine_url, path))
         if endpoint is None:  # parsed once per engine and path, not per request

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.auth import ANONYMOUS, Caller
 from gateway.limits import KeySlot
 from gateway.routing import RouteRequest
+
+if TYPE_CHECKING:
+    from gateway.tracing import RequestTrace
 
 # Told the usage of a response when it ends: None when it had none (a stream cut off).
 UsageHook = Callable[[dict[str, Any] | None], None]
@@ -44,6 +47,7 @@ class RoutedRequest:
     tried: set[str] = field(default_factory=set)  # workers this request was sent to
     slot: KeySlot | None = None  # its key's place in flight, for a key with a concurrency limit
     settled: bool = False
+    trace: RequestTrace | None = None  # its spans, while tracing is on (gateway/tracing.py)
 
     @property
     def upstream_body(self) -> bytes | AsyncIterable[bytes]:

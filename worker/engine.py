@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from fleetcore.cluster_auth import TOKEN_ENV_VARS
+from worker.engine_guard import PARENT_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +130,8 @@ class EngineProcess:
         logger.info("starting engine argv=%s", " ".join(self.command.argv))
         self._proc = await asyncio.create_subprocess_exec(
             *self.command.argv,
-            env=self.command.env,
+            # The guard's parent is this process, which in a container is PID 1.
+            env={**self.command.env, PARENT_ENV: str(os.getpid())},
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,

@@ -20,6 +20,9 @@ from collections.abc import Sequence
 _PR_SET_PDEATHSIG = 1
 # Not SIGTERM: the worker sends SIGTERM to the group to ask for a graceful stop.
 PARENT_DIED = signal.SIGHUP
+# The worker's pid, set by the worker (worker/engine.py): in a container the worker is PID 1,
+# so "my parent is 1" does not mean that it died.
+PARENT_ENV = "FLEET_ENGINE_GUARD_PARENT"
 
 
 def _kill_group(signum: int, _frame: object) -> None:
@@ -39,9 +42,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args:
         print("usage: python -m worker.engine_guard -- COMMAND...", file=sys.stderr)
         return 2
+    parent = int(os.environ.pop(PARENT_ENV, "0")) or os.getppid()
     signal.signal(PARENT_DIED, _kill_group)
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, PARENT_DIED)
-    if os.getppid() == 1:  # the worker died before the line above took effect
+    if os.getppid() != parent:  # the worker died before the line above took effect
         return 1
     # The engine receives the worker's SIGTERM through the process group; the guard only waits.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 
 import httpx
+from opentelemetry.trace import Tracer
 
 from controller.protocol import Heartbeat, RegisterResponse, Registration
 from fleetcore.cluster_auth import bearer
+from fleetcore.tracing import client_span
 
 logger = logging.getLogger(__name__)
 
@@ -28,14 +30,16 @@ class ControllerRefused(httpx.HTTPError):
 
 
 class ControllerClient:
-    """Talks to one controller. A 404 `unknown_worker` on heartbeat means: register again."""
+    """Talks to one controller. A 404 `unknown_worker` on heartbeat means: register again.
+    With a tracer, each call is a span whose `traceparent` the controller joins."""
 
     def __init__(self, address: str, client: httpx.AsyncClient, timeout: float = 5.0,
-                 token: str | None = None) -> None:
+                 token: str | None = None, tracer: Tracer | None = None) -> None:
         self.address = address.rstrip("/")
         self._client = client
         self._timeout = timeout
         self._auth = bearer(token)
+        self._tracer = tracer
         self.registered = False
 
     def _check(self, response: httpx.Response) -> None:
@@ -45,26 +49,30 @@ class ControllerClient:
         response.raise_for_status()
 
     async def register(self, registration: Registration) -> RegisterResponse:
-        response = await self._client.post(
-            f"{self.address}/workers/register",
-            # Defaults left out: a worker without LoRA then sends what controllers from before
-            # the LoRA fields accept (their models forbid unknown fields).
-            content=registration.model_dump_json(exclude_defaults=True),
-            headers={"content-type": "application/json", **self._auth},
-            timeout=self._timeout,
-        )
+        headers = {"content-type": "application/json", **self._auth}
+        with client_span(self._tracer, "register", headers, {
+                "fleet.worker_id": registration.worker_id, "server.address": self.address}):
+            response = await self._client.post(
+                f"{self.address}/workers/register",
+                # Defaults left out: a worker without LoRA then sends what controllers from
+                # before the LoRA fields accept (their models forbid unknown fields).
+                content=registration.model_dump_json(exclude_defaults=True),
+                headers=headers, timeout=self._timeout)
         self._check(response)
         self.registered = True
         return RegisterResponse.model_validate_json(response.content)
 
     async def heartbeat(self, worker_id: str, beat: Heartbeat) -> bool:
         """Send a heartbeat; False when the controller does not know this worker."""
-        response = await self._client.post(
-            f"{self.address}/workers/{worker_id}/heartbeat",
-            content=beat.model_dump_json(exclude_defaults=True),
-            headers={"content-type": "application/json", **self._auth},
-            timeout=self._timeout,
-        )
+        headers = {"content-type": "application/json", **self._auth}
+        with client_span(self._tracer, "heartbeat", headers, {
+                "fleet.worker_id": worker_id, "server.address": self.address}) as span:
+            response = await self._client.post(
+                f"{self.address}/workers/{worker_id}/heartbeat",
+                content=beat.model_dump_json(exclude_defaults=True),
+                headers=headers, timeout=self._timeout)
+            if span is not None:
+                span.set_attribute("http.response.status_code", response.status_code)
         if response.status_code == 404:
             self.registered = False
             return False

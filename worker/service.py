@@ -18,6 +18,7 @@ from pydantic import HttpUrl, TypeAdapter
 
 from controller.protocol import EnginePaths, Heartbeat, Registration, WorkerLoad, WorkerState
 from fleetcore.chat_template import CHATML, EngineTemplateFiles, plan_template, write_engine_files
+from fleetcore.tracing import Tracing, engine_tracing_args
 from worker.app import EmbeddedServer, WorkerMetrics, create_app
 from worker.engine import EngineFailed, EngineProcess, build_engine_command, free_port
 from worker.load import parse_load
@@ -56,6 +57,8 @@ class Worker:
         self._refused_by: set[str] = set()  # controllers whose refusal was logged already
         self._engine: EngineProcess | None = None
         self._heartbeats: asyncio.Task[None] | None = None
+        # Off unless the OTEL_* variables configure an exporter (fleetcore/tracing.py).
+        self.tracing = Tracing.from_env("llm-fleet-worker")
 
     # -- signals ---------------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -261,6 +264,10 @@ class Worker:
 
     async def _run(self, model_path: str, extra_args: list[str]) -> int:
         self.lora = parse_lora_args(self.settings.engine_args)
+        # The engine's spans go where ours do, unless its own arguments say otherwise.
+        trace_args, trace_env = engine_tracing_args() if self.tracing else ([], {})
+        if any(a.startswith("--otlp-traces-endpoint") for a in self.settings.engine_args):
+            trace_args = []
         command = build_engine_command(
             model_path=model_path,
             served_names=self.model_names,
@@ -270,8 +277,8 @@ class Worker:
             gpus=self.settings.gpus,
             cpus=self.settings.cpus,
             cpu_kvcache_gib=self.settings.cpu_kvcache_gib,
-            extra_args=[*extra_args, *self.settings.engine_args],
-            base_env=os.environ,
+            extra_args=[*extra_args, *trace_args, *self.settings.engine_args],
+            base_env={**os.environ, **trace_env},
             **self.settings.uvicorn_ssl(),
         )
         self.engine_url = (self.settings.advertise_url or command.base_url).rstrip("/")
@@ -287,7 +294,8 @@ class Worker:
             self._engine_http = engine_http
             self._controllers = [
                 ControllerClient(address, controller_http,
-                                 token=token.get_secret_value() if token else None)
+                                 token=token.get_secret_value() if token else None,
+                                 tracer=self.tracing.tracer if self.tracing else None)
                 for address in self.settings.controller_addresses
             ]
             serving = asyncio.create_task(server.serve())
@@ -342,4 +350,6 @@ class Worker:
         if self._engine_http is not None:
             await self._engine_http.aclose()
         await self._engine.stop()
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.shutdown)  # exports what is left
         logger.info("stopped worker_id=%s", self.worker_id)

@@ -1,6 +1,5 @@
-# syntax=docker/dockerfile:1
 # The worker on NVIDIA GPUs: vLLM's own CUDA image, with llm-fleet installed beside vLLM.
-# Build from the repository root:
+# Build from the repository root (BuildKit: DOCKER_BUILDKIT=1 before Docker 23):
 #   docker build -f deploy/docker/worker.Dockerfile -t ghcr.io/llm-fleet/worker:0.1.0 .
 FROM vllm/vllm-openai:v0.26.0
 
@@ -9,6 +8,8 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_BREAK_SYSTEM_PACKAGES=1 \
     PYTHONUNBUFFERED=1
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
 # Installing llm-fleet must not move the engine's own stack: pin what the image has.
 RUN --mount=type=bind,source=.,target=/src,rw \

@@ -1,8 +1,9 @@
-"""Unit tests see none of the caller's shared credentials (settings read them from the env),
-and each gets 60 s."""
+"""Unit tests see none of the caller's shared credentials (settings read them from the env)
+or OTEL_* variables, and each gets 60 s."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,9 @@ SHARED_SETTINGS = ("FLEET_CLUSTER_TOKEN", "FLEET_CLUSTER_TOKEN_FILE", "FLEET_REA
 def _no_shared_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in SHARED_SETTINGS:
         monkeypatch.delenv(name, raising=False)
+    # Nor its OpenTelemetry set-up: services trace when OTEL_* variables ask them to.
+    for name in [n for n in os.environ if n.startswith("OTEL_")]:
+        monkeypatch.delenv(name)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

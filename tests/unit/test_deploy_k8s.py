@@ -209,16 +209,17 @@ def _engine_is_reachable(overlay: str, statefulset: Doc, worker: Doc,
     assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
     assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     assert _port(worker, "engine") == engine_port
-    # Only gateways may talk to engines, of every model.
+    # Only gateways may talk to engines, of every model; and Prometheus, for vLLM's metrics.
     policy = _one(overlay, "NetworkPolicy", "fleet-worker")
     pod_labels = statefulset["spec"]["template"]["metadata"]["labels"]
     assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
     engine_rules = [r for r in policy["spec"]["ingress"]
                     if any(p["port"] in ("engine", engine_port) for p in r.get("ports", []))]
-    assert engine_rules and all(
-        r["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "fleet-gateway"}}}]
-        for r in engine_rules
-    )
+    assert sorted((r["from"] for r in engine_rules), key=str) == [
+        [{"namespaceSelector": {},
+          "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}],
+        [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "fleet-gateway"}}}],
+    ]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
