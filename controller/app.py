@@ -7,14 +7,20 @@ import contextlib
 import gc
 import logging
 from collections.abc import AsyncIterator
+from typing import Annotated
 
-from fastapi import FastAPI, Query, Request, Response
+from fastapi import FastAPI, Path, Query, Request, Response
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from controller.adapters import AdapterCatalogue
 from controller.auth import ClusterAuth, ClusterAuthMiddleware, document_security
 from controller.heartbeat_route import HeartbeatRoute
 from controller.protocol import (
+    MODEL_NAME_PATTERN,
+    AdapterDeclaration,
+    AdapterList,
+    AdapterSpec,
     Heartbeat,
     ModelList,
     RegisterResponse,
@@ -26,7 +32,12 @@ from controller.protocol import (
 )
 from controller.registry import Registry, UnknownWorker
 from controller.settings import ControllerSettings
-from fleetcore.errors import ErrorResponse, NotFoundError, install_error_handlers
+from fleetcore.errors import (
+    ConflictError,
+    ErrorResponse,
+    NotFoundError,
+    install_error_handlers,
+)
 from fleetcore.tracing import Tracing, server_span
 
 logger = logging.getLogger(__name__)
@@ -35,6 +46,14 @@ _ERRORS: dict[int | str, dict[str, object]] = {
     400: {"model": ErrorResponse, "description": "Invalid request"},
     404: {"model": ErrorResponse, "description": "Unknown worker"},
 }
+
+
+_ADAPTER_ERRORS: dict[int | str, dict[str, object]] = {
+    400: {"model": ErrorResponse, "description": "Invalid request"},
+    404: {"model": ErrorResponse, "description": "Unknown adapter"},
+    409: {"model": ErrorResponse, "description": "The name is a base model's"},
+}
+AdapterName = Annotated[str, Path(pattern=MODEL_NAME_PATTERN)]
 
 
 def _unknown_worker(worker_id: str) -> NotFoundError:
@@ -67,6 +86,8 @@ async def _expire_forever(registry: Registry) -> None:
 
 def create_app(settings: ControllerSettings) -> FastAPI:
     registry = Registry(heartbeat_interval=settings.heartbeat_interval, expiry=settings.expiry)
+    catalogue = AdapterCatalogue(settings.adapters_file)
+    registry.adapters = catalogue.list
     # Off unless the OTEL_* variables configure an exporter (fleetcore/tracing.py): then a
     # worker's registrations and heartbeats are spans in the worker's traces.
     tracing = Tracing.from_env("llm-fleet-controller")
@@ -86,6 +107,7 @@ def create_app(settings: ControllerSettings) -> FastAPI:
 
     app = FastAPI(title="llm-fleet controller", version="0.1.0", lifespan=lifespan)
     app.state.registry = registry
+    app.state.adapters = catalogue
     app.state.settings = settings
     install_error_handlers(app)
     # Every call but /health, /metrics and the docs needs a token: the registry decides where
@@ -163,6 +185,29 @@ def create_app(settings: ControllerSettings) -> FastAPI:
         changes = _get_registry(request).changes_since(since, epoch)
         # Serialised straight from the registry's records, which are checked on the way in.
         return Response(changes.model_dump_json(), media_type="application/json")
+
+    @app.get("/adapters", response_model=AdapterList)
+    async def list_adapters() -> AdapterList:
+        return AdapterList(adapters=catalogue.list())
+
+    @app.put("/adapters/{name}", response_model=AdapterSpec, responses=_ADAPTER_ERRORS)
+    async def declare_adapter(body: AdapterDeclaration, name: AdapterName) -> AdapterSpec:
+        if name in registry.known_models():
+            raise ConflictError(f"'{name}' is the name of a base model.", param="name",
+                                code="name_taken")
+        spec = AdapterSpec(name=name, **body.model_dump())
+        if catalogue.put(spec):
+            registry.generation += 1
+        return spec
+
+    @app.delete("/adapters/{name}", response_model=AdapterSpec, responses=_ADAPTER_ERRORS)
+    async def remove_adapter(name: AdapterName) -> AdapterSpec:
+        spec = catalogue.remove(name)
+        if spec is None:
+            raise NotFoundError(f"No adapter '{name}' is declared.", param="name",
+                                code="adapter_not_found")
+        registry.generation += 1
+        return spec
 
     @app.get("/health")
     async def health() -> dict[str, str]:

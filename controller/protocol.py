@@ -52,6 +52,38 @@ class WorkerLoad(BaseModel):
         "average: what each waiting request will cost it.")
 
 
+ModelName = Annotated[str, Field(pattern=MODEL_NAME_PATTERN)]
+# The LoRA adapters an engine holds now; None in a heartbeat: not reported (unchanged).
+AdapterNames = Annotated[
+    list[ModelName] | None,
+    Field(None, max_length=1024, description="The LoRA adapters the engine holds now, static "
+          "(--lora-modules) and loaded at run time; none: not reported."),
+]
+
+
+class AdapterDeclaration(BaseModel):
+    """The body of `PUT /adapters/{name}`: where the adapter comes from, and its base model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(
+        # No whitespace, as the spec's ECMA regex and Python both see it (see MODEL_NAME_PATTERN).
+        min_length=1, max_length=1024, pattern=r"^[^\s\u0085\ufeff]+$",
+        description="An absolute folder on the workers' hosts, or a Hugging Face id (a "
+        "ModelScope id where the engines have VLLM_USE_MODELSCOPE=True): vLLM's lora_path.")
+    base_model: ModelName
+
+
+class AdapterSpec(AdapterDeclaration):
+    """A LoRA adapter declared for the fleet: gateways load it on workers of its base model."""
+
+    name: ModelName
+
+
+class AdapterList(BaseModel):
+    adapters: list[AdapterSpec]
+
+
 class WorkerInfo(BaseModel):
     """The static facts of a worker; sent when it registers."""
 
@@ -78,6 +110,14 @@ class WorkerInfo(BaseModel):
     kv_cache_url: HttpUrl | None = Field(
         None, description="The worker's own URL whose /kv-cache tells gateways what its "
         "engine's prefix cache holds (read with the engine's API key); none: not published.")
+    # LoRA: how many adapters the engine runs at once (--max-loras); None: LoRA is off.
+    lora_slots: PositiveInt | None = None
+    static_adapters: list[ModelName] = Field(
+        default_factory=list, max_length=1024,
+        description="Adapters the engine was started with (--lora-modules): never unloaded.")
+    adapters: list[ModelName] = Field(
+        default_factory=list, max_length=1024,
+        description="The LoRA adapters the engine holds now, static ones included.")
 
     @field_validator("model_names")
     @classmethod
@@ -100,6 +140,7 @@ class Heartbeat(BaseModel):
     # Facts that become known only once the engine is up.
     max_model_len: PositiveInt | None = None
     engine_paths: EnginePaths = None
+    adapters: AdapterNames = None
 
 
 class RegisterResponse(BaseModel):
@@ -141,6 +182,8 @@ class Snapshot(BaseModel):
     # True for one expiry period after the controller starts: workers are still registering
     # again, so a worker missing from `workers` may well be alive.
     warming_up: bool = False
+    # The fleet's adapter catalogue (declared, persisted by the controller).
+    adapters: list[AdapterSpec] = Field(default_factory=list)
 
 
 # A worker's load as the table's changes carry it: running, waiting, KV-cache use.
@@ -168,3 +211,5 @@ class TableChanges(BaseModel):
     removed: list[str] = Field(default_factory=list)
     loads: dict[str, CompactLoad] = Field(
         default_factory=dict, description="worker id -> [running, waiting, kv_cache_usage]")
+    # The fleet's adapter catalogue, whole in every read: it is small, and declared rarely.
+    adapters: list[AdapterSpec] = Field(default_factory=list)

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from controller.protocol import (
+    AdapterSpec,
     CompactLoad,
     Heartbeat,
     Registration,
@@ -84,6 +85,9 @@ class Registry:
         self._removed: collections.deque[tuple[int, str]] = collections.deque()
         self._max_removed = max_removed
         self._floor = 0
+        # The adapter catalogue's reader (controller/adapters.py), for the snapshot and
+        # the table's changes.
+        self.adapters: Callable[[], list[AdapterSpec]] = list
 
     def _record_changed(self, worker_id: str) -> None:
         self.revision += 1
@@ -141,6 +145,11 @@ class Registry:
             changed = True
         if beat.engine_paths is not None and beat.engine_paths != record.engine_paths:
             record.engine_paths = beat.engine_paths
+            changed = True
+        if beat.adapters is not None and beat.adapters != record.adapters:
+            logger.info("adapters worker_id=%s %s", worker_id, ",".join(beat.adapters) or "-")
+            record.adapters = beat.adapters
+            self.generation += 1
             changed = True
         if changed:
             self._record_changed(worker_id)
@@ -207,6 +216,7 @@ class Registry:
             workers=self.workers(),
             models=self.known_models(),
             warming_up=self._clock() - self._started < self.expiry,
+            adapters=self.adapters(),
         )
 
     def changes_since(self, since: int | None, epoch: str | None) -> TableChanges:
@@ -237,7 +247,7 @@ class Registry:
             epoch=self.epoch, revision=self.revision, full=full, generation=self.generation,
             heartbeat_interval=self.heartbeat_interval, expiry=self.expiry,
             models=self.known_models(), warming_up=self._clock() - self._started < self.expiry,
-            workers=workers, removed=removed, loads=loads,
+            workers=workers, removed=removed, loads=loads, adapters=self.adapters(),
         )
 
     def count_by_state(self) -> dict[WorkerState, int]:

@@ -6,6 +6,8 @@ The tokens are shared with the other services, so their variables have no servic
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
@@ -26,6 +28,9 @@ class ControllerSettings(CliSettings, ClusterTokenSettings, ReadTokenSettings, S
         description="Seconds between worker heartbeats, told to workers at registration.")
     expiry: float = Field(6.0, gt=0,
                           description="Seconds of silence after which a worker is dropped.")
+    adapters_file: Path | None = Field(
+        None, description="JSON file that keeps the fleet's declared LoRA adapters across "
+        "restarts; none: kept in memory only.")
     log_level: str = Field("info", description="debug, info, warning or error.")
 
     @model_validator(mode="after")

@@ -10,6 +10,10 @@ models:
     engine_args: [--runner, pooling]
 ```
 
+A model may list LoRA adapters (`adapters: [{name, source}]`): its workers then run with
+`--enable-lora --max-loras MAX_LORAS` and the adapters are declared for the fleet, to be loaded
+where requests need them (gateway/adapters.py).
+
 A source is given as `PREFIX:VALUE`, or bare (the worker's `--source auto`: a local path if it
 exists, else a Hugging Face id). `demo:` sources are the demo models (fleet/demo_model.py),
 resolved to local folders before anything starts, so the file needs nothing downloaded.
@@ -42,6 +46,16 @@ def demo_fleet_path() -> Path:
 _Flag = Annotated[str, Field(min_length=1)]
 
 
+class FleetAdapter(BaseModel):
+    """A LoRA adapter of a model, declared for the fleet when it starts."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=256, pattern=r"^[^\s/]\S*$")
+    source: str = Field(min_length=1, description="A folder (relative to the file) or a "
+                        "Hugging Face id.")
+
+
 class FleetModel(BaseModel):
     """One model of the fleet, and the workers that serve it."""
 
@@ -64,6 +78,17 @@ class FleetModel(BaseModel):
                                      description="vLLM engine arguments, as on a command line.")
     chat_template: str | None = Field(None, min_length=1, description="The worker's "
                                       "--chat-template: a Jinja file or 'chatml'.")
+    adapters: list[FleetAdapter] = Field(default_factory=list,
+                                         description="LoRA adapters declared for it.")
+    max_loras: int | None = Field(None, ge=1, description="Adapter slots per worker "
+                                  "(--max-loras); none: 2 where it lists adapters, else no LoRA.")
+
+    @property
+    def lora_args(self) -> list[str]:
+        """The engine arguments that turn LoRA on, unless `engine_args` does already."""
+        if not (self.adapters or self.max_loras) or "--enable-lora" in self.engine_args:
+            return []
+        return ["--enable-lora", "--max-loras", str(self.max_loras or 2)]
 
     @field_validator("gpus", mode="before")
     @classmethod
@@ -110,6 +135,10 @@ class FleetFile(BaseModel):
         twice = sorted({label for label in labels if labels.count(label) > 1})
         if twice:
             raise ValueError(f"two models are called {', '.join(twice)}; give each a name")
+        adapters = [a.name for m in models for a in m.adapters]
+        twice = sorted({name for name in adapters if adapters.count(name) > 1})
+        if twice:
+            raise ValueError(f"two adapters are called {', '.join(twice)}")
         return models
 
 
@@ -155,7 +184,10 @@ def _beside(folder: Path, model: FleetModel) -> FleetModel:
     template = model.chat_template
     if template is not None and template != "chatml" and not Path(template).is_absolute():
         update["chat_template"] = str(folder / template)
-    return model.model_copy(update=update)
+    adapters = [a.model_copy(update={"source": str(folder / a.source)})
+                if not Path(a.source).is_absolute() and (folder / a.source).exists() else a
+                for a in model.adapters]
+    return model.model_copy(update={**update, "adapters": adapters})
 
 
 def load_fleet(path: Path) -> FleetFile:
@@ -166,6 +198,7 @@ def load_fleet(path: Path) -> FleetFile:
     fleet = parse_fleet(text, str(path))
     folder = path.resolve().parent
     return FleetFile(models=[_beside(folder, model) for model in fleet.models])
+
 
 
 # A demo model's name -> its local folder and the name it is served as.

@@ -102,6 +102,9 @@ class UpSettings(CliSettings):
         900.0, gt=0, description="Seconds to wait for every model to be served.")
     drain_timeout: float = Field(
         30.0, ge=0, description="Seconds workers get to finish requests on Ctrl-C.")
+    adapters_file: Path | None = Field(
+        None, description="The controller's --adapters-file (the declared LoRA adapters); "
+        "none: ~/.cache/fleet/adapters-CONTROLLER_PORT.json.")
     engine_args: Annotated[list[str], Passthrough()] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -184,6 +187,28 @@ def place(args: UpSettings, fleet: FleetFile) -> tuple[bool, list[list[str]]]:
     return False, share_cores(fleet.models, cores)
 
 
+def adapters_file(args: UpSettings) -> Path:
+    """Where the controller keeps the fleet's declared adapters across restarts: one file per
+    controller port, so that two fleets on one machine keep theirs apart."""
+    if args.adapters_file is not None:
+        return args.adapters_file.expanduser().resolve()
+    return Path.home() / ".cache" / "fleet" / f"adapters-{args.controller_port}.json"
+
+
+def declare_fleet_adapters(path: Path, fleet: FleetFile) -> int:
+    """Write the fleet file's adapters into the controller's adapters file before it starts
+    (adapters declared at run time stay); returns how many the file lists."""
+    from controller.adapters import AdapterCatalogue
+    from controller.protocol import AdapterSpec
+
+    catalogue = AdapterCatalogue(path)
+    for model in fleet.models:
+        for adapter in model.adapters:
+            catalogue.put(AdapterSpec(name=adapter.name, source=adapter.source,
+                                      base_model=served_as(model)))
+    return sum(len(m.adapters) for m in fleet.models)
+
+
 def plan(args: UpSettings, fleet: FleetFile, cluster_token: str) -> list[Service]:
     """The services of the stack, in start order: the controller, the workers of each model
     (engine arguments: the model's, then the command line's, which win), gateway, web UI."""
@@ -193,12 +218,14 @@ def plan(args: UpSettings, fleet: FleetFile, cluster_token: str) -> list[Service
         if args.ssl_certfile else []
     token = {CLUSTER_TOKEN_ENV: cluster_token}
     services = [Service("controller", [py, "-m", "controller", "--host", args.host,
-                                       "--port", str(args.controller_port), *tls], env=token)]
+                                       "--port", str(args.controller_port),
+                                       "--adapters-file", str(adapters_file(args)), *tls],
+                        env=token)]
     gpus, placements = place(args, fleet)
     number = 0
     for model, devices in zip(fleet.models, placements, strict=True):
         common = _worker_argv(args, model, controller_url, tls)
-        engine_args = [*model.engine_args, *args.engine_args]
+        engine_args = [*model.lora_args, *model.engine_args, *args.engine_args]
         for device in devices:
             if gpus:
                 argv = [*common, "--gpus", device, *engine_args]
@@ -283,6 +310,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             fleet = resolve_demo_sources(fleet, resolve_demo_source)
         token, token_source = cluster_token(args.cluster_token_file)
         services = plan(args, fleet, token)
+        if any(m.adapters for m in fleet.models):
+            declare_fleet_adapters(adapters_file(args), fleet)
     except (ValueError, ValidationError, OSError) as exc:
         print(f"fleet up: {exc}", file=sys.stderr)
         return 2

@@ -22,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +115,14 @@ class NotFoundError(FleetError):
     status_code = 404
     type = "invalid_request_error"
     code = "not_found"
+
+
+class ConflictError(FleetError):
+    """409: the request conflicts with what is there (say, a name already taken)."""
+
+    status_code = 409
+    type = "invalid_request_error"
+    code = "conflict"
 
 
 class OverloadedError(FleetError):
@@ -222,14 +231,31 @@ async def _validation_handler(_: Request, exc: Exception) -> JSONResponse:
     return error_response(validation_error(exc))
 
 
+def _allow(request: Request, headers: Mapping[str, str] | None) -> dict[str, str]:
+    """The methods of every route with the path template of the route Starlette matched."""
+    routes = request.app.router.routes
+    matched = next((r for r in routes if r.matches(request.scope)[0] is not Match.NONE), None)
+    template = getattr(matched, "path", None)
+    methods: set[str] = set()
+    for route in routes:
+        if template is not None and getattr(route, "path", None) == template:
+            methods |= getattr(route, "methods", None) or set()
+    out = dict(headers or {})
+    if methods:
+        out["Allow"] = ", ".join(sorted(methods))
+    return out
+
+
 async def _http_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     if exc.status_code == 404:
         err: FleetError = NotFoundError(f"No route {request.method} {request.url.path}.")
     elif exc.status_code == 405:
-        # Starlette names the allowed methods in `Allow`, which RFC 9110 requires on a 405.
+        # RFC 9110 requires `Allow` on a 405. Starlette names the methods of the first route
+        # whose path matched; a path served by several routes (PUT and DELETE) has them all.
         err = InvalidRequestError(f"Method {request.method} is not allowed on {request.url.path}.",
-                                  status_code=405, code="method_not_allowed", headers=exc.headers)
+                                  status_code=405, code="method_not_allowed",
+                                  headers=_allow(request, exc.headers))
     else:
         err = FleetError(str(exc.detail), status_code=exc.status_code,
                          type="invalid_request_error" if exc.status_code < 500 else "server_error")

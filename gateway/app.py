@@ -20,6 +20,8 @@ from fleetcore.cluster_auth import bearer
 from fleetcore.errors import ErrorResponse, FleetError, NotFoundError, install_error_handlers
 from fleetcore.tracing import Tracing
 from gateway import validation
+from gateway.adapter_admin import AdapterAdmin
+from gateway.adapters import AdapterFleet
 from gateway.asgi import GenerateRoutes, Handler, RelayResponse
 from gateway.auth import Authenticator
 from gateway.breaker import Breakers
@@ -34,16 +36,19 @@ from gateway.endpoints import (
 from gateway.engine_client import EngineClient
 from gateway.kv_view import KvSync, KvViews
 from gateway.limits import KeyLimiter
+from gateway.lora_placement import PLACEMENTS, DemandPlacement, PlacementPolicy
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline import Pipeline
 from gateway.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     GatewayStatus,
+    LoadLoraAdapterRequest,
     ModelCard,
     ModelList,
     ModelRequest,
     TableHealth,
+    UnloadLoraAdapterRequest,
 )
 from gateway.proxy import Proxy
 from gateway.routing import POLICIES, CacheAware, RoutingPolicy
@@ -61,6 +66,7 @@ _ERRORS: dict[int | str, dict[str, object]] = {
         (401, "Missing or invalid API key"),
         (403, "The API key may not use this model"),
         (404, "Unknown model"),
+        (409, "A LoRA adapter may not take a base model's name"),
         (429, "The API key is over a limit, or every worker is busy and the queue is full"),
         (503, "No worker available for the model"),
     ]
@@ -81,9 +87,16 @@ def _policy(name: str, views: KvViews) -> RoutingPolicy:
     return POLICIES[name]()
 
 
+def _placement(settings: GatewaySettings) -> PlacementPolicy:
+    if settings.lora_placement == DemandPlacement.name:
+        return DemandPlacement(spread_at=settings.adapter_spread_at,
+                               shrink_after=settings.adapter_shrink_after)
+    return PLACEMENTS[settings.lora_placement]()
+
+
 def build_table(settings: GatewaySettings, views: KvViews | None = None) -> RoutingTable:
     views = views or KvViews()
-    return RoutingTable(
+    table = RoutingTable(
         _policy(settings.routing, views),
         overrides={m: _policy(p, views) for m, p in settings.routing_overrides.items()},
         breakers=Breakers(threshold=settings.breaker_threshold,
@@ -91,6 +104,15 @@ def build_table(settings: GatewaySettings, views: KvViews | None = None) -> Rout
         limits=Limits(max_inflight_per_worker=settings.max_inflight_per_worker,
                       queue_size=settings.queue_size, queue_timeout=settings.queue_timeout),
     )
+    table.adapters = AdapterFleet(table, _placement(settings),
+                                  wait_timeout=settings.adapter_wait_timeout)
+    return table
+
+
+async def _upkeep_forever(adapters: AdapterFleet, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        adapters.upkeep()
 
 
 async def _reconcile_forever(kv_sync: KvSync, table: RoutingTable, interval: float) -> None:
@@ -101,7 +123,7 @@ async def _reconcile_forever(kv_sync: KvSync, table: RoutingTable, interval: flo
 
 
 def create_app(settings: GatewaySettings) -> FastAPI:
-    auth = Authenticator(settings.load_keys(), settings.keys_file)
+    auth = Authenticator(settings.load_keys(), settings.keys_file, settings.admin_api_keys)
     shared = None
     if settings.shared_state is not None:
         shared = SharedState(settings.shared_state, timeout=settings.shared_state_timeout,
@@ -111,6 +133,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     table = build_table(settings, views)
     # Only cache-aware reads the engines' caches: nothing is polled for the other policies.
     reads_caches = CacheAware.name in (settings.routing, *settings.routing_overrides.values())
+    adapters = table.adapters
+    assert adapters is not None
     metrics = GatewayMetrics(table)
     table.on_latency = metrics.observe_latency
     if not auth.enabled:
@@ -131,6 +155,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     pipeline = Pipeline(settings, auth=auth, limiter=limiter, table=table, metrics=metrics,
                         proxy=proxy,
                         tracing=None if tracing is None else RequestTracing(tracing.tracer))
+    admin = AdapterAdmin(table, adapters, lambda: adapters.session,
+                         settings.controller_addresses, bearer(settings.controller_token()))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -139,7 +165,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             sync = ControllerSync(table, session, settings.controller_addresses,
                                   interval=settings.sync_interval,
                                   headers=bearer(settings.controller_token()))
-            tasks = [asyncio.create_task(sync.run_forever())]
+            adapters.session = session
+            tasks = [asyncio.create_task(sync.run_forever()),
+                     asyncio.create_task(_upkeep_forever(adapters, settings.sync_interval))]
             if shared is not None:
                 tasks.append(asyncio.create_task(shared.run_forever(table)))
             kv_sync = KvSync(views, session) if reads_caches else None
@@ -161,6 +189,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                     await shared.close()
                 if kv_sync is not None:
                     await kv_sync.close()
+                adapters.session = None
                 engines.close()
                 if tracing is not None:
                     await asyncio.to_thread(tracing.shutdown)  # exports what is left
@@ -208,12 +237,21 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     def model_cards(request: Request) -> list[ModelCard]:
         caller = auth.authenticate(request.headers.get("authorization"))
         created = int(time.time())
-        return [
-            # A base model is its own root; adapters will name their base as parent.
+        served = table.models()
+        cards = [
+            # A base model is its own root; an adapter names its base as parent.
             ModelCard(id=name, created=created, root=name,
                       max_model_len=table.max_model_len(name), endpoints=routed_paths(workers))
-            for name, workers in sorted(table.models().items()) if caller.entry.allows(name)
+            for name, workers in sorted(served.items()) if caller.entry.allows(name)
         ]
+        for name, source, base in adapters.listing():
+            workers = [w for w in served.get(base, []) if w.lora_slots
+                       or w.worker_id in adapters.holders(name)]
+            if workers and caller.entry.allows(name):
+                cards.append(ModelCard(id=name, created=created, root=source, parent=base,
+                                       max_model_len=table.max_model_len(base),
+                                       endpoints=routed_paths(workers)))
+        return cards
 
     @app.get("/v1/models", response_model=ModelList, responses=_ERRORS,
              openapi_extra=_BEARER)
@@ -228,6 +266,24 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             raise NotFoundError(f"The model '{model}' does not exist.", param="model",
                                 code="model_not_found")
         return card
+
+    @app.post("/v1/load_lora_adapter", responses=_ERRORS, openapi_extra=_BEARER,
+              summary="Declare a LoRA adapter for the fleet (admin key)")
+    async def load_lora_adapter(request: Request, body: LoadLoraAdapterRequest) -> Response:
+        auth.authenticate_admin(request.headers.get("authorization"))
+        await admin.declare(body)
+        # vLLM's own answer, so that its clients and scripts work unchanged.
+        return Response(f"Success: LoRA adapter '{body.lora_name}' added successfully.",
+                        media_type="text/plain")
+
+    @app.post("/v1/unload_lora_adapter", responses=_ERRORS, openapi_extra=_BEARER,
+              summary="Remove a LoRA adapter from the fleet (admin key)")
+    async def unload_lora_adapter(request: Request, body: UnloadLoraAdapterRequest
+                                  ) -> Response:
+        auth.authenticate_admin(request.headers.get("authorization"))
+        await admin.remove(body.lora_name)
+        return Response(f"Success: LoRA adapter '{body.lora_name}' removed successfully.",
+                        media_type="text/plain")
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:

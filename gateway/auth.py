@@ -13,12 +13,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fleetcore.errors import AuthenticationError
+from fleetcore.errors import AuthenticationError, PermissionDeniedError
 from gateway.keys import KeyEntry, KeysFile, hash_key
 
 logger = logging.getLogger(__name__)
 
 _PLAIN = KeyEntry(name="api-keys")
+_PLAIN_ADMIN = KeyEntry(name="admin-api-keys", admin=True)
 # Callers by the Authorization header they sent, so that a known key costs one dict lookup
 # rather than a SHA-256 and a new Caller per request. Only valid keys are kept (a stranger's
 # guesses cannot fill it), the whole cache goes on each reload of the keys, and it is
@@ -42,8 +43,10 @@ ANONYMOUS = Caller(key_id="", entry=KeyEntry(name="anonymous"))
 
 
 class Authenticator:
-    def __init__(self, plain_keys: Iterable[str] = (), keys_file: Path | None = None) -> None:
-        self._plain = {hash_key(k): _PLAIN for k in plain_keys}
+    def __init__(self, plain_keys: Iterable[str] = (), keys_file: Path | None = None,
+                 admin_keys: Iterable[str] = ()) -> None:
+        self._plain = {**{hash_key(k): _PLAIN for k in plain_keys},
+                       **{hash_key(k): _PLAIN_ADMIN for k in admin_keys}}
         self.keys_file = KeysFile(keys_file) if keys_file is not None else None
         self._entries: dict[str, KeyEntry] = {}
         self._callers: dict[str, Caller] = {}
@@ -94,6 +97,17 @@ class Authenticator:
         if len(callers) >= _CALLER_CACHE_SIZE:
             callers.clear()
         callers[authorization] = caller
+        return caller
+
+    def authenticate_admin(self, authorization: str | None) -> Caller:
+        """An admin caller (`--admin-api-keys`, or `admin: true` in the keys file); 401 for
+        no valid key, 403 for a key that is not an admin's. Without any keys configured the
+        gateway trusts every caller, as it does for everything else."""
+        caller = self.authenticate(authorization)
+        if self.enabled and not caller.entry.admin:
+            raise PermissionDeniedError("This API key may not manage the fleet's adapters; an "
+                                        "admin key may (--admin-api-keys, or admin: true in "
+                                        "the keys file).", code="admin_required")
         return caller
 
     def caller_or_none(self, authorization: str | None) -> Caller | None:

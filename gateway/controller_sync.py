@@ -84,7 +84,8 @@ class ControllerSync:
         return Snapshot.model_construct(
             generation=changes.generation, heartbeat_interval=changes.heartbeat_interval,
             expiry=changes.expiry, models=changes.models, warming_up=changes.warming_up,
-            workers=sorted(workers.values(), key=lambda w: w.worker_id))
+            workers=sorted(workers.values(), key=lambda w: w.worker_id),
+            adapters=changes.adapters)
 
     async def _read_snapshot(self, controller: str) -> None:
         async with self._session.get(f"{controller}/snapshot", timeout=_TIMEOUT,

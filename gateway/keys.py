@@ -35,7 +35,8 @@ _HASH_LEN = len(HASH_PREFIX) + 64
 _YAML_HEADER = (
     "# llm-fleet gateway keys (--keys-file): the SHA-256 of each key -> its name, the models\n"
     "# it may use (absent or \"*\": all), its requests (rpm) and tokens (tpm) per minute and\n"
-    "# its requests in flight at once (concurrency); a limit left out is no limit.\n"
+    "# its requests in flight at once (concurrency); a limit left out is no limit. admin: true\n"
+    "# lets a key declare and remove LoRA adapters.\n"
     "# Add keys with 'fleet keys create'; delete a line to revoke a key. Gateways reload it.\n"
 )
 
@@ -55,6 +56,9 @@ class KeyEntry(BaseModel):
     tpm: int | None = Field(None, ge=1, description="Tokens per minute; none: no limit.")
     concurrency: int | None = Field(
         None, ge=1, description="Requests in flight at once, streams or not; none: no limit.")
+    admin: bool = Field(
+        False, description="May declare and remove the fleet's LoRA adapters "
+        "(/v1/load_lora_adapter, /v1/unload_lora_adapter).")
 
     @property
     def all_models(self) -> bool:

@@ -27,7 +27,7 @@ def _create(args: argparse.Namespace) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
     try:
         entry = KeyEntry(name=args.name, models=models, rpm=args.rpm, tpm=args.tpm,
-                         concurrency=args.concurrency)
+                         concurrency=args.concurrency, admin=args.admin)
     except ValidationError as exc:
         problems = "; ".join(f"--{'.'.join(map(str, e['loc']))}: {e['msg']}"
                              for e in exc.errors())
@@ -57,7 +57,7 @@ def _list(args: argparse.Namespace) -> int:
     for digest, entry in entries.items():
         print(f"{digest[:19]}...  {entry.name:<24} models={','.join(entry.models or ['*'])} "
               f"rpm={entry.rpm or '-'} tpm={entry.tpm or '-'} "
-              f"concurrency={entry.concurrency or '-'}")
+              f"concurrency={entry.concurrency or '-'}{' admin' if entry.admin else ''}")
     return 0
 
 
@@ -74,6 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     create.add_argument("--tpm", type=int, help="Tokens per minute (default: no limit).")
     create.add_argument("--concurrency", type=int,
                         help="Requests in flight at once, streams or not (default: no limit).")
+    create.add_argument("--admin", action="store_true",
+                        help="The key may declare and remove the fleet's LoRA adapters.")
     create.add_argument("--file", type=Path, default=default,
                         help=f"The keys file, .yaml or .json (default {default}).")
     create.set_defaults(run=_create)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Hashable, Iterator
 from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from gateway.routing_table import RoutingTable
@@ -26,7 +26,7 @@ class _TableCollector(Collector):
     def __init__(self, table: RoutingTable) -> None:
         self._table = table
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         table = self._table
         inflight = GaugeMetricFamily("fleet_gateway_inflight",
                                      "Requests in flight from this gateway, per worker",
@@ -56,6 +56,32 @@ class _TableCollector(Collector):
                                   "1 while the controller cannot be reached")
         stale.add_metric([], 1 if table.stale else 0)
         yield stale
+        adapters = table.adapters
+        if adapters is None:
+            return
+        loads = CounterMetricFamily("fleet_gateway_adapter_loads",
+                                    "LoRA adapters this gateway loaded onto workers, by reason "
+                                    "(first_use, spread)", labels=["adapter", "reason"])
+        for (adapter, reason), count in sorted(adapters.loads.items()):
+            loads.add_metric([adapter, reason], count)
+        yield loads
+        unloads = CounterMetricFamily("fleet_gateway_adapter_unloads",
+                                      "LoRA adapters this gateway unloaded, by reason (evict, "
+                                      "shrink, removed)", labels=["adapter", "reason"])
+        for (adapter, reason), count in sorted(adapters.unloads.items()):
+            unloads.add_metric([adapter, reason], count)
+        yield unloads
+        failures = CounterMetricFamily("fleet_gateway_adapter_load_failures",
+                                       "Adapter loads that failed", labels=["adapter"])
+        for adapter, count in sorted(adapters.load_failures.items()):
+            failures.add_metric([adapter], count)
+        yield failures
+        copies = GaugeMetricFamily("fleet_gateway_adapter_copies",
+                                   "Workers holding each adapter, as this gateway sees it",
+                                   labels=["adapter"])
+        for name, _, _ in adapters.listing():
+            copies.add_metric([name], len(adapters.holders(name)))
+        yield copies
 
 
 class GatewayMetrics:

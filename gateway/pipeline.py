@@ -76,6 +76,7 @@ class Pipeline:
             parsed = await self.parse(request, routed, schema)
             self.authorize(routed, parsed.model)
             await self.limit(request, routed, parsed)
+            await self.place(routed)
 
         return await self._walk(request, routed, prepare)
 
@@ -93,6 +94,7 @@ class Pipeline:
                 parsed = await self.parse(request, routed, ModelRequest)
             self.authorize(routed, parsed.model)
             await self.admit(request, routed, parsed.model)
+            await self.place(routed)
             if endpoint.path == RESPONSES:
                 model, key_id = parsed.model, routed.caller.key_id
                 routed.on_answer = lambda first, worker_id: self.responses.learn(
@@ -201,8 +203,7 @@ class Pipeline:
             )
         table = self._table
         # Client-chosen names would make the label set unbounded.
-        known = table.snapshot is not None and model in table.snapshot.models
-        routed.model = model if known else "unknown"
+        routed.model = model if table.is_known(model) else "unknown"
         routed.policy = table.policy_for(model).name
 
     async def limit(self, request: Request, routed: RoutedRequest,
@@ -248,6 +249,14 @@ class Pipeline:
                 data = {**data, "return_token_ids": True}
         if ask_usage or routed.resume is not None:
             routed.body = pydantic_core.to_json(data)
+
+    async def place(self, routed: RoutedRequest) -> None:
+        """A request naming a LoRA adapter waits until a worker it may go to holds it. The
+        last step before forwarding: nothing awaits between it and the lease, so the adapter
+        cannot be unloaded in between."""
+        adapters = self._table.adapters
+        if adapters is not None and routed.route is not None:
+            await adapters.ensure(routed.route)
 
     async def admit(self, request: Request, routed: RoutedRequest, model: str) -> None:
         """The key's rate limits for a request the gateway does not read beyond its model:

@@ -151,3 +151,20 @@ class TableHealth(GatewayStatus):
     shared_state: Literal["ok", "down"] | None = Field(
         None, description="The store shared with other gateways (--shared-state): 'down' while "
         "this gateway goes on alone; none: not configured.")
+
+
+class LoadLoraAdapterRequest(BaseModel):
+    """vLLM's own body for /v1/load_lora_adapter; at the gateway it declares the adapter for the
+    fleet. `base_model_name` may be left out where the fleet has one LoRA-enabled base model."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    lora_name: str = Field(min_length=1, max_length=256)
+    lora_path: str = Field(min_length=1, max_length=1024)
+    base_model_name: str | None = Field(None, min_length=1, max_length=256)
+
+
+class UnloadLoraAdapterRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    lora_name: str = Field(min_length=1, max_length=256)

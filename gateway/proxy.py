@@ -136,6 +136,10 @@ class Proxy:
             if attempt:
                 await self._backoff(attempt)
             try:
+                if attempt and request.route.adapter is not None and table.adapters is not None:
+                    # Placed again: the last worker may have lost the adapter. (The first
+                    # attempt's placement is the pipeline's.)
+                    await table.adapters.ensure(request.route)
                 lease = await table.acquire(request.route, exclude=tried,
                                             started=request.started)
             except FleetError:
@@ -197,6 +201,18 @@ class Proxy:
             # run, so it is not sent again.
             lease.settle(Outcome.ENGINE_ERROR)
             raise BadGatewayError(f"Worker {wid} broke off its answer: {exc}") from None
+        adapter = request.route.adapter if request.route is not None else None
+        if upstream.status == 404 and adapter is not None and self._table.adapters is not None:
+            # The engine does not hold the adapter after all (another gateway unloaded it, or
+            # the engine restarted): not the worker's fault, and nothing ran; place it again.
+            upstream.release()
+            lease.settle(Outcome.CANCELLED)
+            request.tried.discard(wid)  # it may take the request once it has loaded it again
+            self._table.adapters.lost(wid, adapter)
+            self._metrics.retries.labels(model, "adapter_missing").inc()
+            logger.warning("adapter missing request_id=%s worker=%s adapter=%s", request_id, wid,
+                           adapter)
+            return f"{wid}: adapter {adapter} not loaded"
         if upstream.status in RETRY_STATUSES:
             upstream.release()
             lease.settle(Outcome.RETRY_STATUS)

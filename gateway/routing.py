@@ -39,6 +39,7 @@ class RouteRequest:
     session: str | None = None
     path: str | None = None  # the engine endpoint; None: any worker of the model
     worker_id: str | None = None  # only this worker (it holds what the request is about)
+    adapter: str | None = None  # the LoRA adapter it names (then `model` is that adapter)
     render_prompt: Callable[[], str] = field(default=lambda: "", repr=False)
     prompt_ids: PromptIds | None = field(default=None, repr=False)
     _ids: dict[int, list[int] | None] = field(default_factory=dict, repr=False)
@@ -194,7 +195,14 @@ class CacheAware:
         self, request: RouteRequest, candidates: Sequence[WorkerRecord],
         inflight: Mapping[str, int],
     ) -> Choice:
-        ids = request.token_ids(self.views.tokenizer(request.model)) if self.views else None
+        # An adapter's KV cache is its own: the same prompt under another adapter (or the
+        # base model) is another prefix, so prefixes are keyed by worker and adapter. The
+        # engines' views (blocks of token ids) do not tell adapters apart: a request for an
+        # adapter is matched on the estimate alone.
+        adapter = request.adapter
+        prompt = request.prompt if adapter is None else f"{adapter}\0{request.prompt}"
+        ids = request.token_ids(self.views.tokenizer(request.model)) \
+            if self.views and adapter is None else None
         views = {w.worker_id: self.views.view(w.worker_id) for w in candidates} \
             if self.views is not None and ids else {}
         text_keys: list[bytes] | None = None
@@ -208,7 +216,7 @@ class CacheAware:
                 held[worker.worker_id] = matched * view.block_size / len(ids)
             else:
                 if text_keys is None:
-                    text_keys = block_keys(request.prompt, self._block_bytes)
+                    text_keys = block_keys(prompt, self._block_bytes)
                 matched = self._tree(worker.worker_id).match(text_keys)
                 held[worker.worker_id] = matched / len(text_keys) if text_keys else 0.0
         tokens = float(len(ids)) if ids else len(request.prompt.encode()) / CHARS_PER_TOKEN
@@ -226,7 +234,7 @@ class CacheAware:
             self._hold(wid, chains[chosen_view.block_size])
         else:
             self._tree(wid).insert(text_keys if text_keys is not None
-                                   else block_keys(request.prompt, self._block_bytes))
+                                   else block_keys(prompt, self._block_bytes))
         source = "engine" if from_engine else "estimate"
         others = ", ".join(f"{e.worker.worker_id} {e.wait:.2f}s" for e in estimates
                            if e is not best)

@@ -19,6 +19,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from controller.protocol import Snapshot, WorkerRecord, WorkerState
 from fleetcore.errors import (
@@ -30,6 +31,9 @@ from fleetcore.errors import (
 from gateway.breaker import Breakers
 from gateway.endpoints import routed_paths, serves
 from gateway.routing import Choice, LeastLoad, RouteRequest, RoutingPolicy
+
+if TYPE_CHECKING:
+    from gateway.adapters import AdapterFleet
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +149,9 @@ class RoutingTable:
         self.stale = False
         self.inflight: collections.Counter[str] = collections.Counter()
         self.queued: collections.Counter[str] = collections.Counter()
+        # In flight per (worker, model): what says an adapter is idle on a worker.
+        self.inflight_models: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.adapters: AdapterFleet | None = None  # LoRA adapters (gateway/adapters.py)
         self._by_model: dict[str, list[WorkerRecord]] = {}
         self._changed = asyncio.Event()
         self.on_latency: LatencyHook | None = None
@@ -154,7 +161,23 @@ class RoutingTable:
         self.on_routed: RoutedHook | None = None
 
     def policy_for(self, model: str) -> RoutingPolicy:
-        return self.overrides.get(model, self.policy)
+        policy = self.overrides.get(model)
+        if policy is None and self.adapters is not None:
+            base = self.adapters.base_of(model)
+            policy = self.overrides.get(base) if base is not None else None
+        return policy or self.policy
+
+    def _workers_of(self, model: str) -> list[WorkerRecord]:
+        """The workers of a base model, or those holding an adapter now."""
+        if self.adapters is not None and self.adapters.is_adapter(model):
+            return self.adapters.workers_for(model, self._by_model)
+        return self._by_model.get(model, [])
+
+    def is_known(self, model: str) -> bool:
+        """A model some worker serves or served lately, or a declared or held adapter."""
+        if self.snapshot is not None and model in self.snapshot.models:
+            return True
+        return self.adapters is not None and self.adapters.is_adapter(model)
 
     def _wake_waiters(self) -> None:
         self._changed.set()
@@ -175,6 +198,8 @@ class RoutingTable:
             for name in worker.model_names:
                 by_model.setdefault(name, []).append(worker)
         self._by_model = by_model
+        if self.adapters is not None:
+            self.adapters.update(snapshot)
         if self.snapshot is None or snapshot.generation != self.snapshot.generation:
             logger.debug("routing table generation=%d workers=%d",
                          snapshot.generation, len(snapshot.workers))
@@ -217,6 +242,8 @@ class RoutingTable:
 
     def max_model_len(self, model: str) -> int | None:
         """The smallest context any worker of the model reported, if any did."""
+        if self.adapters is not None:
+            model = self.adapters.base_of(model) or model
         lens = [w.max_model_len for w in self._by_model.get(model, ()) if w.max_model_len]
         return min(lens, default=None)
 
@@ -225,8 +252,8 @@ class RoutingTable:
         """Routable workers for `model` whose engines serve `path`; raises 404 for an unknown
         model, 400 for an endpoint its engines do not serve, 503 for none ready."""
         exclude = exclude or set()
-        workers = self._by_model.get(model, [])
-        known = self.snapshot is not None and model in self.snapshot.models
+        workers = self._workers_of(model)
+        known = self.is_known(model)
         if not workers and not known:
             available = ", ".join(sorted(self.models())) or "none"
             raise NotFoundError(
@@ -244,7 +271,7 @@ class RoutingTable:
             workers = [w for w, ok in serving if ok]
         candidates = self._routable(workers, exclude)
         if not candidates:
-            workers = self._by_model.get(model, [])
+            workers = self._workers_of(model)
             states = collections.Counter(w.state.value for w in workers)
             detail = ", ".join(f"{n} {s}" for s, n in sorted(states.items())) or "none registered"
             tried = f"; {len(exclude)} failed for this request" if exclude else ""
@@ -258,8 +285,7 @@ class RoutingTable:
     def choose(self, request: RouteRequest, exclude: set[str] | None = None) -> Choice | None:
         """A worker under its in-flight cap, or None when all are at the cap."""
         pin = request.worker_id
-        if pin is not None and all(w.worker_id != pin
-                                   for w in self._by_model.get(request.model, ())):
+        if pin is not None and all(w.worker_id != pin for w in self._workers_of(request.model)):
             raise NotFoundError(
                 f"Worker {pin}, which held what this request is about, has left the fleet.",
                 code="worker_gone")
@@ -291,6 +317,9 @@ class RoutingTable:
             choice = await self._queue(request, exclude)
         wid = choice.worker.worker_id
         self.inflight[wid] += 1
+        self.inflight_models[(wid, request.model)] += 1
+        if request.adapter is not None and self.adapters is not None:
+            self.adapters.touch(wid, request.adapter)
         if self.on_routed is not None:
             self.on_routed(request, choice)
         trial = self.breakers[wid].acquire()
@@ -334,6 +363,10 @@ class RoutingTable:
         self.inflight[wid] -= 1
         if self.inflight[wid] <= 0:
             del self.inflight[wid]
+        key = (wid, lease.model)
+        self.inflight_models[key] -= 1
+        if self.inflight_models[key] <= 0:
+            del self.inflight_models[key]
         breaker = self.breakers[wid]
         fatal = _FAILURES.get(outcome)
         if fatal is not None:
@@ -345,5 +378,7 @@ class RoutingTable:
             elif lease._trial:
                 breaker.abandon_trial()
         self._wake_waiters()
+        if self.adapters is not None:
+            self.adapters.wake()  # a slot may be idle now: requests waiting for one look again
         if lease.answered_at is not None and self.on_latency is not None:
             self.on_latency(lease.model, time.monotonic() - lease.started)

@@ -102,6 +102,22 @@ class GatewaySettings(CliSettings, ControllerCredentials, ClientTLSSettings, Ser
     shared_state_timeout: float = Field(
         0.25, gt=0, le=10, description="Seconds one call to --shared-state may take before the "
         "gateway goes on alone.")
+    admin_api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated admin keys: they may use every "
+        "model and declare or remove LoRA adapters.")
+    lora_placement: str = Field(
+        "demand", description="Where LoRA adapters are loaded: demand (where they are held, "
+        "else a free or least recently used slot; hot ones spread) or naive (on whichever "
+        "worker least-load picks).")
+    adapter_wait_timeout: float = Field(
+        30.0, gt=0, description="Seconds a request may wait for its adapter to be loaded; "
+        "then 503 with Retry-After.")
+    adapter_spread_at: int = Field(
+        4, ge=1, description="Requests in flight per copy of an adapter at which it is loaded "
+        "on one more worker.")
+    adapter_shrink_after: float = Field(
+        30.0, gt=0, description="Seconds idle after which a second (third, ...) copy of an "
+        "adapter is unloaded.")
     log_level: str = Field("info", description="debug, info, warning or error.")
 
     @field_validator("shared_state")
@@ -127,14 +143,18 @@ class GatewaySettings(CliSettings, ControllerCredentials, ClientTLSSettings, Ser
 
     @model_validator(mode="after")
     def _known_policies(self) -> GatewaySettings:
+        from gateway.lora_placement import PLACEMENTS
         from gateway.routing import POLICIES
 
         for name in (self.routing, *self.routing_overrides.values()):
             if name not in POLICIES:
                 raise ValueError(f"unknown routing policy {name!r}; one of {', '.join(POLICIES)}")
+        if self.lora_placement not in PLACEMENTS:
+            raise ValueError(f"unknown LoRA placement {self.lora_placement!r}; one of "
+                             f"{', '.join(PLACEMENTS)}")
         return self
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "admin_api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):

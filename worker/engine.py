@@ -100,6 +100,10 @@ def build_engine_command(
         # vLLM's CPU backend otherwise tries to reserve more memory than most machines have.
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kvcache_gib))
     argv += [*extra_args, "--middleware", AUTH_MIDDLEWARE]
+    if "--enable-lora" in argv:
+        # The gateway places adapters at run time through vLLM's load/unload endpoints, which
+        # exist only with this set; they sit behind the engine's API key like the rest.
+        env.setdefault("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")
     connect_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
     if ":" in connect_host and not connect_host.startswith("["):
         connect_host = f"[{connect_host}]"

@@ -53,7 +53,10 @@ class ControllerClient:
         with client_span(self._tracer, "register", headers, {
                 "fleet.worker_id": registration.worker_id, "server.address": self.address}):
             response = await self._client.post(
-                f"{self.address}/workers/register", content=registration.model_dump_json(),
+                f"{self.address}/workers/register",
+                # Defaults left out: a worker without LoRA then sends what controllers from
+                # before the LoRA fields accept (their models forbid unknown fields).
+                content=registration.model_dump_json(exclude_defaults=True),
                 headers=headers, timeout=self._timeout)
         self._check(response)
         self.registered = True
@@ -65,7 +68,8 @@ class ControllerClient:
         with client_span(self._tracer, "heartbeat", headers, {
                 "fleet.worker_id": worker_id, "server.address": self.address}) as span:
             response = await self._client.post(
-                f"{self.address}/workers/{worker_id}/heartbeat", content=beat.model_dump_json(),
+                f"{self.address}/workers/{worker_id}/heartbeat",
+                content=beat.model_dump_json(exclude_defaults=True),
                 headers=headers, timeout=self._timeout)
             if span is not None:
                 span.set_attribute("http.response.status_code", response.status_code)

@@ -29,6 +29,7 @@ from worker.app import EmbeddedServer, WorkerMetrics, create_app
 from worker.engine import EngineFailed, EngineProcess, build_engine_command, free_port
 from worker.kv_events import KV_EVENTS_FLAG, KvBlockIndex, KvEventRelay, kv_events_args
 from worker.load import PrefillMeter, parse_load
+from worker.lora import LoraArgs, adapters_in, parse_lora_args
 from worker.model_source import resolve_model, served_names
 from worker.protocol import TokenizerFiles
 from worker.registration import ControllerClient, ControllerRefused
@@ -46,6 +47,8 @@ class Worker:
         self.load = WorkerLoad()
         self.max_model_len: int | None = None
         self.engine_paths: list[str] | None = None
+        self.lora = LoraArgs()
+        self.adapters: list[str] = []
         self.metrics = WorkerMetrics()
         self.model_names = served_names(settings)
         self.engine_port = settings.engine_port or free_port(settings.engine_host)
@@ -103,6 +106,9 @@ class Worker:
             device=self.settings.device,
             chat_template=self.chat_template,
             kv_cache_url=HttpUrl(self.kv_cache_url) if self.kv_index is not None else None,
+            lora_slots=self.lora.slots,
+            static_adapters=self.lora.static,
+            adapters=self.adapters,
             state=self.state,
             load=self.load,
         )
@@ -125,7 +131,8 @@ class Worker:
             if controller.registered:
                 beat = Heartbeat(state=self.state, load=self.load,
                                  max_model_len=self.max_model_len,
-                                 engine_paths=self.engine_paths)
+                                 engine_paths=self.engine_paths,
+                                 adapters=self.adapters if self.lora.slots else None)
                 if await controller.heartbeat(self.worker_id, beat):
                     return
                 logger.info("controller forgot worker_id=%s address=%s; registering again",
@@ -157,9 +164,25 @@ class Worker:
         except (httpx.HTTPError, ValueError) as exc:
             logger.warning("could not read engine metrics error=%r", exc)
 
+    async def _read_adapters(self) -> None:
+        """The adapters the engine holds now, from its /v1/models (adapters name a parent)."""
+        assert self._engine_http is not None
+        if self.lora.slots is None or self.state not in (WorkerState.READY,
+                                                         WorkerState.DRAINING):
+            return
+        try:
+            response = await self._engine_http.get(
+                f"{self._engine_base}/v1/models", timeout=2.0,
+                headers={"Authorization": f"Bearer {self.engine_api_key}"})
+            response.raise_for_status()
+            self.adapters = adapters_in(response.json())
+        except (httpx.HTTPError, ValueError) as exc:
+            logger.warning("could not read the engine's adapters error=%r", exc)
+
     async def _heartbeat_forever(self) -> None:
         while True:
             await self._read_load()
+            await self._read_adapters()
             await self._report()
             # A state change is reported at once, not at the next tick.
             with contextlib.suppress(asyncio.TimeoutError):
@@ -206,6 +229,7 @@ class Worker:
         await self._engine.wait_healthy(self._engine_http, self.settings.engine_start_timeout)
         await self._read_max_model_len()
         await self._read_engine_paths()
+        self.adapters = list(self.lora.static)  # a restarted engine holds only these
         self._set_state(WorkerState.READY)
 
     async def _supervise(self) -> None:
@@ -291,6 +315,7 @@ class Worker:
             shutil.rmtree(workdir, ignore_errors=True)
 
     async def _run(self, model_path: str, extra_args: list[str]) -> int:
+        self.lora = parse_lora_args(self.settings.engine_args)
         # The engine's spans go where ours do, unless its own arguments say otherwise.
         trace_args, trace_env = engine_tracing_args() if self.tracing else ([], {})
         if any(a.startswith("--otlp-traces-endpoint") for a in self.settings.engine_args):

@@ -217,3 +217,40 @@ def test_the_demo_fleet_ships_with_the_package() -> None:
     setup_cfg = (Path(__file__).resolve().parents[2] / "setup.cfg").read_text()
     assert demo_fleet_path().is_file()
     assert "fleet = demo_fleet.yaml" in setup_cfg  # in the wheel too, not only the checkout
+
+
+def test_adapters_turn_lora_on_and_are_declared_for_the_fleet(tmp_path: Path,
+                                                              monkeypatch) -> None:
+    from controller.adapters import AdapterCatalogue
+    from fleet.launcher import UpSettings, adapters_file, declare_fleet_adapters, plan
+
+    (tmp_path / "adapters" / "sql").mkdir(parents=True)
+    path = tmp_path / "fleet.yaml"
+    path.write_text("models:\n  - source: /models/m\n    served_names: [m]\n"
+                    "    adapters: [{name: sql, source: adapters/sql},\n"
+                    "               {name: hub, source: org/x}]\n"
+                    "  - source: /models/e\n    max_loras: 4\n"
+                    "  - source: /models/plain\n")
+    fleet = load_fleet(path)
+    with_adapters, with_slots, plain = fleet.models
+    assert with_adapters.lora_args == ["--enable-lora", "--max-loras", "2"]
+    assert with_slots.lora_args == ["--enable-lora", "--max-loras", "4"]
+    assert plain.lora_args == []
+    assert with_adapters.adapters[0].source == str(tmp_path / "adapters" / "sql")
+    assert with_adapters.adapters[1].source == "org/x"  # not a folder here: a hub id
+    args = UpSettings.from_cli(["--fleet", str(path), "--no-webui", "--cpus", "0-2",
+                                "--adapters-file", str(tmp_path / "state.json")])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    services = plan(args, fleet, "t" * 32)
+    controller = services[0].argv
+    assert controller[controller.index("--adapters-file") + 1] == str(tmp_path / "state.json")
+    assert "--enable-lora" in services[1].argv and "--enable-lora" not in services[3].argv
+    assert declare_fleet_adapters(adapters_file(args), fleet) == 2
+    catalogue = AdapterCatalogue(tmp_path / "state.json")
+    assert [(a.name, a.base_model) for a in catalogue.list()] == [("hub", "m"), ("sql", "m")]
+
+
+def test_two_adapters_of_one_name_are_refused() -> None:
+    with pytest.raises(FleetFileError, match="two adapters are called a"):
+        parse_fleet("models:\n  - source: x\n    adapters: [{name: a, source: p}]\n"
+                    "  - source: y\n    adapters: [{name: a, source: q}]\n")

@@ -109,6 +109,21 @@ def test_cache_aware_leaves_the_prefix_when_its_worker_queue_costs_more() -> Non
         "cold"
 
 
+def test_cache_aware_keys_prefixes_by_adapter() -> None:
+    """The same prompt under another adapter is another KV cache: no match carries over."""
+    policy, workers = CacheAware(), [worker("a"), worker("b")]
+    prompt = SYSTEM + "Q1"
+
+    def under(adapter: str) -> RouteRequest:
+        return RouteRequest(model=adapter, adapter=adapter, render_prompt=lambda: prompt)
+
+    first = policy.choose(under("x"), workers, {}).worker.worker_id
+    again = policy.choose(under("x"), workers, {})
+    assert again.worker.worker_id == first and "holds 1.00" in again.reason
+    with_y = policy.choose(under("y"), workers, {})
+    assert "holds 0.00" in with_y.reason and with_y.worker.worker_id != first
+
+
 def test_cache_aware_forgets_departed_workers() -> None:
     policy = CacheAware()
     policy.choose(req(prompt=SYSTEM), [worker("gone")], {})

@@ -1,0 +1,243 @@
+"""LoRA placement under skewed traffic: demand placement against every adapter resident and
+against loading wherever the first request lands.
+
+Two workers (one CPU core each, demo model) serve 8 adapters made on the spot
+(tests/lora_adapters.py). Requests name an adapter drawn from a Zipf law (the first adapter the
+hottest), `--concurrency` at a time, each asking for exactly `--max-tokens` tokens.
+
+- demand: `--max-loras 2` per worker, the gateway's default placement (`--lora-placement
+  demand`): an adapter goes where it is held, else into a free or least recently used slot, and
+  spreads when hot.
+- naive: the same workers, `--lora-placement naive`: least-load picks a worker for each request,
+  which loads the adapter if it lacks it (the baseline of "load wherever it lands").
+- resident: `--max-loras 8`, all 8 adapters given to both engines at start (`--lora-modules`):
+  nothing is ever loaded; the upper bound.
+- held4 (with `--held 4`): demand placement on workers with `--max-loras 2 --max-cpu-loras 4`:
+  still 2 adapters per batch, but 4 kept in memory, which vLLM swaps into its 2 slots per step.
+
+demand and naive run on the same engines, in A-B-B-A order, all adapters unloaded between runs;
+then the workers restart with 8 slots for the two resident runs. Each run has its own gateway.
+
+    .venv/bin/python bench/lora_bench.py
+    .venv/bin/python bench/lora_bench.py --requests 48 --repeats 1   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.integration.harness import API_KEY, Stack, free_port  # noqa: E402
+from tests.lora_adapters import make_adapters  # noqa: E402
+
+ENGINE_KEY = "lora-bench-engine-key-0123456789"
+ADMIN_KEY = "sk-fleet-lora-bench-admin"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+def zipf_sequence(names: list[str], count: int, s: float, seed: int) -> list[str]:
+    weights = [1.0 / (rank + 1) ** s for rank in range(len(names))]
+    return random.Random(seed).choices(names, weights=weights, k=count)
+
+
+async def run_traffic(url: str, sequence: list[str], args: argparse.Namespace
+                      ) -> dict[str, Any]:
+    queue = list(enumerate(sequence))
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    tokens = 0
+
+    async def client(http: httpx.AsyncClient) -> None:
+        nonlocal tokens
+        while queue:
+            index, adapter = queue.pop(0)
+            body = {"model": adapter, "max_tokens": args.max_tokens, "ignore_eos": True,
+                    "temperature": 0, "messages": [
+                        {"role": "user", "content": f"Request {index}: tell me a story."}]}
+            started = time.monotonic()
+            try:
+                response = await http.post(f"{url}/v1/chat/completions", json=body,
+                                           headers=AUTH)
+            except httpx.HTTPError as exc:
+                errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+                continue
+            if response.status_code != 200:
+                key = str(response.status_code)
+                errors[key] = errors.get(key, 0) + 1
+                continue
+            latencies.append(time.monotonic() - started)
+            tokens += response.json()["usage"]["completion_tokens"]
+
+    started = time.monotonic()
+    async with httpx.AsyncClient(timeout=300) as http:
+        await asyncio.gather(*(client(http) for _ in range(args.concurrency)))
+    wall = time.monotonic() - started
+    latencies.sort()
+    return {"requests": len(sequence), "ok": len(latencies), "errors": errors,
+            "seconds": wall, "req_per_s": len(latencies) / wall, "output_tok_per_s": tokens / wall,
+            "latency_p50_s": latencies[len(latencies) // 2] if latencies else None,
+            "latency_p99_s": latencies[int(len(latencies) * 0.99)] if latencies else None}
+
+
+def gateway_loads(url: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("fleet_gateway_adapter_loads_total"))
+
+
+def start_workers(stack: Stack, args: argparse.Namespace, slots: int,
+                  static: dict[str, Path] | None, held: int | None = None) -> None:
+    extra = ["--enable-lora", "--max-loras", str(slots), "--max-lora-rank", "8"]
+    if held:
+        extra += ["--max-cpu-loras", str(held)]
+    if static:
+        extra += ["--lora-modules", *(f"{n}={p}" for n, p in static.items())]
+    for i in range(2):
+        stack.start_worker(f"w{i}", cpus=str(i), extra=extra,
+                           env={"FLEET_WORKER_ENGINE_API_KEY": ENGINE_KEY})
+    for i in range(2):
+        stack.wait_worker_state(f"w{i}", "ready", timeout=900)
+
+
+def stop_workers(stack: Stack) -> None:
+    for i in range(2):
+        stack.stop(f"w{i}")
+
+
+def unload_all(stack: Stack, names: list[str]) -> None:
+    """Every adapter out of both engines, so each run starts from nothing loaded."""
+    for worker in stack.workers():
+        for name in names:
+            httpx.post(f"{worker['engine_url'].rstrip('/')}/v1/unload_lora_adapter",
+                       json={"lora_name": name}, timeout=30,
+                       headers={"Authorization": f"Bearer {ENGINE_KEY}"})
+
+    def none_held() -> bool:
+        return all(not set(w["adapters"]) & set(names) for w in stack.workers())
+
+    stack.wait_for(none_held, "the workers to report no adapters", 30)
+
+
+def start_gateway(stack: Stack, name: str, placement: str) -> str:
+    port = free_port()
+    stack._spawn(name, ["-m", "gateway", "--port", str(port), "--controller-address",
+                        stack.controller_url, "--api-keys", API_KEY, "--admin-api-keys",
+                        ADMIN_KEY, "--sync-interval", "0.5", "--lora-placement", placement])
+    url = f"http://127.0.0.1:{port}"
+    stack.wait_for(lambda: httpx.get(f"{url}/health", headers=AUTH, timeout=5
+                                     ).json()["routable_workers"] == 2, name, 60)
+    return url
+
+
+def declare(url: str, adapters: dict[str, Path]) -> None:
+    for name, path in adapters.items():
+        response = httpx.post(f"{url}/v1/load_lora_adapter", timeout=10, json={
+            "lora_name": name, "lora_path": str(path)},
+            headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+        response.raise_for_status()
+
+
+def _parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--adapters", type=int, default=8)
+    p.add_argument("--requests", type=int, default=96)
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent s")
+    p.add_argument("--repeats", type=int, default=2, help="runs per side (A-B-B-A order)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--held", type=int, default=0,
+                   help="also run demand with --max-cpu-loras HELD (0: not)")
+    p.add_argument("--label", default="cpu")
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    return p.parse_args()
+
+
+def main() -> None:
+    args = _parse()
+    from fleet.demo_model import ensure_demo_model
+
+    model = ensure_demo_model(progress=False)
+    workdir = Path(tempfile.mkdtemp(prefix="lora-bench-"))
+    names = [f"adapter-{i}" for i in range(args.adapters)]
+    adapters = make_adapters(model, workdir / "adapters", names)
+    stack = Stack(workdir=workdir, model_path=model)
+    runs: list[dict[str, Any]] = []
+    record = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+              "label": args.label, "machine": f"{os.cpu_count()} cores",
+              "command": " ".join([Path(sys.executable).name, *sys.argv]),
+              "workload": {k: getattr(args, k) for k in (
+                  "adapters", "requests", "concurrency", "max_tokens", "zipf", "repeats")},
+              "runs": runs}
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"lora-{args.label}-{dt.datetime.now():%Y%m%d-%H%M%S}.json"
+    order = (["demand", "naive", "naive", "demand"] * args.repeats)[:2 * args.repeats]
+    if args.repeats == 1:
+        order = ["demand", "naive"]
+    warm = zipf_sequence(names, 8, args.zipf, args.seed + 99)
+
+    def measure(side: str, placement: str, number: int) -> None:
+        url = start_gateway(stack, f"gw-{side}-{number}", placement)
+        declare(url, adapters)
+        asyncio.run(run_traffic(url, warm, args))  # first-request costs, then forgotten
+        if side != "resident":
+            unload_all(stack, names)
+        stack.stop(f"gw-{side}-{number}")
+        url = start_gateway(stack, f"gw-{side}-{number}b", placement)
+        sequence = zipf_sequence(names, args.requests, args.zipf, args.seed)  # one for all
+        result = asyncio.run(run_traffic(url, sequence, args))
+        result.update(side=side, run=number, adapter_loads=gateway_loads(url))
+        stack.stop(f"gw-{side}-{number}b")
+        runs.append(result)
+        path.write_text(json.dumps(record, indent=2) + "\n")
+        print(json.dumps(result), flush=True)
+
+    try:
+        stack.start_controller()
+        start_workers(stack, args, slots=2, static=None)
+        for number, side in enumerate(order):
+            measure(side, side, number)
+        stop_workers(stack)
+        if args.held:
+            start_workers(stack, args, slots=2, static=None, held=args.held)
+            for number in range(args.repeats):
+                measure(f"held{args.held}", "demand", len(order) + 10 + number)
+            stop_workers(stack)
+        start_workers(stack, args, slots=args.adapters, static=adapters)
+        for number in range(args.repeats):
+            measure("resident", "demand", len(order) + number)
+    finally:
+        stack.close()
+    print("\n| side | runs | req/s | out tok/s | latency p50 s | p99 s | adapter loads | "
+          "failed |")
+    print("|---|---|---|---|---|---|---|---|")
+    for side in ("demand", "naive", f"held{args.held}", "resident"):
+        mine = [r for r in runs if r["side"] == side]
+        if not mine:
+            continue
+        mean = {k: sum(r[k] for r in mine) / len(mine) for k in (
+            "req_per_s", "output_tok_per_s", "latency_p50_s", "latency_p99_s",
+            "adapter_loads")}
+        failed = sum(r["requests"] - r["ok"] for r in mine)
+        print(f"| {side} | {len(mine)} | {mean['req_per_s']:.2f} | "
+              f"{mean['output_tok_per_s']:.1f} | {mean['latency_p50_s']:.2f} | "
+              f"{mean['latency_p99_s']:.2f} | {mean['adapter_loads']:.1f} | {failed} |")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""Where LoRA adapters go: placement policies, pure logic over a view of the workers' slots.
+
+A policy sees, for one base model, each routable worker's adapter slots (what it holds, what is
+in flight on each, when each was last used) and decides, for a request naming an adapter,
+whether to load it somewhere and whether the request must wait for that load:
+
+- `DemandPlacement` (the default): route to the workers that hold the adapter; if none does,
+  load it on the worker with a free slot and the least load, else in place of the least
+  recently used adapter with nothing in flight. A hot adapter gets one more copy once its
+  requests in flight per copy reach `spread_at`; a copy idle for `shrink_after` seconds, with
+  another copy elsewhere, is unloaded (`shrink`).
+- `NaivePlacement` ("load wherever the first request lands"): the least-loaded worker of the
+  base model takes the request and loads the adapter if it lacks it. It is the baseline that
+  bench/lora_bench.py measures the default against.
+
+The asyncio side (single-flight loads, waiting, the engines' endpoints) is gateway/adapters.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Use:
+    """One adapter on one worker."""
+
+    inflight: int = 0
+    last_used: float = 0.0
+    static: bool = False  # started with the engine (--lora-modules): never unloaded
+
+
+@dataclass(frozen=True)
+class Slots:
+    """One routable worker of the base model, as placement sees it."""
+
+    worker_id: str
+    capacity: int  # --max-loras
+    load: float  # the routing load score (gateway/routing.py)
+    resident: Mapping[str, Use] = field(default_factory=dict)
+    pending: frozenset[str] = frozenset()  # being loaded: they take a slot, serve nothing yet
+
+    @property
+    def free(self) -> int:
+        return self.capacity - len(self.resident) - len(self.pending)
+
+    def evictable(self, now: float, min_idle: float) -> list[tuple[str, Use]]:
+        return [(name, use) for name, use in self.resident.items()
+                if not use.static and use.inflight == 0 and now - use.last_used >= min_idle]
+
+
+@dataclass(frozen=True)
+class Load:
+    worker_id: str
+    evict: str | None = None  # unloaded first, to make room
+    reason: str = "first_use"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do for one request naming an adapter."""
+
+    load: Load | None = None  # start this load (the caller makes sure it runs once)
+    wait: bool = False  # the request waits for an adapter to be resident where it may go
+    pin: str | None = None  # the request goes to this worker only
+
+
+class PlacementPolicy(Protocol):
+    name: str
+
+    def decide(self, adapter: str, workers: Sequence[Slots], now: float) -> Decision: ...
+
+    def shrink(self, workers: Sequence[Slots], now: float) -> list[tuple[str, str]]:
+        """(worker id, adapter) copies to unload now."""
+
+
+def _least_recently_used(workers: Sequence[Slots], now: float, min_idle: float
+                         ) -> tuple[Slots, str] | None:
+    victims = [(use.last_used, w.load, w.worker_id, name, w)
+               for w in workers for name, use in w.evictable(now, min_idle)]
+    if not victims:
+        return None
+    *_, name, worker = min(victims, key=lambda v: v[:4])
+    return worker, name
+
+
+class DemandPlacement:
+    name = "demand"
+
+    def __init__(self, *, spread_at: int = 4, shrink_after: float = 30.0,
+                 spread_min_idle: float = 5.0) -> None:
+        if spread_at < 1:
+            raise ValueError("spread_at must be at least 1")
+        self.spread_at = spread_at
+        self.shrink_after = shrink_after
+        # Spreading may push out another adapter only if that one has been idle this long, so
+        # that two hot adapters do not take each other's slots in turn.
+        self.spread_min_idle = spread_min_idle
+
+    def _room(self, workers: Sequence[Slots], now: float, min_idle: float, reason: str
+              ) -> Load | None:
+        free = [w for w in workers if w.free > 0]
+        if free:
+            best = min(free, key=lambda w: (w.load, -w.free, w.worker_id))
+            return Load(best.worker_id, reason=reason)
+        victim = _least_recently_used(workers, now, min_idle)
+        if victim is None:
+            return None
+        worker, name = victim
+        return Load(worker.worker_id, evict=name, reason=reason)
+
+    def decide(self, adapter: str, workers: Sequence[Slots], now: float) -> Decision:
+        holders = [w for w in workers if adapter in w.resident]
+        if not holders:
+            return Decision(load=self._room(workers, now, 0.0, "first_use"), wait=True)
+        inflight = sum(w.resident[adapter].inflight for w in holders)
+        if inflight < self.spread_at * len(holders):
+            return Decision()
+        others = [w for w in workers if adapter not in w.resident and adapter not in w.pending]
+        return Decision(load=self._room(others, now, self.spread_min_idle, "spread"))
+
+    def shrink(self, workers: Sequence[Slots], now: float) -> list[tuple[str, str]]:
+        copies: dict[str, list[tuple[Slots, Use]]] = {}
+        for w in workers:
+            for name, use in w.resident.items():
+                copies.setdefault(name, []).append((w, use))
+        out = []
+        for name, held in sorted(copies.items()):
+            # The copy in use, else the most recently used one, stays, whatever its age.
+            held.sort(key=lambda wu: (wu[1].inflight == 0, -wu[1].last_used, wu[0].worker_id))
+            for worker, use in held[1:]:
+                if not use.static and use.inflight == 0 and \
+                        now - use.last_used >= self.shrink_after:
+                    out.append((worker.worker_id, name))
+        return out
+
+
+class NaivePlacement:
+    """The least-loaded worker takes the request and loads what it lacks (a baseline)."""
+
+    name = "naive"
+
+    def decide(self, adapter: str, workers: Sequence[Slots], now: float) -> Decision:
+        if not workers:
+            return Decision(wait=True)
+        target = min(workers, key=lambda w: (w.load, w.worker_id))
+        if adapter in target.resident:
+            return Decision(pin=target.worker_id)
+        if adapter in target.pending:
+            return Decision(wait=True, pin=target.worker_id)
+        if target.free > 0:
+            return Decision(load=Load(target.worker_id), wait=True, pin=target.worker_id)
+        victim = _least_recently_used([target], now, 0.0)
+        if victim is not None:
+            return Decision(load=Load(target.worker_id, evict=victim[1]), wait=True,
+                            pin=target.worker_id)
+        holders = [w for w in workers if adapter in w.resident]
+        return Decision(wait=not holders)
+
+    def shrink(self, workers: Sequence[Slots], now: float) -> list[tuple[str, str]]:
+        return []
+
+
+PLACEMENTS: dict[str, Callable[[], PlacementPolicy]] = {
+    DemandPlacement.name: DemandPlacement,
+    NaivePlacement.name: NaivePlacement,
+}
