@@ -31,13 +31,22 @@ def _frame(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-def _stream(model: str, chunks: int) -> list[bytes]:
+def _stream(model: str, chunks: int, token_ids: bool = False) -> list[bytes]:
+    """The answer; with `token_ids`, as vLLM streams it for `"return_token_ids": true` (the
+    prompt's ids in the first chunk, each chunk's own), which our gateway asks for."""
     frames = []
     for i in range(chunks):
-        event = {"id": "fake-1", "object": "chat.completion.chunk", "created": 0, "model": model,
-                 "choices": [{"index": 0, "delta": {"content": f" word{i}"},
-                              "finish_reason": "stop" if i == chunks - 1 else None}]}
-        frames.append(_frame(b"data: " + json.dumps(event).encode() + b"\n\n"))
+        choice: dict[str, object] = {"index": 0, "delta": {"content": f" word{i}"},
+                                     "logprobs": None,
+                                     "finish_reason": "stop" if i == chunks - 1 else None}
+        choice["token_ids"] = [1000 + i] if token_ids else None  # vLLM writes null without
+        event: dict[str, object] = {"id": "fake-1", "object": "chat.completion.chunk",
+                                    "created": 0, "model": model, "choices": [choice]}
+        if i == 0:
+            event["prompt_token_ids"] = list(range(100, 124)) if token_ids else None
+        # Compact, as vLLM writes its chunks (pydantic's model_dump_json).
+        frames.append(_frame(b"data: " + json.dumps(event, separators=(",", ":")).encode()
+                             + b"\n\n"))
     frames.append(_frame(b"data: [DONE]\n\n") + b"0\r\n\r\n")
     frames[0] = _HEAD + frames[0]
     return frames
@@ -51,8 +60,8 @@ def _models(model: str) -> bytes:
 
 
 class _Engine(asyncio.Protocol):
-    def __init__(self, stream: list[bytes], models: bytes) -> None:
-        self._stream, self._models = stream, models
+    def __init__(self, streams: tuple[list[bytes], list[bytes]], models: bytes) -> None:
+        self._streams, self._models = streams, models
         self._buffer = b""
         self._transport: asyncio.Transport | None = None
 
@@ -72,13 +81,14 @@ class _Engine(asyncio.Protocol):
                     length = int(line[15:])
             if len(self._buffer) < end + 4 + length:
                 return
+            body = self._buffer[end + 4:end + 4 + length]
             self._buffer = self._buffer[end + 4 + length:]
-            self._answer(head)
+            self._answer(head, b'"return_token_ids":true' in body)
 
-    def _answer(self, head: bytes) -> None:
+    def _answer(self, head: bytes, token_ids: bool) -> None:
         assert self._transport is not None
         if head.startswith(b"post"):
-            for frame in self._stream:
+            for frame in self._streams[token_ids]:
                 self._transport.write(frame)
         elif head.startswith(b"get /v1/models"):
             self._transport.write(self._models)
@@ -88,8 +98,9 @@ class _Engine(asyncio.Protocol):
 
 async def _serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
-    stream, models = _stream(args.model, args.chunks), _models(args.model)
-    server = await loop.create_server(lambda: _Engine(stream, models), args.host, args.port,
+    streams = (_stream(args.model, args.chunks), _stream(args.model, args.chunks, True))
+    models = _models(args.model)
+    server = await loop.create_server(lambda: _Engine(streams, models), args.host, args.port,
                                       backlog=4096)
     async with server:
         await register_forever(args)

@@ -8,6 +8,7 @@
 #   bash bench/gpu.sh scale-one-gpu MODEL_DIR OUT ...                  #   one worker per GPU,
 #   bash bench/gpu.sh scale-tp      MODEL_DIR OUT ...                  #   one worker alone, and
 #   python3 bench/scale_bench.py --report OUT                          #   tensor parallel over both
+#   bash bench/gpu.sh seam    MODEL_DIR OUT [seam_bench flags]     # issue 21: a worker killed mid-stream
 #
 # serve: `fleet up` with one worker on the GPU, then vLLM's serving benchmark (random 512 in,
 #   256 out, 512 prompts, concurrency 256, ignore-eos, chat) against the worker's engine directly
@@ -21,6 +22,11 @@
 #   (CUDA_VISIBLE_DEVICES=0, concurrency 256), and with one tensor-parallel worker over both GPUs
 #   (--gpus-per-worker 2, concurrency 512); each: random 512 in, 256 out, 1,024 prompts, chat,
 #   through the gateway, two runs (bench/scale_bench.py).
+#
+# seam: two workers on GPU 0 (0.40 of its memory each), 32 chat streams of 256 tokens; once each
+#   has 64 chunks the worker carrying most is killed (-9) and its streams are continued on the
+#   other; the longest gap between two chunks at the client, at the seam and without a fault,
+#   two rounds (bench/seam_bench.py).
 #
 # MODEL_DIR holds a config and tokenizer (bench/dummy_model.py makes a Llama-3-8B shape);
 # weights are dummy. Both phases also run on CPU with --smoke, which is how they are tested
@@ -68,8 +74,15 @@ scale-*)
     --input-len 512 --output-len 256 --num-prompts 1024 --max-concurrency "$concurrency" "$@"
   python3 bench/scale_bench.py --report "$out"
   ;;
+seam)
+  python3 bench/seam_bench.py --label "${LABEL:-gpu}" --out "$out" \
+    --model "$model" --model-name llama-8b-dummy --devices gpus=0,gpus=0 --sequential-start \
+    --worker-args "--load-format dummy --gpu-memory-utilization 0.40 --enforce-eager \
+--max-model-len 4096 ${WORKER_ARGS:-}" \
+    --streams 32 --max-tokens 256 --kill-after 64 --rounds 2 "$@"
+  ;;
 *)
-  echo "usage: bash bench/gpu.sh serve|routing|scale-per-gpu|scale-one-gpu|scale-tp MODEL_DIR OUT [flags]" >&2
+  echo "usage: bash bench/gpu.sh serve|routing|scale-per-gpu|scale-one-gpu|scale-tp|seam MODEL_DIR OUT [flags]" >&2
   exit 2
   ;;
 esac

@@ -18,6 +18,8 @@ installed in their own venvs under .venv-peers/ on first use (bench/peers.py).
 
     .venv/bin/python bench/overhead_bench.py                     # rates 100,500,1000,2000
     .venv/bin/python bench/overhead_bench.py --proxies fleet --rates 1000 --duration 10
+    .venv/bin/python bench/overhead_bench.py --proxies before,fleet,vllm-router \\
+        --fleet-tree before=../fleet-main                            # before and after, one run
 """
 
 from __future__ import annotations
@@ -183,13 +185,13 @@ class Proc:
     """A service pinned to some cores, with its log kept for when something fails."""
 
     def __init__(self, name: str, argv: list[str], cores: str, workdir: Path,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, cwd: Path = ROOT) -> None:
         self.name = name
         self.log = workdir / f"{name}.log"
         with self.log.open("ab") as handle:
             self.proc = subprocess.Popen(
                 ["taskset", "-c", cores, *argv], stdout=handle, stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, cwd=ROOT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, cwd=cwd,
                 start_new_session=True)
 
     def cpu_seconds(self) -> float:
@@ -225,7 +227,7 @@ class Proc:
                 self.proc.wait()
 
 
-def _run_load(url: str, args: argparse.Namespace, *, rate: float, duration: float,
+def run_load(url: str, args: argparse.Namespace, *, rate: float, duration: float,
               concurrency: int = 0) -> dict[str, Any]:
     cmd = ["taskset", "-c", args.client_cores, sys.executable, __file__, "--load",
            "--url", url, "--key", KEY, "--rate", str(rate), "--duration", str(duration),
@@ -241,7 +243,10 @@ def _start_proxy(name: str, args: argparse.Namespace, workdir: Path, backend: st
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     auth = {"Authorization": f"Bearer {KEY}"}
-    if name == "fleet":
+    trees = dict(t.split("=", 1) for t in args.fleet_tree)
+    if name == "fleet" or name in trees:
+        # Another checkout's gateway (`--fleet-tree`): run from there, importing from there.
+        tree = Path(trees[name]).resolve() if name in trees else ROOT
         keys = workdir / "keys.yaml"
         if not keys.exists():
             # The bench's key in a keys file, with a model list and limits far above the load:
@@ -252,7 +257,7 @@ def _start_proxy(name: str, args: argparse.Namespace, workdir: Path, backend: st
         proc = Proc(name, [sys.executable, "-m", "gateway", "--port", str(port),
                            "--controller-address", controller, "--keys-file", str(keys),
                            "--routing", "least-load", "--log-level", "warning"],
-                    args.proxy_cores, workdir)
+                    args.proxy_cores, workdir, env={"PYTHONPATH": str(tree)}, cwd=tree)
         proc.wait_http(f"{url}/v1/models", 60, auth)
         deadline = time.monotonic() + 30
         while httpx.get(f"{url}/health", headers=auth, timeout=2).json().get("workers", 0) < 1:
@@ -282,9 +287,10 @@ def _start_proxy(name: str, args: argparse.Namespace, workdir: Path, backend: st
                          "DISABLE_SCHEMA_UPDATE": "True"})
         proc.wait_http(f"{url}/health/liveliness", 180)
     else:
-        raise SystemExit(f"unknown proxy {name!r}; expected fleet, vllm-router or litellm")
+        raise SystemExit(f"unknown proxy {name!r}; expected fleet, vllm-router, litellm or a "
+                         "--fleet-tree name")
     # One request end to end, so a proxy that starts but cannot reach the backend fails here.
-    check = _run_load(url, args, rate=0, duration=0.2, concurrency=1)
+    check = run_load(url, args, rate=0, duration=0.2, concurrency=1)
     if check["errors"] or not check["requests"]:
         raise SystemExit(f"{name} does not relay the backend's stream:\n"
                          f"{proc.log.read_text()[-3000:]}")
@@ -312,22 +318,22 @@ def run(args: argparse.Namespace) -> Path:
     try:
         services[0].wait_http(f"{controller}/health", 30)
         services[1].wait_http(f"{backend}/health", 30)
-        _run_load(backend, args, rate=0, duration=1, concurrency=16)  # warm-up
+        run_load(backend, args, rate=0, duration=1, concurrency=16)  # warm-up
         for rate in rates:
-            results["direct"][str(rate)] = _run_load(backend, args, rate=rate,
+            results["direct"][str(rate)] = run_load(backend, args, rate=rate,
                                                      duration=args.duration)
             print(f"direct @ {rate:g}/s: {results['direct'][str(rate)]}", flush=True)
         for name in proxies:
             proc, url = _start_proxy(name, args, workdir, backend, controller)
             try:
-                _run_load(url, args, rate=0, duration=1, concurrency=16)  # warm-up
+                run_load(url, args, rate=0, duration=1, concurrency=16)  # warm-up
                 saturated = None
                 for rate in rates:
                     if saturated is not None:
                         results[name][str(rate)] = {"skipped": f"saturated at {saturated:g}/s"}
                         continue
                     cpu0 = proc.cpu_seconds()
-                    r = _run_load(url, args, rate=rate, duration=args.duration)
+                    r = run_load(url, args, rate=rate, duration=args.duration)
                     served = r["requests"] - r["errors"]
                     r["cpu_ms_per_1k"] = 1e6 * (proc.cpu_seconds() - cpu0) / max(served, 1)
                     direct = results["direct"][str(rate)]
@@ -339,12 +345,12 @@ def run(args: argparse.Namespace) -> Path:
                     # Far behind the offered rate: higher rates would only queue for minutes.
                     if r["errors"] > 0.5 * r["requests"] or r["req_per_s"] < 0.5 * rate:
                         saturated = rate
-                results[name]["max"] = _run_load(url, args, rate=0, duration=args.duration,
+                results[name]["max"] = run_load(url, args, rate=0, duration=args.duration,
                                                  concurrency=256)
                 print(f"{name} closed loop x256: {results[name]['max']}", flush=True)
             finally:
                 proc.stop()
-        results["direct"]["max"] = _run_load(backend, args, rate=0, duration=args.duration,
+        results["direct"]["max"] = run_load(backend, args, rate=0, duration=args.duration,
                                              concurrency=256)
     finally:
         for service in services:
@@ -397,6 +403,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--proxies", default="fleet,vllm-router,litellm")
+    p.add_argument("--fleet-tree", action="append", default=[], metavar="NAME=PATH",
+                   help="our gateway from another checkout as proxy NAME, to list in --proxies "
+                        "(before and after in one run: --fleet-tree before=../old-checkout)")
     p.add_argument("--rates", default="100,500,1000,2000", help="requests/s, comma-separated")
     p.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
     p.add_argument("--chunks", type=int, default=16)

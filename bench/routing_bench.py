@@ -132,8 +132,9 @@ def prefix_counters(stack: Stack) -> tuple[float, float]:
 
 def reset_caches(stack: Stack) -> None:
     for worker in stack.workers():
-        httpx.post(f"{worker['engine_url'].rstrip('/')}/reset_prefix_cache",
-                   timeout=30).raise_for_status()
+        # The engine answers it only with its key (worker/engine_auth.py).
+        httpx.post(f"{worker['engine_url'].rstrip('/')}/reset_prefix_cache", timeout=30,
+                   headers={"Authorization": f"Bearer {ENGINE_KEY}"}).raise_for_status()
 
 
 def _parse() -> argparse.Namespace:

@@ -112,7 +112,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                            read_timeout=settings.read_timeout,
                            dead_peer_timeout=settings.dead_peer_timeout, ssl_context=tls)
     proxy = Proxy(engines, table, metrics, max_attempts=settings.max_attempts,
-                  retry_backoff=settings.retry_backoff)
+                  retry_backoff=settings.retry_backoff,
+                  max_continuations=settings.max_continuations,
+                  stall_timeout=settings.stall_timeout)
     # Off unless the OTEL_* variables configure an exporter (fleetcore/tracing.py).
     tracing = Tracing.from_env("llm-fleet-gateway")
     pipeline = Pipeline(settings, auth=auth, limiter=limiter, table=table, metrics=metrics,

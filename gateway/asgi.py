@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -121,6 +122,39 @@ class RelayResponse:
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
+class _Headers(Headers):
+    """Headers as Starlette's, looked up in a dict made on first use rather than by a scan
+    of the list each time: a routed request reads half a dozen of them."""
+
+    _first: dict[str, str] | None = None
+
+    def _lookup(self) -> dict[str, str]:
+        first = self._first
+        if first is None:
+            first = {}
+            for name, value in self.raw:  # names are lower-case in ASGI; the first one wins
+                first.setdefault(name.decode("latin-1"), value.decode("latin-1"))
+            self._first = first
+        return first
+
+    def __getitem__(self, key: str) -> str:
+        return self._lookup()[key.lower()]
+
+    def __contains__(self, key: Any) -> bool:
+        return isinstance(key, str) and key.lower() in self._lookup()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._lookup().get(key.lower(), default)
+
+
+class _Request(Request):
+    @property
+    def headers(self) -> Headers:
+        if not hasattr(self, "_headers"):
+            self._headers = _Headers(scope=self.scope)
+        return self._headers
+
+
 class GenerateRoutes:
     """ASGI app: POST to one of `routes`, or any method to a path under one of `under`, goes to
     its handler; the rest to `app`."""
@@ -138,6 +172,15 @@ class GenerateRoutes:
         build = app.build_middleware_stack
         app.build_middleware_stack = (  # type: ignore[method-assign]
             lambda: cls(build(), routes, under))
+        app.state.generate_routes = (routes, under)
+
+    @classmethod
+    def ahead_of(cls, app: Starlette, wrapped: ASGIApp) -> GenerateRoutes:
+        """The routes `install`ed on `app`, served ahead of `wrapped` (the app as the server
+        wraps it), so they skip the app's own `__call__` and the server's middleware too.
+        They read neither the client's address nor the scheme, which that middleware sets."""
+        routes, under = app.state.generate_routes
+        return cls(wrapped, routes, under)
 
     def _handler(self, scope: Scope) -> Handler | None:
         if scope["type"] != "http":
@@ -153,7 +196,7 @@ class GenerateRoutes:
             await self.app(scope, receive, send)
             return
         try:
-            response = await handler(Request(scope, receive))
+            response = await handler(_Request(scope, receive))
         except FleetError as exc:
             response = error_response(exc)
         except Exception:

@@ -102,6 +102,11 @@ class EngineResponse:
         assert self._conn is not None, "the response was released"
         return self._conn.read_chunk()
 
+    def set_read_timeout(self, seconds: float) -> None:
+        """The longest silence from here on: for a stream that has begun, its stall timeout."""
+        if self._conn is not None:
+            self._conn.set_read_timeout(seconds)
+
     def release(self) -> None:
         """Give the connection back: to the pool if the answer was read to its end."""
         conn, self._conn = self._conn, None

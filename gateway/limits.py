@@ -125,7 +125,7 @@ class KeyLimiter:
         # back.
         if self.shared is None or not self.shared.up or (entry.rpm is None and entry.tpm is None):
             return self.admit(caller)
-        windows = self._windows.setdefault(caller.key_id, _KeyWindows())
+        windows = self._windows_of(caller.key_id)
         if entry.concurrency is not None and windows.in_flight >= entry.concurrency:
             raise _refusal(f"This API key is at its limit of {entry.concurrency} requests in "
                            "flight at once.", _CONCURRENCY_RETRY_AFTER)
@@ -151,7 +151,7 @@ class KeyLimiter:
         if rpm is None and tpm is None and concurrency is None:
             return None
         now = self._clock()
-        windows = self._windows.setdefault(caller.key_id, _KeyWindows())
+        windows = self._windows_of(caller.key_id)
         if rpm is not None and windows.requests.used(now) >= rpm:
             wait = windows.requests.retry_after(rpm, now)
             raise _over(f"{rpm} requests per minute", wait)
@@ -169,9 +169,16 @@ class KeyLimiter:
         if caller.entry.tpm is None or tokens <= 0:
             return
         now = self._clock()
-        self._windows.setdefault(caller.key_id, _KeyWindows()).tokens.add(tokens, now)
+        self._windows_of(caller.key_id).tokens.add(tokens, now)
         if self.shared is not None and self.shared.up:
             self.shared.charge(caller.key_id, tokens)
+
+    def _windows_of(self, key_id: str) -> _KeyWindows:
+        # Not setdefault: that would build two windows per request just to drop them.
+        windows = self._windows.get(key_id)
+        if windows is None:
+            windows = self._windows[key_id] = _KeyWindows()
+        return windows
 
     def usage(self, key_id: str) -> tuple[float, float]:
         """Requests and tokens in the key's current window (for tests and debugging)."""
@@ -254,8 +261,11 @@ def ask_for_usage(body: bytes) -> bytes:
     Only for streams of keys with a tokens limit that did not ask for usage themselves: the
     client then gets one more chunk, with `usage` and empty `choices`, before `[DONE]`.
     """
-    data = pydantic_core.from_json(body)
+    return pydantic_core.to_json(with_usage(pydantic_core.from_json(body)))
+
+
+def with_usage(data: dict[str, Any]) -> dict[str, Any]:
+    """`ask_for_usage` on a parsed body."""
     options = data.get("stream_options")
-    data["stream_options"] = {**(options if isinstance(options, dict) else {}),
-                              "include_usage": True}
-    return pydantic_core.to_json(data)
+    return {**data, "stream_options": {**(options if isinstance(options, dict) else {}),
+                                       "include_usage": True}}

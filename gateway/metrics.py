@@ -1,12 +1,16 @@
 """The gateway's Prometheus metrics.
 
 Counters and histograms are updated on the request path; gauges that mirror the routing table
-(in-flight per worker, breaker states, queue depth) are read from it only when scraped.
+(in-flight per worker, breaker states, queue depth) are read from it only when scraped. On the
+request path each label set's child is looked up in a plain dict, kept here, rather than
+through `labels()` (a lock, a tuple and a checked lookup each time).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Hashable, Iterator
+from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -14,6 +18,7 @@ from prometheus_client.registry import Collector
 
 from gateway.routing_table import RoutingTable
 
+Child = TypeVar("Child")
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -77,11 +82,30 @@ class GatewayMetrics:
             "fleet_gateway_retries", "Requests sent again to another worker, by reason",
             ["model", "reason"], registry=self.registry,
         )
+        self.continuations = Counter(
+            "fleet_gateway_continuations",
+            "Streams continued on another worker after theirs failed mid-answer, by reason "
+            "(broke, error_event, stall; refused: the continuation before it was refused)",
+            ["model", "reason"], registry=self.registry,
+        )
         self.registry.register(_TableCollector(table))
+        self._children: dict[Hashable, Any] = {}
+
+    def _child(self, key: Hashable, make: Callable[[], Child]) -> Child:
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = make()
+        return child
+
+    def count_request(self, model: str, status: int | None, policy: str, endpoint: str) -> None:
+        """One request answered (or refused) with `status`."""
+        key = ("requests", model, status, policy, endpoint)
+        self._child(key, lambda: self.requests.labels(model, str(status), policy,
+                                                      endpoint)).inc()
 
     def observe_latency(self, model: str, seconds: float) -> None:
         """The routing table's latency hook: told when a worker's answer ends."""
-        self.latency.labels(model).observe(seconds)
+        self._child(("latency", model), lambda: self.latency.labels(model)).observe(seconds)
 
     def count_usage(self, model: str, usage: dict[str, object] | None) -> None:
         if not usage:
@@ -89,4 +113,5 @@ class GatewayMetrics:
         for kind in ("prompt_tokens", "completion_tokens"):
             value = usage.get(kind)
             if isinstance(value, int) and value > 0:
-                self.tokens.labels(model, kind.removesuffix("_tokens")).inc(value)
+                self._child(("tokens", model, kind), functools.partial(
+                    self.tokens.labels, model, kind.removesuffix("_tokens"))).inc(value)

@@ -28,12 +28,13 @@ from fastapi import Request
 from starlette.responses import Response
 
 from fleetcore.errors import FleetError, NotFoundError, PermissionDeniedError
-from gateway import validation
+from gateway import continuation, validation
 from gateway.asgi import ClientWatch, RelayResponse
 from gateway.auth import Authenticator
+from gateway.continuation import OPT_OUT_HEADER
 from gateway.endpoints import ENDPOINT_NAMES, RESPONSES, EngineEndpoint
 from gateway.forms import form_fields
-from gateway.limits import KeyLimiter, ask_for_usage, usage_charger, usage_charger_for
+from gateway.limits import KeyLimiter, usage_charger, usage_charger_for, with_usage
 from gateway.metrics import GatewayMetrics
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, ModelRequest
 from gateway.proxy import Proxy
@@ -57,6 +58,7 @@ class Pipeline:
                  tracing: RequestTracing | None = None) -> None:
         self._session_header = settings.session_header
         self._limits = settings.input_limits()
+        self._continue = settings.max_continuations > 0
         self._auth = auth
         self._limiter = limiter
         self._table = table
@@ -141,8 +143,8 @@ class Pipeline:
             if trace is not None:
                 trace.end(routed, None, exc)
             if isinstance(exc, FleetError):
-                self._metrics.requests.labels(routed.model, str(exc.status_code),
-                                              routed.policy, routed.endpoint).inc()
+                self._metrics.count_request(routed.model, exc.status_code, routed.policy,
+                                            routed.endpoint)
                 exc.headers.setdefault("X-Request-Id", routed.request_id)
                 logger.info("refused request_id=%s key=%s model=%s path=%s status=%d code=%s",
                             routed.request_id, routed.caller.name, routed.model, routed.path,
@@ -156,8 +158,8 @@ class Pipeline:
             routed.settle()
             if trace is not None:
                 trace.end(routed, response.status_code)
-        self._metrics.requests.labels(routed.model, str(response.status_code),
-                                      routed.policy, routed.endpoint).inc()
+        self._metrics.count_request(routed.model, response.status_code, routed.policy,
+                                    routed.endpoint)
         return response
 
     # --- the steps ---
@@ -210,17 +212,41 @@ class Pipeline:
         validation.check_limits(parsed, self._limits, max_model_len)
         caller = routed.caller
         routed.slot = await self._limiter.acquire(caller)
+        options = parsed.stream_options
+        usage_asked = bool(parsed.stream and options and options.include_usage)
         if caller.entry.tpm is not None:
-            options = parsed.stream_options
-            if parsed.stream and not (options and options.include_usage):
-                routed.body = ask_for_usage(routed.body)
             routed.on_usage = usage_charger(self._limiter, caller, parsed, max_model_len)
+        if routed.stream:
+            # For a key with a tokens limit, a stream's usage is asked for (one more chunk).
+            self.plan_continuation(request, routed,
+                                   ask_usage=caller.entry.tpm is not None and not usage_asked)
         routed.route = RouteRequest(
             model=parsed.model,
             session=request.headers.get(self._session_header) or parsed.user,
             path=routed.path,
             render_prompt=parsed.prompt_text,
         )
+
+    def plan_continuation(self, request: Request, routed: RoutedRequest,
+                          ask_usage: bool) -> None:
+        """Whether another worker may continue this stream if its worker fails mid-answer;
+        if so, the engine is asked for the answer's token ids (gateway/continuation.py).
+        The body is parsed and written again once, with the usage asked for too if need be."""
+        if not ask_usage and not self._continue:
+            return
+        data = pydantic_core.from_json(routed.body)
+        if ask_usage:
+            data = with_usage(data)
+        plan = continuation.plan(routed.path, data, request.headers.get(OPT_OUT_HEADER),
+                                 self._continue)
+        if isinstance(plan, str):
+            logger.debug("not continuable request_id=%s why=%s", routed.request_id, plan)
+        else:
+            routed.resume = plan
+            if not plan.keep_ids:
+                data = {**data, "return_token_ids": True}
+        if ask_usage or routed.resume is not None:
+            routed.body = pydantic_core.to_json(data)
 
     async def admit(self, request: Request, routed: RoutedRequest, model: str) -> None:
         """The key's rate limits for a request the gateway does not read beyond its model:

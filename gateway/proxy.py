@@ -1,8 +1,11 @@
 """Relaying one request to an engine: pick a worker, retry before the first byte, stream bytes.
 
 The client's body goes upstream as it came, and the engine's bytes come back as they arrive:
-no per-token parsing on the streaming path. Only the last few KiB of a stream are kept, to read
-the usage event if the client asked for one.
+no per-token JSON on the streaming path. Only the last few KiB of a stream are kept, to read
+the usage event if the client asked for one. A stream that another worker can continue
+(gateway/continuation.py) asks its engine for token ids and passes each chunk through a
+`StreamTrack` (a few substring searches); if its worker fails mid-answer, gateway/resume.py
+finishes it elsewhere.
 
 Each attempt holds its worker through a routing-table `Lease`, settled once with the attempt's
 `Outcome` wherever it ends; a stream's lease goes with its relay, and is settled when the relay
@@ -18,7 +21,7 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pydantic_core
 from starlette.responses import Response
@@ -31,17 +34,25 @@ from fleetcore.errors import (
     ServiceUnavailableError,
 )
 from gateway.asgi import ClientGone, ClientWatch, RelayResponse
+from gateway.continuation import StreamTrack
 from gateway.engine_client import (
     Endpoint,
+    EngineBroke,
     EngineClient,
     EngineConnectError,
     EngineError,
     EngineResponse,
     EngineTimeout,
+    RequestBody,
 )
 from gateway.metrics import GatewayMetrics
+from gateway.reshape import Answer
+from gateway.resume import EngineErrorEvent, Resumer, failure_reason
 from gateway.routed_request import RoutedRequest
 from gateway.routing_table import Lease, Outcome, RoutingTable
+
+if TYPE_CHECKING:
+    from gateway.tracing import RequestTrace
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +93,8 @@ class Proxy:
         max_attempts: int,
         retry_backoff: float = 0.05,
         rng: random.Random | None = None,
+        max_continuations: int = 2,
+        stall_timeout: float = 30.0,
     ) -> None:
         self._engines = engines
         self._table = table
@@ -90,6 +103,10 @@ class Proxy:
         self._retry_backoff = retry_backoff
         self._rng = rng or random.Random()
         self._endpoints: dict[tuple[object, str], Endpoint] = {}
+        # A stall is no longer than the read timeout: that still bounds any silence.
+        self._stall_timeout = min(stall_timeout, engines.read_timeout)
+        self.resumer = Resumer(table, metrics, self._send_to, max_continuations=max_continuations,
+                               stall_timeout=self._stall_timeout, error_event=sse_error_event)
 
     async def _backoff(self, attempt: int) -> None:
         # Exponential with jitter, so retries of a burst do not arrive in lockstep.
@@ -224,20 +241,26 @@ class Proxy:
                         media_type=content_type)
 
     async def _send(self, worker: WorkerRecord, request: RoutedRequest) -> EngineResponse:
-        headers = {"Content-Type": request.content_type, "X-Request-Id": request.request_id}
+        return await self._send_to(worker, request.path, request.upstream_body,
+                                   request.request_id, request.method, request.content_type,
+                                   request.trace)
+
+    async def _send_to(self, worker: WorkerRecord, path: str, body: RequestBody,
+                       request_id: str, method: str = "POST",
+                       content_type: str = "application/json",
+                       trace: RequestTrace | None = None) -> EngineResponse:
+        headers = {"Content-Type": content_type, "X-Request-Id": request_id}
         if worker.engine_api_key:
             headers["Authorization"] = f"Bearer {worker.engine_api_key}"
-        if request.trace is not None:
-            request.trace.inject(headers)
-        path = request.path
+        if trace is not None:
+            trace.inject(headers)
         endpoint = self._endpoints.get((worker.engine_url, path))
         if endpoint is None:  # parsed once per engine and path, not per request
             if len(self._endpoints) > 4096:  # engines come and go on new ports
                 self._endpoints.clear()
             endpoint = self._endpoints[(worker.engine_url, path)] = Endpoint.from_url(
                 f"{str(worker.engine_url).rstrip('/')}{path}")
-        return await self._engines.request(request.method, endpoint, headers,
-                                           request.upstream_body)
+        return await self._engines.request(method, endpoint, headers, body)
 
     async def _relay(
         self, upstream: EngineResponse, lease: Lease, request: RoutedRequest,
@@ -250,6 +273,8 @@ class Proxy:
         first = True
         # The last two chunks: enough for the usage event, without copying every chunk.
         previous = last = b""
+        track = StreamTrack(request.resume) if request.resume is not None else None
+        answer: Answer | None = None
         try:
             read_chunk = upstream.read_chunk
             while chunk := await read_chunk():
@@ -258,8 +283,20 @@ class Proxy:
                     first = False
                     if request.on_answer is not None:
                         request.on_answer(chunk, lease.worker_id)
+                    if track is not None:  # running now: silence is a stall
+                        upstream.set_read_timeout(self._stall_timeout)
+                if track is not None:
+                    chunk = track.feed(chunk)
+                    if track.error is not None:
+                        if chunk:
+                            yield chunk
+                        raise EngineErrorEvent(track.error[6:300].decode(errors="replace"))
+                    if not chunk:
+                        continue
                 previous, last = last, chunk
                 yield chunk
+            if track is not None and not track.done:
+                raise EngineBroke("the engine closed the stream before [DONE]")
             outcome = Outcome.DONE
         except EngineError as exc:
             if watch.gone:
@@ -269,9 +306,21 @@ class Proxy:
                 return
             outcome = Outcome.STREAM_BROKE
             lease.settle(outcome)  # the breaker opens before the client hears of it
+            upstream.close()
             logger.warning("stream broke request_id=%s worker=%s error=%r",
                            request_id, lease.worker_id, exc)
-            yield sse_error_event(f"The worker serving this stream failed: {exc!r}")
+            answer = Answer.from_track(track) if track is not None else None
+            if answer is None:
+                if track is not None and track.error is not None:
+                    yield track.error + b"data: [DONE]\n\n"  # the engine's own, as today
+                else:
+                    yield sse_error_event(f"The worker serving this stream failed: {exc!r}")
+                return
+            async with contextlib.aclosing(self.resumer.resume(
+                    answer, request, watch, failure_reason(exc), repr(exc))) as rest:
+                async for piece in rest:
+                    previous, last = last, piece
+                    yield piece
         except asyncio.CancelledError:
             outcome = Outcome.CANCELLED
             raise
@@ -285,7 +334,11 @@ class Proxy:
             else:
                 upstream.close()
             lease.settle(outcome)
-            usage = usage_from_sse_tail((previous + last)[-_TAIL_BYTES:]) if finished else None
+            usage: dict[str, Any] | None = None
+            if answer is not None and answer.finished:
+                usage = answer.usage()
+            elif finished:
+                usage = usage_from_sse_tail((previous + last)[-_TAIL_BYTES:])
             self._metrics.count_usage(model, usage)
             if request.on_usage is not None:
                 request.on_usage(usage)

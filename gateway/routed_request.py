@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from gateway.auth import ANONYMOUS, Caller
+from gateway.continuation import ResumePlan
 from gateway.limits import KeySlot
 from gateway.routing import RouteRequest
 
@@ -47,6 +48,7 @@ class RoutedRequest:
     tried: set[str] = field(default_factory=set)  # workers this request was sent to
     slot: KeySlot | None = None  # its key's place in flight, for a key with a concurrency limit
     settled: bool = False
+    resume: ResumePlan | None = None  # a stream that another worker can continue, and how
     trace: RequestTrace | None = None  # its spans, while tracing is on (gateway/tracing.py)
 
     @property

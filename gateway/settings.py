@@ -50,6 +50,14 @@ class GatewaySettings(CliSettings, ControllerCredentials, ClientTLSSettings, Ser
     dead_peer_timeout: float = Field(
         10.0, ge=1, description="Seconds an engine host may leave the gateway's packets "
         "unanswered before its connections are dropped and their requests tried elsewhere.")
+    # Mid-stream silence is not a prefill: once tokens flow, a long pause means a stuck engine.
+    stall_timeout: float = Field(
+        30.0, gt=0, description="Seconds a running stream may go silent before it is "
+        "continued on another worker (streams that can be continued; the others wait for "
+        "--read-timeout).")
+    max_continuations: int = Field(
+        2, ge=0, le=10, description="Times one stream may be continued on another worker "
+        "after its worker failed mid-answer; 0: off.")
     max_attempts: int = Field(3, ge=1, le=10,
                               description="Workers tried per request before its first byte.")
     retry_backoff: float = Field(

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import pydantic_core
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
 
 from fleetcore.errors import InvalidRequestError, validation_error
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
@@ -80,14 +81,24 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > max_bytes:
         raise _too_large(max_bytes)
+    # Straight from the ASGI messages, as Starlette's `Request.stream` reads them, without
+    # its generator: this runs once per request. The body is read here only.
+    receive = request.receive
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        if message["type"] != "http.request":
+            continue
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > max_bytes:
             raise _too_large(max_bytes)
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def parse(body: bytes, schema: type[Model]) -> Model:

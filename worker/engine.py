@@ -16,12 +16,16 @@ from dataclasses import dataclass, field
 import httpx
 
 from fleetcore.cluster_auth import TOKEN_ENV_VARS
+from worker.engine_auth import KEY_ENV, EngineKeyMiddleware
 from worker.engine_guard import PARENT_ENV
 
 logger = logging.getLogger(__name__)
 
 ENGINE_MODULE = "vllm.entrypoints.openai.api_server"
 GUARD_MODULE = "worker.engine_guard"
+# vLLM imports it by this path, in the engine's process: the same interpreter, environment and
+# working directory as the guard, which imported `worker` to start at all.
+AUTH_MIDDLEWARE = f"{EngineKeyMiddleware.__module__}.{EngineKeyMiddleware.__qualname__}"
 
 
 class EngineFailed(RuntimeError):
@@ -63,8 +67,11 @@ def build_engine_command(
     """The engine's argv and environment, with the device pinning applied.
 
     The API key goes in the environment (`VLLM_API_KEY`), not the argv: any local user can read
-    a command line, and vLLM logs its non-default arguments. The cluster tokens stay out of the
-    engine's environment: it runs model code and needs none of them.
+    a command line, and vLLM logs its non-default arguments. vLLM's own check reads it there and
+    guards its API prefixes; `worker.engine_auth` reads it too and guards every other path. Its
+    `--middleware` comes after the extra arguments: vLLM adds middleware in the order given,
+    the last outermost, so a middleware of the user's runs only for requests with the key. The
+    cluster tokens stay out of the engine's environment: it runs model code and needs none.
     """
     argv = [
         python, "-m", GUARD_MODULE, "--",
@@ -79,7 +86,7 @@ def build_engine_command(
     if ssl_certfile and ssl_keyfile:
         argv += ["--ssl-certfile", ssl_certfile, "--ssl-keyfile", ssl_keyfile]
     env = {k: v for k, v in base_env.items() if k not in TOKEN_ENV_VARS}
-    env["VLLM_API_KEY"] = api_key
+    env[KEY_ENV] = api_key
     if gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpus
         count = len(gpus.split(","))
@@ -92,7 +99,7 @@ def build_engine_command(
             env["VLLM_CPU_OMP_THREADS_BIND"] = cpus
         # vLLM's CPU backend otherwise tries to reserve more memory than most machines have.
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kvcache_gib))
-    argv += list(extra_args)
+    argv += [*extra_args, "--middleware", AUTH_MIDDLEWARE]
     connect_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
     if ":" in connect_host and not connect_host.startswith("["):
         connect_host = f"[{connect_host}]"

@@ -49,7 +49,9 @@ class Worker:
         self._stop = asyncio.Event()
         self._force = False
         self._state_changed = asyncio.Event()
-        self._engine_http: httpx.AsyncClient | None = None  # the engine's /health, /metrics
+        # The engine's /health, /metrics, /v1/models and /openapi.json, always with its key:
+        # the engine answers only /health and /metrics without it (worker.engine_auth).
+        self._engine_http: httpx.AsyncClient | None = None
         self._controllers: list[ControllerClient] = []
         self._refused_by: set[str] = set()  # controllers whose refusal was logged already
         self._engine: EngineProcess | None = None
@@ -142,10 +144,7 @@ class Worker:
     async def _read_max_model_len(self) -> None:
         assert self._engine_http is not None
         try:
-            response = await self._engine_http.get(
-                f"{self._engine_base}/v1/models", timeout=5.0,
-                headers={"Authorization": f"Bearer {self.engine_api_key}"},
-            )
+            response = await self._engine_http.get(f"{self._engine_base}/v1/models", timeout=5.0)
             response.raise_for_status()
             data = response.json().get("data") or [{}]
             self.max_model_len = data[0].get("max_model_len")
@@ -265,7 +264,8 @@ class Worker:
         token = self.settings.cluster_token
         verify = self.settings.ssl_context()  # the given CA, for the controllers and the engine
         async with httpx.AsyncClient(verify=verify) as controller_http, \
-                httpx.AsyncClient(verify=verify) as engine_http:
+                httpx.AsyncClient(verify=verify, headers={
+                    "Authorization": f"Bearer {self.engine_api_key}"}) as engine_http:
             self._engine_http = engine_http
             self._controllers = [
                 ControllerClient(address, controller_http,

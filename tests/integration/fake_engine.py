@@ -10,8 +10,13 @@ its first byte, as a long prefill does. It counts the requests it got at `GET /s
 to `/v1/audio/transcriptions` is answered with the digest of the body that arrived.
 
 For the ways an engine fails: `--status 503` answers every generation request with that status,
-`--cut-after N` drops the connection after N streamed chunks, and `--no-listen` registers an
-address where nothing listens (connections are refused).
+`--cut-after N` drops the connection after N streamed chunks, `--stall-after N` goes silent
+after N, and `--no-listen` registers an address where nothing listens (connections are refused).
+
+`--token-ids` streams as vLLM does for `"return_token_ids": true` (compact JSON, the prompt's
+ids [1, 2, 3] in the first chunk, word i as token 100 + i), and answers a completion whose
+prompt is token ids from where they leave off: what a continuation on another worker needs
+(gateway/resume.py). `GET /stats` also counts the requests running now.
 """
 
 from __future__ import annotations
@@ -55,7 +60,58 @@ def _choice(chat: bool, text: str, stream: bool, finish: str | None) -> dict:
 
 async def _generate(request: web.Request) -> web.StreamResponse:
     request.app["requests"] += 1
-    body = await request.json()
+    request.app["running"] += 1
+    try:
+        body = await request.json()
+        if request.app["token_ids"] and body.get("return_token_ids"):
+            return await _with_token_ids(request, body)
+        return await _answer(request, body)
+    finally:
+        request.app["running"] -= 1
+
+
+def _event(data: dict) -> bytes:
+    return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def _with_token_ids(request: web.Request, body: dict) -> web.StreamResponse:
+    """A stream as vLLM writes it with return_token_ids; a token-id prompt continues it."""
+    app = request.app
+    chat = request.path.endswith("/chat/completions")
+    prompt = body.get("prompt")
+    prompt_ids = prompt if isinstance(prompt, list) else [1, 2, 3]
+    start = len(prompt_ids) - 3 if prompt_ids[:3] == [1, 2, 3] else 0
+    limit = body.get("max_tokens") or app["chunks"]
+    end = min(app["chunks"], start + limit)
+    base = {"id": f"fake-{start}", "object": "chat.completion.chunk" if chat
+            else "text_completion", "created": int(time.time()), "model": body.get("model")}
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    if chat:
+        await response.write(_event({**base, "choices": [{
+            "index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+            "finish_reason": None}], "prompt_token_ids": [1, 2, 3]}))
+    for n, i in enumerate(range(start, end)):
+        if app["stall_after"] is not None and n == app["stall_after"]:
+            await asyncio.sleep(300)  # silent, until the gateway gives up on it
+        finish = None if i < end - 1 else ("stop" if end == app["chunks"] else "length")
+        word = WORDS[i % len(WORDS)]
+        choice: dict = {"index": 0, "logprobs": None, "finish_reason": finish}
+        if chat:
+            choice = {"index": 0, "delta": {"content": word}, **choice, "token_ids": [100 + i]}
+        else:
+            choice = {"index": 0, "text": word, **choice, "stop_reason": None,
+                      "prompt_token_ids": prompt_ids if n == 0 else None,
+                      "token_ids": [100 + i]}
+        await response.write(_event({**base, "choices": [choice]}))
+        if app["interval"] and finish is None:
+            await asyncio.sleep(app["interval"])
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+async def _answer(request: web.Request, body: dict) -> web.StreamResponse:
     if request.app["delay"]:
         await asyncio.sleep(request.app["delay"])
     if request.app["status"] != 200:
@@ -108,7 +164,8 @@ async def _transcribe(request: web.Request) -> web.Response:
 
 
 async def _stats(request: web.Request) -> web.Response:
-    return web.json_response({"requests": request.app["requests"]})
+    return web.json_response({"requests": request.app["requests"],
+                              "running": request.app["running"]})
 
 
 async def _ok(_: web.Request) -> web.Response:
@@ -142,6 +199,7 @@ async def _serve(args: argparse.Namespace) -> None:
     app["chunks"], app["interval"] = args.chunks, args.interval_ms / 1000
     app["delay"] = args.delay_ms / 1000
     app["status"], app["cut_after"] = args.status, args.cut_after
+    app["running"], app["token_ids"], app["stall_after"] = 0, args.token_ids, args.stall_after
     if args.no_listen:
         await register_forever(args, engine_paths=PATHS)
     app.router.add_post("/v1/chat/completions", _generate)
@@ -180,6 +238,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="answer generation requests with this status (default 200)")
     parser.add_argument("--cut-after", type=int, default=None,
                         help="drop the connection after this many streamed chunks")
+    parser.add_argument("--stall-after", type=int, default=None,
+                        help="go silent after this many streamed chunks (--token-ids streams)")
+    parser.add_argument("--token-ids", action="store_true",
+                        help="stream token ids as vLLM does when asked, and continue from them")
     parser.add_argument("--no-listen", action="store_true",
                         help="register, but listen nowhere: connections are refused")
     asyncio.run(_serve(parser.parse_args(argv)))

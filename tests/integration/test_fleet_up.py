@@ -1,5 +1,6 @@
 """`fleet up` (what `make run` calls): the whole stack comes up with the demo fleet, serves both
-models, and Ctrl-C stops it all."""
+models, its engines answer nothing but health and metrics without their keys, and Ctrl-C stops
+it all."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import httpx
 import psutil
 import pytest
 
+from tests.integration.engine_doors import knock_all
 from tests.integration.fleet_up import FleetUp
 from tests.integration.harness import MODEL_NAME
 
@@ -60,6 +62,11 @@ def test_fleet_up_serves_the_demo_fleet_and_ctrl_c_leaves_nothing_behind(
         assert sorted(w["model_names"][0] for w in workers) == sorted([MODEL_NAME,
                                                                        EMBEDDING_MODEL])
         assert f"cluster token: {token_file}" in text
+        # Issue 20: each engine answers only /health and /metrics without its key, on every door
+        # its spec lists and the undocumented ones (tests/integration/engine_doors.py).
+        for worker in workers:
+            found, wrong = knock_all(worker["engine_url"].rstrip("/"), worker["engine_api_key"])
+            assert wrong == [], f"{worker['model_names']}: {len(wrong)} of {len(found)}: {wrong}"
         # The unknown flag reached the engine.
         models = httpx.get(f"http://127.0.0.1:{gateway_port}/v1/models",
                            headers={"Authorization": "Bearer k2"}, timeout=10).json()

@@ -4,7 +4,8 @@ Three hosts joined by a bridge (tests/integration/netns.py): `a` runs the contro
 gateway, `b` and `c` one CPU worker each with the demo model, configured as the recipe says
 (tests/integration/multihost.py). The tests talk to the gateway from a fourth machine, the
 namespace pytest runs in. They cut a worker host off the network and heal it, kill the
-controller outright and restart it, and soak the gateway with 1,000 streams.
+controller outright and restart it, soak the gateway with 1,000 streams, and knock on every
+door of the engines without their key.
 
 Each test adds what it measured to `multihost-figures.json` in pytest's base temporary folder,
 which the module also prints at its end (`-s` shows it); bench/RESULTS.md quotes it.
@@ -24,6 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.integration.engine_doors import knock_all
 from tests.integration.harness import MODEL_NAME
 from tests.integration.multihost import (
     AUTH,
@@ -130,6 +132,26 @@ def test_recipe_serves_through_the_gateway_from_workers_on_other_hosts(
 
     fleet.wait_for(both_used, "requests through the gateway to reach both workers", 120)
     assert set(served) == {fleet.worker_id("b"), fleet.worker_id("c")}
+
+
+def test_worker_hosts_answer_nothing_but_health_and_metrics_without_the_engine_key(
+    both_serving: MultiHostStack, net: Network,
+) -> None:
+    """Issue 20: from another host (the client machine), every door of each engine, as its own
+    spec lists them plus the undocumented ones (tests/integration/engine_doors.py), with no key,
+    a wrong key and the key the controller hands gateways. Only that key opens anything but
+    health and metrics; and a worker host listens on no other port of its address."""
+    for record in both_serving.workers():
+        host = net.hosts[record["worker_id"].split("-")[0]]
+        # The worker read the engine's spec with the key: the gateway routes by it.
+        assert "/v1/chat/completions" in (record["engine_paths"] or [])
+        found, wrong = knock_all(record["engine_url"].rstrip("/"), record["engine_api_key"])
+        assert wrong == [], f"{record['worker_id']}: {len(wrong)} of {len(found)} doors: {wrong}"
+        assert ("POST", "/invocations") in {(d.method, d.path) for d in found}
+        reachable = {(address, port) for address, port in net.listening(host.name)
+                     if not address.startswith("127.")}
+        engine_bind = host.address if host.name == "b" else "0.0.0.0"
+        assert reachable == {(host.address, WORKER_PORT), (engine_bind, ENGINE_PORT)}
 
 
 def test_partitioned_worker_host_leaves_routing_and_comes_back(

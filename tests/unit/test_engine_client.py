@@ -232,6 +232,29 @@ def test_silence_in_the_middle_of_a_stream_is_a_timeout_after_what_came() -> Non
     assert run(scenario) == [b"data: 1\n\n"]
 
 
+def test_a_stream_that_has_begun_times_out_after_its_own_shorter_silence() -> None:
+    """A stream's stall timeout (gateway/continuation): set once its first bytes came, it
+    replaces the read timeout for the rest of the answer."""
+    async def scenario() -> tuple[list[bytes], float]:
+        runner, port = await _serve(_silent_after([b"data: 1\n\n"]))
+        got: list[bytes] = []
+        try:
+            response = await _post(_client(read_timeout=30), port)
+            got.append(await response.read_chunk())
+            response.set_read_timeout(0.3)
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(EngineTimeout):
+                await response.read_chunk()
+            response.close()
+            return got, asyncio.get_running_loop().time() - started
+        finally:
+            await runner.cleanup()
+
+    got, waited = run(scenario)  # type: ignore[misc]
+    assert got == [b"data: 1\n\n"]
+    assert waited < 10  # the 30 s read timeout would still be waiting
+
+
 async def _dies_mid_answer(request: web.Request) -> web.StreamResponse:
     await request.read()
     response = web.StreamResponse()

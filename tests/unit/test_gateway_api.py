@@ -199,3 +199,29 @@ def test_an_engine_that_breaks_off_its_status_line_is_a_502_not_sent_again(
         error = error_of(client.post("/v1/chat/completions", json=CHAT, headers=AUTH), 502)
     assert "broke off its answer" in error["message"]
     assert len(accepted) == 1
+
+
+def test_served_as_the_gateway_serves_itself_the_routes_answer_alike() -> None:
+    """`python -m gateway` puts the generation routes ahead of the proxy-headers middleware
+    and FastAPI's call (gateway/__main__.py); both ways in answer the same."""
+    from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+
+    from gateway.asgi import GenerateRoutes
+
+    settings = GatewaySettings(api_keys=[KEY], controller_address="http://127.0.0.1:9",
+                               sync_interval=60)
+    app = create_app(settings)
+    front = GenerateRoutes.ahead_of(app, ProxyHeadersMiddleware(app))  # type: ignore[arg-type]
+    with TestClient(app) as inner, TestClient(front) as outer:
+        for c in (inner, outer):
+            assert c.get("/health").json() == {"status": "ok"}  # FastAPI's route, no key
+            missing = c.post("/v1/chat/completions", json=CHAT)
+            assert missing.status_code == 401, missing.text
+            assert missing.json()["error"]["code"] == "missing_api_key"
+            # The key's header found however it is spelt, as Starlette finds it.
+            unknown = c.post("/v1/chat/completions", json=CHAT,
+                             headers={"AUTHORIZATION": f"Bearer {KEY}"})
+            assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "model"
+            wrong_type = c.post("/v1/chat/completions", content=b"{}",
+                                headers={**AUTH, "Content-Type": "text/plain"})
+            assert wrong_type.json()["error"]["param"] == "Content-Type"

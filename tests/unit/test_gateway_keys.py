@@ -248,6 +248,25 @@ def test_watcher_reloads_off_the_request_path(tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
+def test_a_reload_changes_what_a_key_already_seen_may_do(tmp_path: Path) -> None:
+    path = tmp_path / "keys.yaml"
+    key, other = new_key(), new_key()
+    append_key(path, hash_key(key), KeyEntry(name="a", models=["m"], rpm=3))
+    auth = Authenticator(keys_file=path)
+    assert auth.authenticate(bearer(key)).entry.rpm == 3
+    assert auth.authenticate(bearer(key)) is auth.authenticate(bearer(key))  # looked up once
+    path.write_text("")
+    append_key(path, hash_key(key), KeyEntry(name="a", models=["m", "n"], rpm=7))
+    append_key(path, hash_key(other), KeyEntry(name="b"))
+    os.utime(path, (1, 1))  # a new mtime, whatever the clock's resolution
+    assert asyncio.run(auth.reload())
+    caller = auth.authenticate(bearer(key))
+    assert caller.entry.rpm == 7 and caller.entry.allows("n")
+    assert auth.authenticate(bearer(other)).name == "b"
+    with pytest.raises(AuthenticationError):
+        auth.authenticate(bearer(key) + "x")
+
+
 def test_authenticate_does_not_touch_the_file(tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "keys.yaml"

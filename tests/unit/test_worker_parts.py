@@ -61,7 +61,7 @@ def test_several_gpus_mean_tensor_parallel() -> None:
 def test_explicit_tensor_parallel_size_is_kept() -> None:
     cmd = command(gpus="0,1,2,3", extra_args=["--tensor-parallel-size=2"])
     assert cmd.argv.count("--tensor-parallel-size") == 0
-    assert cmd.argv[-1] == "--tensor-parallel-size=2"
+    assert "--tensor-parallel-size=2" in cmd.argv
 
 
 def test_cpu_cores_bind_threads_and_size_the_kv_cache() -> None:
