@@ -183,8 +183,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             finally:
                 for task in tasks:
                     task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
+                # Bounded: a task that swallows its cancellation (a client library's bug) must
+                # not keep the gateway from stopping.
+                await asyncio.wait(tasks, timeout=5)
                 if shared is not None:
                     await shared.close()
                 if kv_sync is not None:

@@ -244,4 +244,6 @@ class SharedState:
             async with asyncio.timeout(self.timeout):
                 await self._redis.srem(_GATEWAYS, self.gateway_id)
                 await self._redis.delete(f"{_PREFIX}inflight:{self.gateway_id}")
-        await self._redis.aclose()
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            async with asyncio.timeout(self.timeout):
+                await self._redis.aclose()
