@@ -132,7 +132,9 @@ def append_key(path: Path, digest: str, entry: KeyEntry) -> None:
     YAML gets one line added at the end (its comments stay); JSON is written anew.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fields = entry.model_dump(exclude_none=True)
+    # Fields left at their defaults stay out, so a file written here also reads in a gateway
+    # older than a field (an `admin: false` line would fail there).
+    fields = entry.model_dump(exclude_none=True, exclude_defaults=True)
     while True:
         with open(path, "a+") as handle:
             # Two `fleet keys create` at once must not lose one another's key.
