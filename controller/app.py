@@ -84,6 +84,11 @@ async def _expire_forever(registry: Registry) -> None:
             gc.freeze()
 
 
+# WorkerLoad's fields added after /snapshot's readers were written (issue 23).
+_NEWER_LOAD_FIELDS = {"workers": {"__all__": {"load": {"prefill_tokens_per_s",
+                                                      "prefill_tokens_per_request"}}}}
+
+
 def create_app(settings: ControllerSettings) -> FastAPI:
     registry = Registry(heartbeat_interval=settings.heartbeat_interval, expiry=settings.expiry)
     catalogue = AdapterCatalogue(settings.adapters_file)
@@ -170,8 +175,11 @@ def create_app(settings: ControllerSettings) -> FastAPI:
         return WorkerList(workers=reg.workers(model))
 
     @app.get("/snapshot", response_model=Snapshot)
-    async def snapshot(request: Request) -> Snapshot:
-        return _get_registry(request).snapshot()
+    async def snapshot(request: Request) -> Response:
+        """The whole table, for gateways that predate /table. Their WorkerLoad forbids fields
+        it does not know, so the loads leave out those added since (new gateways read /table)."""
+        body = _get_registry(request).snapshot().model_dump_json(exclude=_NEWER_LOAD_FIELDS)
+        return Response(body, media_type="application/json")
 
     @app.get("/table", response_model=TableChanges, responses={400: _ERRORS[400]})
     async def table(
