@@ -54,7 +54,6 @@ from gateway.proxy import Proxy
 from gateway.routing import POLICIES, CacheAware, RoutingPolicy
 from gateway.routing_table import Limits, RoutingTable
 from gateway.settings import GatewaySettings
-from gateway.shared_state import SharedState
 from gateway.tracing import RequestTracing
 
 logger = logging.getLogger(__name__)
@@ -126,6 +125,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     auth = Authenticator(settings.load_keys(), settings.keys_file, settings.admin_api_keys)
     shared = None
     if settings.shared_state is not None:
+        # Imported here: the store's client (redis) is needed only by gateways that share one.
+        from gateway.shared_state import SharedState
+
         shared = SharedState(settings.shared_state, timeout=settings.shared_state_timeout,
                              interval=settings.shared_state_interval)
     limiter = KeyLimiter(shared=shared)
