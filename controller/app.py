@@ -117,8 +117,10 @@ def create_app(settings: ControllerSettings) -> FastAPI:
     install_error_handlers(app)
     # Every call but /health, /metrics and the docs needs a token: the registry decides where
     # traffic goes, and it holds the engines' API keys.
-    # Added first, so it runs inside the token check (the last added is the outermost).
-    app.add_middleware(HeartbeatRoute, registry=registry)
+    # Added first, so it runs inside the token check (the last added is the outermost). Not
+    # with tracing on: a traced heartbeat is a span, which the FastAPI route makes.
+    if tracer is None:
+        app.add_middleware(HeartbeatRoute, registry=registry)
     token, read_token = settings.cluster_token, settings.read_token
     app.add_middleware(ClusterAuthMiddleware, auth=ClusterAuth(
         token.get_secret_value() if token else None,
@@ -176,8 +178,8 @@ def create_app(settings: ControllerSettings) -> FastAPI:
 
     @app.get("/snapshot", response_model=Snapshot)
     async def snapshot(request: Request) -> Response:
-        """The whole table, for gateways that predate /table. Their WorkerLoad forbids fields
-        it does not know, so the loads leave out those added since (new gateways read /table)."""
+        # The whole table, for gateways that predate /table. Their WorkerLoad forbids fields
+        # it does not know, so the loads leave out those added since (new gateways read /table).
         body = _get_registry(request).snapshot().model_dump_json(exclude=_NEWER_LOAD_FIELDS)
         return Response(body, media_type="application/json")
 

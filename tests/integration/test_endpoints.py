@@ -53,10 +53,18 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterato
             return sum(w["state"] == "ready" for w in stack.workers()) == 3
 
         stack.wait_for(all_ready, "three workers", 400)
-        stack.wait_for(lambda: len(models(stack)) == 2, "the gateway to route both models", 30)
+        # The gateway follows the controller within a sync: wait until it routes all three
+        # too, or a test may meet a worker the gateway still thinks is starting.
+        stack.wait_for(lambda: routable(stack) == 3, "the gateway to route all three", 30)
         yield stack
     finally:
         stack.close()
+
+
+def routable(stack: Stack) -> int:
+    health = httpx.get(f"{stack.gateway_url}/health", timeout=5,
+                       headers={"Authorization": f"Bearer {API_KEY}"}).json()
+    return int(health.get("routable_workers", 0))
 
 
 def models(stack: Stack) -> dict[str, dict]:
