@@ -27,16 +27,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import itertools
 import json
 import os
-import random
 import shlex
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -46,155 +43,18 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.peers import peer_python  # noqa: E402
-from tests.integration.harness import API_KEY, MODEL_NAME, Service, Stack, free_port  # noqa: E402
+from bench.routing_load import Clients, closed_loop, conversations, open_loop  # noqa: E402
+from tests.integration.harness import (  # noqa: E402
+    API_KEY,
+    MODEL_NAME,
+    Service,
+    Stack,
+    free_port,
+    prefix_counters,
+)
 
 # One engine key for both workers, so vLLM's router (one --api-key) can reach both engines.
 ENGINE_KEY = "routing-bench-engine-key"
-
-WORDS = ("river mountain engine lantern copper violet harbor meadow signal orbit canyon "
-         "ember glacier thimble falcon quartz saddle willow marble cobalt").split()
-
-
-def _text(rng: random.Random, words: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(words))
-
-
-def conversations(args: argparse.Namespace) -> list[dict[str, Any]]:
-    rng = random.Random(args.seed)
-    systems = [f"You are assistant number {g}. Rules: " + _text(rng, args.system_words)
-               for g in range(args.groups)]
-    return [
-        {"system": systems[c % args.groups],
-         "turns": [f"Question {t} of conversation {c}: {_text(rng, 12)}?"
-                   for t in range(args.turns)]}
-        for c in range(args.conversations)
-    ]
-
-
-async def _turn(http: httpx.AsyncClient, url: str, key: str, model: str,
-                messages: list[dict[str, str]], max_tokens: int) -> tuple[float, str, int]:
-    started = time.monotonic()
-    ttft, text, tokens = 0.0, [], 0
-    body = {"model": model, "messages": messages, "max_tokens": max_tokens,
-            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
-    async with http.stream("POST", f"{url}/v1/chat/completions", json=body,
-                           headers={"Authorization": f"Bearer {key}"}) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            event = json.loads(line[6:])
-            if event.get("usage"):
-                tokens = event["usage"]["completion_tokens"]
-            for choice in event.get("choices") or []:
-                piece = choice.get("delta", {}).get("content")
-                if piece:
-                    ttft = ttft or time.monotonic() - started
-                    text.append(piece)
-    return ttft, "".join(text), tokens
-
-
-class Clients:
-    """The client side: one HTTP client, and the next router URL for each request."""
-
-    def __init__(self, urls: list[str], key: str) -> None:
-        self.urls, self.key = urls, key
-        self._next = 0
-
-    def url(self) -> str:
-        self._next += 1
-        return self.urls[self._next % len(self.urls)]
-
-
-async def _conversation(http: httpx.AsyncClient, clients: Clients, conv: dict[str, Any],
-                        args: argparse.Namespace, limit: asyncio.Semaphore | None,
-                        out: list[dict[str, float]]) -> int:
-    """The turns of one conversation, one after the other; the errors it met."""
-    history = [{"role": "system", "content": conv["system"]}]
-    for question in conv["turns"]:
-        history.append({"role": "user", "content": question})
-        sent = time.monotonic()
-        try:
-            if limit is None:
-                ttft, answer, n = await _turn(http, clients.url(), clients.key,
-                                              args.model_name, history, args.max_tokens)
-            else:
-                async with limit:
-                    sent = time.monotonic()
-                    ttft, answer, n = await _turn(http, clients.url(), clients.key,
-                                                  args.model_name, history, args.max_tokens)
-        except httpx.HTTPError:
-            return 1
-        out.append({"sent": sent, "ttft": ttft, "tokens": n})
-        history.append({"role": "assistant", "content": answer})
-    return 0
-
-
-def _quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * q))] if ordered else float("nan")
-
-
-def _ttfts(turns: list[dict[str, float]]) -> dict[str, float]:
-    ttfts = [t["ttft"] for t in turns]
-    return {f"ttft_{name}_ms": 1000 * _quantile(ttfts, q)
-            for name, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))}
-
-
-async def closed_loop(clients: Clients, convs: list[dict[str, Any]],
-                      args: argparse.Namespace) -> dict[str, Any]:
-    limit = asyncio.Semaphore(args.concurrency)
-    turns: list[dict[str, float]] = []
-    async with httpx.AsyncClient(timeout=600) as http:
-        started = time.monotonic()
-        errors = sum(await asyncio.gather(
-            *(_conversation(http, clients, c, args, limit, turns) for c in convs)))
-        wall = time.monotonic() - started
-    tokens = sum(t["tokens"] for t in turns)
-    return {"requests": len(turns), "errors": errors, "wall_s": wall,
-            "req_per_s": len(turns) / wall, "output_tok_per_s": tokens / wall, **_ttfts(turns)}
-
-
-async def open_loop(clients: Clients, convs: list[dict[str, Any]], args: argparse.Namespace,
-                    rate: float, seed: int) -> dict[str, Any]:
-    """Conversations start at Poisson times (rate / turns a second, so requests come at about
-    `rate`) for `args.duration` seconds; the steady state is what was sent after the warm-up."""
-    rng = random.Random(seed)
-    turns: list[dict[str, float]] = []
-    tasks = []
-    async with httpx.AsyncClient(timeout=600) as http:
-        started = time.monotonic()
-        at = 0.0  # the first arrives at once
-        for n in itertools.count():
-            conv = convs[n % len(convs)]
-            if n >= len(convs):  # a conversation again, with questions of its own
-                again = n // len(convs)
-                conv = {"system": conv["system"],
-                        "turns": [f"{q} (take {again})" for q in conv["turns"]]}
-            await asyncio.sleep(max(0.0, started + at - time.monotonic()))
-            tasks.append(asyncio.create_task(
-                _conversation(http, clients, conv, args, None, turns)))
-            at += rng.expovariate(rate / args.turns)
-            if at >= args.duration:
-                break
-        errors = sum(await asyncio.gather(*tasks))
-        wall = time.monotonic() - started
-    steady = [t for t in turns if args.warmup <= t["sent"] - started < args.duration]
-    return {"rate": rate, "requests": len(turns), "steady_requests": len(steady),
-            "errors": errors, "wall_s": wall, **_ttfts(steady)}
-
-
-def prefix_counters(stack: Stack) -> tuple[float, float]:
-    hits = queries = 0.0
-    for worker in stack.workers():
-        text = httpx.get(f"{worker['engine_url'].rstrip('/')}/metrics", timeout=10).text
-        for line in text.splitlines():
-            if line.startswith("vllm:prefix_cache_hits_total"):
-                hits += float(line.rsplit(" ", 1)[1])
-            elif line.startswith("vllm:prefix_cache_queries_total"):
-                queries += float(line.rsplit(" ", 1)[1])
-    return hits, queries
-
 
 def reset_caches(stack: Stack) -> None:
     for worker in stack.workers():

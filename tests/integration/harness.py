@@ -33,6 +33,19 @@ _CALLER_CREDENTIALS = ("FLEET_CLUSTER_TOKEN_FILE", "FLEET_READ_TOKEN", "FLEET_RE
                        "FLEET_SSL_CA_FILE")
 
 
+def prefix_counters(stack: Stack) -> tuple[float, float]:
+    """The engines' own prefix-cache hits and queries (tokens), summed over the stack's workers."""
+    hits = queries = 0.0
+    for worker in stack.workers():
+        text = httpx.get(f"{worker['engine_url'].rstrip('/')}/metrics", timeout=10).text
+        for line in text.splitlines():
+            if line.startswith("vllm:prefix_cache_hits_total"):
+                hits += float(line.rsplit(" ", 1)[1])
+            elif line.startswith("vllm:prefix_cache_queries_total"):
+                queries += float(line.rsplit(" ", 1)[1])
+    return hits, queries
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

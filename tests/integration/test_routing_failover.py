@@ -19,7 +19,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.integration.harness import API_KEY, MODEL_NAME, Stack, free_port
+from tests.integration.harness import API_KEY, MODEL_NAME, Stack, free_port, prefix_counters
 
 pytestmark = pytest.mark.integration
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -102,23 +102,10 @@ LIMITED_KEY = "sk-fleet-two-gateways-limited"
 LIMIT = 6
 
 
-def _prefix_counters(stack: Stack) -> tuple[float, float]:
-    """The engines' own prefix-cache hits and queries (tokens), summed over both."""
-    hits = queries = 0.0
-    for worker in stack.workers():
-        text = httpx.get(f"{worker['engine_url'].rstrip('/')}/metrics", timeout=10).text
-        for line in text.splitlines():
-            if line.startswith("vllm:prefix_cache_hits_total"):
-                hits += float(line.rsplit(" ", 1)[1])
-            elif line.startswith("vllm:prefix_cache_queries_total"):
-                queries += float(line.rsplit(" ", 1)[1])
-    return hits, queries
-
-
 def _conversations(stack: Stack, urls: list[str], tag: str) -> float:
     """Three system prompts, two conversations each, two turns each, every request through
     the next gateway in turn; returns the engines' prefix-cache hit rate over them."""
-    hits0, queries0 = _prefix_counters(stack)
+    hits0, queries0 = prefix_counters(stack)
     n = 0
     for group in range(3):
         system = f"[{tag}-{group}] You are assistant number {group}. " + " ".join(
@@ -136,7 +123,7 @@ def _conversations(stack: Stack, urls: list[str], tag: str) -> float:
                 messages += [{"role": "assistant",
                               "content": r.json()["choices"][0]["message"]["content"]},
                              {"role": "user", "content": "And another one?"}]
-    hits1, queries1 = _prefix_counters(stack)
+    hits1, queries1 = prefix_counters(stack)
     return (hits1 - hits0) / (queries1 - queries0)
 
 
