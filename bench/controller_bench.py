@@ -277,7 +277,10 @@ def main() -> None:
         args.workers, args.gateways, args.duration, args.warmup, args.connections = \
             200, 2, 3.0, 2.0, 10
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # The project first; what the caller's PYTHONPATH holds after it (the GPU machine's
+    # packages live in /root/site).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
     env.pop("FLEET_CLUSTER_TOKEN", None)
     cmd = [sys.executable, "-m", "controller", "--port", str(port), "--log-level", "warning",
            "--heartbeat-interval", str(args.heartbeat), "--expiry", str(args.heartbeat * 3)]
