@@ -107,14 +107,22 @@ class GatewaySettings(CliSettings, ControllerCredentials, ClientTLSSettings, Ser
         "model and declare or remove LoRA adapters.")
     lora_placement: str = Field(
         "demand", description="Where LoRA adapters are loaded: demand (where they are held, "
-        "else a free or least recently used slot; hot ones spread) or naive (on whichever "
-        "worker least-load picks).")
+        "else a free slot on the worker whose adapters draw the least demand, else in place of "
+        "the coldest idle one; hot ones spread) or naive (on whichever worker least-load "
+        "picks).")
     adapter_wait_timeout: float = Field(
         30.0, gt=0, description="Seconds a request may wait for its adapter to be loaded; "
         "then 503 with Retry-After.")
     adapter_spread_at: int = Field(
         4, ge=1, description="Requests in flight per copy of an adapter at which it is loaded "
-        "on one more worker.")
+        "on one more worker, in place of another adapter if need be.")
+    adapter_spread_free_at: int = Field(
+        2, ge=1, description="Requests in flight per copy of an adapter at which it is loaded "
+        "on one more worker that has a free slot for it (no adapter unloaded for it).")
+    adapter_batch_unaware: bool = Field(
+        False, description="Route an adapter's requests among the workers that hold it as if "
+        "every engine ran any number of adapters per step (by default a worker with a free "
+        "batch slot for it, --max-loras, comes first); for comparison.")
     adapter_shrink_after: float = Field(
         30.0, gt=0, description="Seconds idle after which a second (third, ...) copy of an "
         "adapter is unloaded.")

@@ -25,6 +25,9 @@ class LoraArgs:
     # use. None: LoRA is off.
     slots: int | None = None
     static: list[str] = field(default_factory=list)
+    # Distinct adapters one engine step may run (--max-loras); a request for another waits
+    # in the engine until one of those has nothing running.
+    batch_slots: int | None = None
 
 
 def _values(args: Sequence[str], flag: str) -> list[str]:
@@ -65,8 +68,8 @@ def parse_lora_args(args: Sequence[str]) -> LoraArgs:
     if slots < 1:
         raise ValueError(f"{MAX_LORAS} must be at least 1")
     held = _values(args, MAX_CPU_LORAS)
-    slots = max(slots, int(held[-1])) if held else slots
-    return LoraArgs(slots=slots, static=[_module_name(v) for v in _values(args, MODULES)])
+    return LoraArgs(slots=max(slots, int(held[-1])) if held else slots,
+                    static=[_module_name(v) for v in _values(args, MODULES)], batch_slots=slots)
 
 
 def adapters_in(models: object) -> list[str]:

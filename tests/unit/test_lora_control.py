@@ -22,13 +22,14 @@ BODY = {"source": "/adapters/sql", "base_model": "m"}
 @pytest.mark.parametrize("args, expected", [
     ([], LoraArgs()),
     (["--max-loras", "4"], LoraArgs()),  # not enabled: no slots
-    (["--enable-lora"], LoraArgs(slots=1)),
-    (["--enable-lora", "--max-loras", "2", "--max-lora-rank", "8"], LoraArgs(slots=2)),
+    (["--enable-lora"], LoraArgs(slots=1, batch_slots=1)),
+    (["--enable-lora", "--max-loras", "2", "--max-lora-rank", "8"], LoraArgs(slots=2, batch_slots=2)),
     (["--enable-lora", "--max-loras=3", "--lora-modules", "a=/x/a", "b=/x/b", "--foo"],
-     LoraArgs(slots=3, static=["a", "b"])),
+     LoraArgs(slots=3, static=["a", "b"], batch_slots=3)),
     (["--enable-lora", "--lora-modules", '{"name": "j", "path": "/x/j"}'],
-     LoraArgs(slots=1, static=["j"])),
-    (["--enable-lora", "--max-loras", "2", "--max-cpu-loras", "6"], LoraArgs(slots=6)),
+     LoraArgs(slots=1, static=["j"], batch_slots=1)),
+    (["--enable-lora", "--max-loras", "2", "--max-cpu-loras", "6"],
+     LoraArgs(slots=6, batch_slots=2)),  # 6 held, 2 per engine step
 ])
 def test_lora_settings_come_from_the_engine_arguments(args: list[str], expected: LoraArgs
                                                       ) -> None:
