@@ -114,8 +114,8 @@ class WorkerInfo(BaseModel):
     # None: LoRA is off.
     lora_slots: PositiveInt | None = None
     lora_batch_slots: PositiveInt | None = Field(
-        None, description="Distinct LoRA adapters one engine step runs (--max-loras); none: "
-        "not reported (as many as lora_slots).")
+        None, description="Distinct LoRA adapters one engine step runs (--max-loras), where "
+        "fewer than lora_slots; none: as many as lora_slots.")
     static_adapters: list[ModelName] = Field(
         default_factory=list, max_length=1024,
         description="Adapters the engine was started with (--lora-modules): never unloaded.")

@@ -143,7 +143,7 @@ class AdapterFleet:
                         for a in self.resident(wid)}
             pending = frozenset(a for (pw, a) in self._pending if pw == wid)
             views.append(Slots(wid, w.lora_slots or 0, load_score(w, table.inflight),
-                               resident, pending, w.lora_batch_slots or 0))
+                               resident, pending, w.lora_batch_slots or w.lora_slots or 0))
         return views
 
     def lost(self, worker_id: str, adapter: str) -> None:

@@ -25,8 +25,10 @@ class LoraArgs:
     # use. None: LoRA is off.
     slots: int | None = None
     static: list[str] = field(default_factory=list)
-    # Distinct adapters one engine step may run (--max-loras); a request for another waits
-    # in the engine until one of those has nothing running.
+    # Distinct adapters one engine step may run (--max-loras) where fewer than `slots`; a
+    # request for another waits in the engine until one of those has nothing running. None:
+    # as many as `slots` (and not reported, so that a controller from before the field still
+    # takes the registration).
     batch_slots: int | None = None
 
 
@@ -68,8 +70,9 @@ def parse_lora_args(args: Sequence[str]) -> LoraArgs:
     if slots < 1:
         raise ValueError(f"{MAX_LORAS} must be at least 1")
     held = _values(args, MAX_CPU_LORAS)
-    return LoraArgs(slots=max(slots, int(held[-1])) if held else slots,
-                    static=[_module_name(v) for v in _values(args, MODULES)], batch_slots=slots)
+    places = max(slots, int(held[-1])) if held else slots
+    return LoraArgs(slots=places, static=[_module_name(v) for v in _values(args, MODULES)],
+                    batch_slots=slots if slots < places else None)
 
 
 def adapters_in(models: object) -> list[str]:

@@ -22,12 +22,12 @@ BODY = {"source": "/adapters/sql", "base_model": "m"}
 @pytest.mark.parametrize("args, expected", [
     ([], LoraArgs()),
     (["--max-loras", "4"], LoraArgs()),  # not enabled: no slots
-    (["--enable-lora"], LoraArgs(slots=1, batch_slots=1)),
-    (["--enable-lora", "--max-loras", "2", "--max-lora-rank", "8"], LoraArgs(slots=2, batch_slots=2)),
+    (["--enable-lora"], LoraArgs(slots=1)),
+    (["--enable-lora", "--max-loras", "2", "--max-lora-rank", "8"], LoraArgs(slots=2)),
     (["--enable-lora", "--max-loras=3", "--lora-modules", "a=/x/a", "b=/x/b", "--foo"],
-     LoraArgs(slots=3, static=["a", "b"], batch_slots=3)),
+     LoraArgs(slots=3, static=["a", "b"])),
     (["--enable-lora", "--lora-modules", '{"name": "j", "path": "/x/j"}'],
-     LoraArgs(slots=1, static=["j"], batch_slots=1)),
+     LoraArgs(slots=1, static=["j"])),
     (["--enable-lora", "--max-loras", "2", "--max-cpu-loras", "6"],
      LoraArgs(slots=6, batch_slots=2)),  # 6 held, 2 per engine step
 ])
@@ -111,5 +111,10 @@ def test_a_worker_without_lora_sends_what_older_controllers_accept() -> None:
 
     body = Registration.model_validate(REG).model_dump(exclude_defaults=True)
     assert not {"lora_slots", "static_adapters", "adapters"} & set(body)
+    # A worker whose engine runs as many adapters per step as it holds sends only lora_slots,
+    # which the controllers that came with LoRA take.
+    with_lora = Registration.model_validate({**REG, "lora_slots": 2}).model_dump(
+        exclude_defaults=True)
+    assert "lora_slots" in with_lora and "lora_batch_slots" not in with_lora
     beat = Heartbeat.model_validate({"state": "ready"}).model_dump(exclude_defaults=True)
     assert "adapters" not in beat
