@@ -15,8 +15,8 @@ engine step); they differ in how many adapters a worker keeps in memory.
   `--max-loras 2 --max-cpu-loras N`: still 2 adapters per engine step, but N kept in memory,
   which vLLM swaps into its 2 batch slots itself from step to step (vLLM's own production
   setting for many adapters). held-naive: the same workers with naive placement.
-- held-unaware: held with `--adapter-batch-unaware`: demand placement, but an adapter's
-  requests go among its holders by load alone, not first where a batch slot is free for it.
+- held-aware: held with `--adapter-batch-aware`: an adapter's requests go first to a holder
+  whose engine has a batch slot free for it, not by load alone.
 - held-resident: the held workers given all 8 adapters at start (`--lora-modules`): 2 batch
   slots, nothing ever loaded; what the 2 batch slots alone cost against resident.
 - resident: `--max-loras 8`, all 8 adapters given to both engines at start (`--lora-modules`):
@@ -141,12 +141,12 @@ def unload_all(stack: Stack, names: list[str]) -> None:
 
 def start_gateway(stack: Stack, name: str, placement: str) -> str:
     port = free_port()
-    # "demand-unaware": demand placement routing as if engines had no batch-slot limit.
-    extra = ["--adapter-batch-unaware"] if placement == "demand-unaware" else []
+    # "demand-aware": demand placement, an adapter's requests first where a batch slot is free.
+    extra = ["--adapter-batch-aware"] if placement == "demand-aware" else []
     stack._spawn(name, ["-m", "gateway", "--port", str(port), "--controller-address",
                         stack.controller_url, "--api-keys", API_KEY, "--admin-api-keys",
                         ADMIN_KEY, "--sync-interval", "0.5", "--lora-placement",
-                        placement.removesuffix("-unaware"), *extra])
+                        placement.removesuffix("-aware"), *extra])
     url = f"http://127.0.0.1:{port}"
     stack.wait_for(lambda: httpx.get(f"{url}/health", headers=AUTH, timeout=5
                                      ).json()["routable_workers"] == 2, name, 60)
@@ -176,7 +176,7 @@ def _parse() -> argparse.Namespace:
                         "(--max-cpu-loras; --max-loras stays 2)")
     p.add_argument("--sides", default="demand,naive,held,held-naive,resident",
                    help="comma-separated, from: demand, naive (2 slots), held, held-naive "
-                        "(2 batch slots, HELD in memory), held-unaware, held-resident, "
+                        "(2 batch slots, HELD in memory), held-aware, held-resident, "
                         "resident")
     p.add_argument("--label", default="cpu")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -202,7 +202,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"lora-{args.label}-{dt.datetime.now():%Y%m%d-%H%M%S}.json"
     sides = args.sides.split(",")
-    unknown = set(sides) - {"demand", "naive", "held", "held-naive", "held-unaware",
+    unknown = set(sides) - {"demand", "naive", "held", "held-naive", "held-aware",
                             "held-resident", "resident"}
     if unknown:
         raise SystemExit(f"unknown sides: {sorted(unknown)}")
@@ -231,7 +231,7 @@ def main() -> None:
     # for it.
     groups = [(2, None, None, [("demand", "demand"), ("naive", "naive")]),
               (2, args.held, None, [(held, "demand"), (f"{held}-naive", "naive"),
-                                    (f"{held}-unaware", "demand-unaware")]),
+                                    (f"{held}-aware", "demand-aware")]),
               (2, args.held, adapters, [(f"{held}-resident", "demand")]),
               (args.adapters, None, adapters, [("resident", "demand")])]
     groups = [(slots, kept, static, [(side, placement) for side, placement in pair
@@ -255,7 +255,7 @@ def main() -> None:
           "failed |")
     print("|---|---|---|---|---|---|---|---|")
     means: dict[str, dict[str, float]] = {}
-    for side in ("demand", "naive", held, f"{held}-naive", f"{held}-unaware",
+    for side in ("demand", "naive", held, f"{held}-naive", f"{held}-aware",
                  f"{held}-resident", "resident"):
         mine = [r for r in runs if r["side"] == side]
         if not mine:

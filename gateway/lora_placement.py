@@ -120,14 +120,15 @@ class DemandPlacement:
 
     def __init__(self, *, spread_at: int = 4, spread_free_at: int = 2,
                  shrink_after: float = 30.0, spread_min_idle: float = 5.0,
-                 batch_aware: bool = True) -> None:
+                 batch_aware: bool = False) -> None:
         if spread_at < 1 or spread_free_at < 1:
             raise ValueError("spread_at and spread_free_at must be at least 1")
         self.spread_at = spread_at
         # A copy into a free slot costs a load and nothing else: it is made earlier.
         self.spread_free_at = min(spread_free_at, spread_at)
         self.shrink_after = shrink_after
-        # Prefer, among an adapter's holders, one whose engine has a batch slot for it.
+        # Prefer, among an adapter's holders, one whose engine has a batch slot for it (off by
+        # default: even with load alone on the CPU bench, bench/RESULTS.md).
         self.batch_aware = batch_aware
         # Spreading may push out another adapter only if that one has been idle this long, so
         # that two hot adapters do not take each other's slots in turn.

@@ -119,10 +119,10 @@ class GatewaySettings(CliSettings, ControllerCredentials, ClientTLSSettings, Ser
     adapter_spread_free_at: int = Field(
         2, ge=1, description="Requests in flight per copy of an adapter at which it is loaded "
         "on one more worker that has a free slot for it (no adapter unloaded for it).")
-    adapter_batch_unaware: bool = Field(
-        False, description="Route an adapter's requests among the workers that hold it as if "
-        "every engine ran any number of adapters per step (by default a worker with a free "
-        "batch slot for it, --max-loras, comes first); for comparison.")
+    adapter_batch_aware: bool = Field(
+        False, description="Among the workers that hold an adapter, send its requests first to "
+        "one whose engine has a batch slot (--max-loras) free for it; off: by load alone (on "
+        "the CPU bench the two are even).")
     adapter_shrink_after: float = Field(
         30.0, gt=0, description="Seconds idle after which a second (third, ...) copy of an "
         "adapter is unloaded.")

@@ -163,6 +163,7 @@ async def test_a_copys_heat_counts_its_requests_and_halves_each_half_life(fleet:
 async def test_a_held_adapter_goes_where_the_engine_has_a_batch_slot_for_it(fleet: tuple
                                                                             ) -> None:
     table, adapters, engines = fleet
+    adapters.policy = DemandPlacement(spread_at=100, batch_aware=True)
     ports = {w.worker_id: w.engine_url.port for w in table.snapshot.workers}
     snapshot = _snapshot(ports, ["x", "y"], generation=2)
     for w, held in zip(snapshot.workers, (["x", "y"], ["x"]), strict=True):

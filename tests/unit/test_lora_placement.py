@@ -80,12 +80,12 @@ def test_a_held_adapter_goes_first_where_a_batch_slot_is_free_for_it() -> None:
     blocked = Slots("a", 8, 0.0, {"x": Use(), "y": Use(inflight=1), "z": Use(inflight=1)},
                     batch_slots=2)
     running = Slots("b", 8, 5.0, {"x": Use(inflight=1), "y": Use(inflight=4)}, batch_slots=2)
-    decision = DemandPlacement().decide("x", [blocked, running], NOW)
+    aware = DemandPlacement(batch_aware=True)
+    decision = aware.decide("x", [blocked, running], NOW)
     assert decision.prefer == {"b"} and decision.load is None and not decision.wait
     # No preference where every holder (or none) can run it now, nor when told not to look.
-    assert DemandPlacement().decide("y", [blocked, running], NOW).prefer == frozenset()
-    assert DemandPlacement(batch_aware=False).decide("x", [blocked, running], NOW
-                                                     ).prefer == frozenset()
+    assert aware.decide("y", [blocked, running], NOW).prefer == frozenset()
+    assert DemandPlacement().decide("x", [blocked, running], NOW).prefer == frozenset()
 
 
 def test_nothing_is_unloaded_while_in_flight_or_static() -> None:
@@ -152,7 +152,8 @@ def _views(draw: st.DrawFn) -> list[Slots]:
     return views
 
 
-@given(_views(), st.sampled_from([DemandPlacement(spread_at=1), NaivePlacement()]))
+@given(_views(), st.sampled_from([DemandPlacement(spread_at=1, batch_aware=True),
+                                  NaivePlacement()]))
 def test_any_load_fits_the_slots_and_unloads_only_what_may_go(
         workers: list[Slots], policy: DemandPlacement | NaivePlacement) -> None:
     decision = policy.decide("x", workers, NOW)
