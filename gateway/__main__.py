@@ -14,6 +14,7 @@ from fleetcore.logs import setup_logging
 from gateway.app import create_app
 from gateway.asgi import GenerateRoutes
 from gateway.keys import KeysFileError
+from gateway.server import FleetHttpProtocol
 from gateway.settings import GatewaySettings
 
 
@@ -27,7 +28,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     config = uvicorn.Config(app, host=settings.host, port=settings.port,
                             log_level=settings.log_level, access_log=False, proxy_headers=False,
-                            **settings.uvicorn_ssl())
+                            http=FleetHttpProtocol, **settings.uvicorn_ssl())
     # The generation routes go first (gateway/asgi.py); the others get the proxy headers as
     # uvicorn would give them, from the addresses it trusts.
     # (uvicorn and Starlette type the same ASGI callables differently.)

@@ -78,9 +78,14 @@ class ClientWatch:
         self._task.cancel()
 
 
+class FinalChunk(bytes):
+    """The last bytes of a relayed stream: they go out with the end of the response, in one
+    write (a server writes the chunked terminator with a body message that has no more)."""
+
+
 class RelayResponse:
     """A streamed answer: the engine's bytes go to the client as they arrive, one ASGI message
-    each, with no task group around them.
+    each, with no task group around them. A `FinalChunk` from the body ends the response.
 
     `on_close` runs once the response is over, however it ended: it lets go of what the body
     would have let go of, had it begun (a body generator that never ran has no `finally`).
@@ -108,18 +113,24 @@ class RelayResponse:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
         raw.append((b"content-type", self.media_type.encode("latin-1")))
+        ended = False
         try:
             await send({"type": "http.response.start", "status": self.status_code,
                         "headers": raw})
             try:
                 async for chunk in self.body:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    if ended:  # nothing goes after the final chunk
+                        continue
+                    ended = type(chunk) is FinalChunk
+                    await send({"type": "http.response.body", "body": chunk,
+                                "more_body": not ended})
             finally:
                 with contextlib.suppress(Exception):
                     await self.body.aclose()  # type: ignore[attr-defined]
         finally:
             self._close()
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if not ended:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 class _Headers(Headers):

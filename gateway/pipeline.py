@@ -21,7 +21,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pydantic_core
 from fastapi import Request
@@ -180,7 +180,8 @@ class Pipeline:
                     ) -> Parsed:
         validation.check_headers(request, self._limits, self._session_header)
         routed.body = await validation.read_body(request, self._limits.max_body_bytes)
-        parsed = validation.parse(routed.body, schema)
+        routed.fields = validation.json_object(routed.body)
+        parsed = validation.validate(routed.fields, schema)
         routed.stream = bool(parsed.stream)
         return parsed
 
@@ -233,12 +234,17 @@ class Pipeline:
                           ask_usage: bool) -> None:
         """Whether another worker may continue this stream if its worker fails mid-answer;
         if so, the engine is asked for the answer's token ids (gateway/continuation.py).
-        The body is parsed and written again once, with the usage asked for too if need be."""
+        The fields it needs are added to the body as it came, with the usage asked for too if
+        need be."""
         if not ask_usage and not self._continue:
             return
-        data = pydantic_core.from_json(routed.body)
+        fields = routed.fields if routed.fields is not None else validation.json_object(
+            routed.body)
+        data = fields
+        added: dict[str, Any] = {}
         if ask_usage:
             data = with_usage(data)
+            added["stream_options"] = data["stream_options"]
         plan = continuation.plan(routed.path, data, request.headers.get(OPT_OUT_HEADER),
                                  self._continue)
         if isinstance(plan, str):
@@ -246,9 +252,9 @@ class Pipeline:
         else:
             routed.resume = plan
             if not plan.keep_ids:
-                data = {**data, "return_token_ids": True}
-        if ask_usage or routed.resume is not None:
-            routed.body = pydantic_core.to_json(data)
+                added["return_token_ids"] = True
+        if added:
+            routed.body = validation.with_fields(routed.body, fields, added)
 
     async def place(self, routed: RoutedRequest) -> None:
         """A request naming a LoRA adapter waits until a worker it may go to holds it. The

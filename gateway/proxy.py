@@ -33,7 +33,7 @@ from fleetcore.errors import (
     GatewayTimeoutError,
     ServiceUnavailableError,
 )
-from gateway.asgi import ClientGone, ClientWatch, RelayResponse
+from gateway.asgi import ClientGone, ClientWatch, FinalChunk, RelayResponse
 from gateway.continuation import StreamTrack
 from gateway.engine_client import (
     Endpoint,
@@ -58,6 +58,7 @@ logger = logging.getLogger(__name__)
 
 RETRY_STATUSES = frozenset({502, 503, 504})
 _TAIL_BYTES = 4096
+_SSE_DONE = b"data: [DONE]\n\n"  # the last event of an OpenAI stream
 
 
 def sse_error_event(message: str, code: str = "upstream_error") -> bytes:
@@ -310,10 +311,23 @@ class Proxy:
                     if not chunk:
                         continue
                 previous, last = last, chunk
+                if track.done if track is not None else chunk.endswith(_SSE_DONE):
+                    break
                 yield chunk
-            if track is not None and not track.done:
-                raise EngineBroke("the engine closed the stream before [DONE]")
+            else:
+                if track is not None and not track.done:
+                    raise EngineBroke("the engine closed the stream before [DONE]")
+                outcome = Outcome.DONE
+                return
+            # [DONE]: the client's answer is whole once this goes out, together with the
+            # response's end. From here a client that leaves is no news, and what is left of
+            # the engine's answer (the end of its body) only frees the connection.
+            watch.close()
+            yield FinalChunk(chunk)
             outcome = Outcome.DONE
+            with contextlib.suppress(EngineError):  # an unfinished one is not kept for reuse
+                while await read_chunk():
+                    pass
         except EngineError as exc:
             if watch.gone:
                 # We closed the engine's connection because the client left: not the worker's

@@ -38,6 +38,7 @@ class RoutedRequest:
     model: str = "unknown"  # the metrics label: a served model's name, or "unknown"
     caller: Caller = ANONYMOUS
     body: bytes = b""  # read whole, as a JSON request is: sent as it came
+    fields: dict[str, Any] | None = None  # a JSON body, parsed (not to be changed)
     upload: AsyncIterable[bytes] | None = None  # or a body streamed through as it arrives
     content_type: str = "application/json"
     stream: bool = False

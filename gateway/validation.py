@@ -103,6 +103,11 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
 
 def parse(body: bytes, schema: type[Model]) -> Model:
     """The body as `schema`: 400 for empty, non-JSON, non-object or wrongly typed input."""
+    return validate(json_object(body), schema)
+
+
+def json_object(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object: 400 for empty, non-JSON or non-object input."""
     if not body:
         raise InvalidRequestError("The request body is empty; expected a JSON object.")
     try:
@@ -111,10 +116,27 @@ def parse(body: bytes, schema: type[Model]) -> Model:
         raise InvalidRequestError(f"The request body is not valid JSON: {exc}.") from None
     if not isinstance(data, dict):
         raise InvalidRequestError("The request body must be a JSON object.")
+    return data
+
+
+def validate(data: dict[str, Any], schema: type[Model]) -> Model:
+    """A parsed body as `schema`: 400 for wrongly typed input."""
     try:
         return schema.model_validate(data)
     except ValidationError as exc:
         raise validation_error(exc) from None
+
+
+def with_fields(body: bytes, data: dict[str, Any], added: dict[str, Any]) -> bytes:
+    """`body` (the JSON object `data`) with the fields of `added` set.
+
+    Fields it lacks are written in before its closing brace (a JSON object's last `}` closes
+    it), so the rest goes to the engine byte for byte and nothing is encoded again; a field
+    it has already is replaced, by writing the whole body anew."""
+    if not data or any(name in data for name in added):
+        return pydantic_core.to_json({**data, **added})
+    end = body.rindex(b"}")
+    return b"".join((body[:end], b",", pydantic_core.to_json(added)[1:-1], body[end:]))
 
 
 def _refuse(param: str, message: str, code: str = "limit_exceeded") -> None:
