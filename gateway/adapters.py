@@ -8,8 +8,9 @@ starts at most one load per adapter at a time (single-flight: many requests arri
 cause one load), and makes the request wait for it, bounded by `wait_timeout` (then 503 with
 Retry-After). The routing table then routes it among the workers that hold the adapter.
 
-An adapter is unloaded only with nothing of it in flight: to make room for another (the least
-recently used), to shrink a cold copy, or because it left the catalogue.
+An adapter is unloaded only with nothing of it in flight: to make room for another (the
+coldest: fewest requests lately, `heat`, then least recently used), to shrink a cold copy, or
+because it left the catalogue.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Where LoRA adapters go: placement policies, pure logic over a view of the workers' slots.
 
 A policy sees, for one base model, each routable worker's adapter slots (what it holds, what is
-in flight on each, when each was last used) and decides, for a request naming an adapter,
-whether to load it somewhere and whether the request must wait for that load:
+in flight on each, when each was last used and how many requests it drew lately) and decides,
+for a request naming an adapter, whether to load it somewhere and whether the request must
+wait for that load:
 
 - `DemandPlacement` (the default): route to the workers that hold the adapter; if none does,
   load it on the worker with a free slot whose adapters draw the least demand (then the least
