@@ -3,23 +3,31 @@ against loading wherever the first request lands.
 
 Two workers (one CPU core each, demo model) serve 8 adapters made on the spot
 (tests/lora_adapters.py). Requests name an adapter drawn from a Zipf law (the first adapter the
-hottest), `--concurrency` at a time, each asking for exactly `--max-tokens` tokens.
+hottest), `--concurrency` at a time, each asking for exactly `--max-tokens` tokens. Every side
+but resident has 2 batch slots per worker (`--max-loras 2`: at most 2 distinct adapters in one
+engine step); they differ in how many adapters a worker keeps in memory.
 
-- demand: `--max-loras 2` per worker, the gateway's default placement (`--lora-placement
-  demand`): an adapter goes where it is held, else into a free or least recently used slot, and
-  spreads when hot.
+- demand: `--max-loras 2` and nothing more: 2 adapters held per worker, the gateway's default
+  placement (`--lora-placement demand`).
 - naive: the same workers, `--lora-placement naive`: least-load picks a worker for each request,
   which loads the adapter if it lacks it (the baseline of "load wherever it lands").
+- held (heldN, N = `--held`, default 8): demand placement on workers started with
+  `--max-loras 2 --max-cpu-loras N`: still 2 adapters per engine step, but N kept in memory,
+  which vLLM swaps into its 2 batch slots itself from step to step (vLLM's own production
+  setting for many adapters). held-naive: the same workers with naive placement.
+- held-aware: held with `--adapter-batch-aware`: an adapter's requests go first to a holder
+  whose engine has a batch slot free for it, not by load alone.
+- held-resident: the held workers given all 8 adapters at start (`--lora-modules`): 2 batch
+  slots, nothing ever loaded; what the 2 batch slots alone cost against resident.
 - resident: `--max-loras 8`, all 8 adapters given to both engines at start (`--lora-modules`):
-  nothing is ever loaded; the upper bound.
-- held4 (with `--held 4`): demand placement on workers with `--max-loras 2 --max-cpu-loras 4`:
-  still 2 adapters per batch, but 4 kept in memory, which vLLM swaps into its 2 slots per step.
+  8 batch slots, nothing ever loaded; the upper bound.
 
-demand and naive run on the same engines, in A-B-B-A order, all adapters unloaded between runs;
-then the workers restart with 8 slots for the two resident runs. Each run has its own gateway.
+Each worker configuration runs on workers started for it, in A-B-C-C-B-A order over the
+configurations (`--repeats 2`), and the two placements on one configuration in A-B-B-A order,
+all adapters unloaded between runs. Each run has its own gateway.
 
-    .venv/bin/python bench/lora_bench.py
-    .venv/bin/python bench/lora_bench.py --requests 48 --repeats 1   # a quick look
+    .venv/bin/python bench/lora_bench.py                  # every side, twice (~15 min, 2 cores)
+    .venv/bin/python bench/lora_bench.py --sides held,resident --requests 48 --repeats 1
 """
 
 from __future__ import annotations
@@ -133,9 +141,12 @@ def unload_all(stack: Stack, names: list[str]) -> None:
 
 def start_gateway(stack: Stack, name: str, placement: str) -> str:
     port = free_port()
+    # "demand-aware": demand placement, an adapter's requests first where a batch slot is free.
+    extra = ["--adapter-batch-aware"] if placement == "demand-aware" else []
     stack._spawn(name, ["-m", "gateway", "--port", str(port), "--controller-address",
                         stack.controller_url, "--api-keys", API_KEY, "--admin-api-keys",
-                        ADMIN_KEY, "--sync-interval", "0.5", "--lora-placement", placement])
+                        ADMIN_KEY, "--sync-interval", "0.5", "--lora-placement",
+                        placement.removesuffix("-aware"), *extra])
     url = f"http://127.0.0.1:{port}"
     stack.wait_for(lambda: httpx.get(f"{url}/health", headers=AUTH, timeout=5
                                      ).json()["routable_workers"] == 2, name, 60)
@@ -160,8 +171,13 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent s")
     p.add_argument("--repeats", type=int, default=2, help="runs per side (A-B-B-A order)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--held", type=int, default=0,
-                   help="also run demand with --max-cpu-loras HELD (0: not)")
+    p.add_argument("--held", type=int, default=8,
+                   help="adapters each worker keeps in memory for the held sides "
+                        "(--max-cpu-loras; --max-loras stays 2)")
+    p.add_argument("--sides", default="demand,naive,held,held-naive,resident",
+                   help="comma-separated, from: demand, naive (2 slots), held, held-naive "
+                        "(2 batch slots, HELD in memory), held-aware, held-resident, "
+                        "resident")
     p.add_argument("--label", default="cpu")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     return p.parse_args()
@@ -185,16 +201,20 @@ def main() -> None:
               "runs": runs}
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"lora-{args.label}-{dt.datetime.now():%Y%m%d-%H%M%S}.json"
-    order = (["demand", "naive", "naive", "demand"] * args.repeats)[:2 * args.repeats]
-    if args.repeats == 1:
-        order = ["demand", "naive"]
+    sides = args.sides.split(",")
+    unknown = set(sides) - {"demand", "naive", "held", "held-naive", "held-aware",
+                            "held-resident", "resident"}
+    if unknown:
+        raise SystemExit(f"unknown sides: {sorted(unknown)}")
     warm = zipf_sequence(names, 8, args.zipf, args.seed + 99)
+    counter = iter(range(1000))
 
-    def measure(side: str, placement: str, number: int) -> None:
+    def measure(side: str, placement: str) -> None:
+        number = next(counter)
         url = start_gateway(stack, f"gw-{side}-{number}", placement)
         declare(url, adapters)
         asyncio.run(run_traffic(url, warm, args))  # first-request costs, then forgotten
-        if side != "resident":
+        if not side.endswith("resident"):
             unload_all(stack, names)
         stack.stop(f"gw-{side}-{number}")
         url = start_gateway(stack, f"gw-{side}-{number}b", placement)
@@ -206,36 +226,56 @@ def main() -> None:
         path.write_text(json.dumps(record, indent=2) + "\n")
         print(json.dumps(result), flush=True)
 
+    held = f"held{args.held}"
+    # (slots, held, static, the sides those workers serve): each group on workers started
+    # for it.
+    groups = [(2, None, None, [("demand", "demand"), ("naive", "naive")]),
+              (2, args.held, None, [(held, "demand"), (f"{held}-naive", "naive"),
+                                    (f"{held}-aware", "demand-aware")]),
+              (2, args.held, adapters, [(f"{held}-resident", "demand")]),
+              (args.adapters, None, adapters, [("resident", "demand")])]
+    groups = [(slots, kept, static, [(side, placement) for side, placement in pair
+                                     if side.replace(held, "held") in sides])
+              for slots, kept, static, pair in groups]
+    groups = [g for g in groups if g[3]]
     try:
         stack.start_controller()
-        start_workers(stack, args, slots=2, static=None)
-        for number, side in enumerate(order):
-            measure(side, side, number)
-        stop_workers(stack)
-        if args.held:
-            start_workers(stack, args, slots=2, static=None, held=args.held)
-            for number in range(args.repeats):
-                measure(f"held{args.held}", "demand", len(order) + 10 + number)
-            stop_workers(stack)
-        start_workers(stack, args, slots=args.adapters, static=adapters)
-        for number in range(args.repeats):
-            measure("resident", "demand", len(order) + number)
+        # A-B-C-C-B-A over the worker configurations, and A-B-B-A within each: the machine's
+        # drift is shared out evenly.
+        for repeat in range(args.repeats):
+            forward = repeat % 2 == 0
+            for slots, kept, static, pair in groups if forward else groups[::-1]:
+                start_workers(stack, args, slots=slots, held=kept, static=static)
+                for side, placement in pair if forward else pair[::-1]:
+                    measure(side, placement)
+                stop_workers(stack)
     finally:
         stack.close()
     print("\n| side | runs | req/s | out tok/s | latency p50 s | p99 s | adapter loads | "
           "failed |")
     print("|---|---|---|---|---|---|---|---|")
-    for side in ("demand", "naive", f"held{args.held}", "resident"):
+    means: dict[str, dict[str, float]] = {}
+    for side in ("demand", "naive", held, f"{held}-naive", f"{held}-aware",
+                 f"{held}-resident", "resident"):
         mine = [r for r in runs if r["side"] == side]
         if not mine:
             continue
-        mean = {k: sum(r[k] for r in mine) / len(mine) for k in (
+        mean = means[side] = {k: sum(r[k] for r in mine) / len(mine) for k in (
             "req_per_s", "output_tok_per_s", "latency_p50_s", "latency_p99_s",
             "adapter_loads")}
         failed = sum(r["requests"] - r["ok"] for r in mine)
         print(f"| {side} | {len(mine)} | {mean['req_per_s']:.2f} | "
               f"{mean['output_tok_per_s']:.1f} | {mean['latency_p50_s']:.2f} | "
               f"{mean['latency_p99_s']:.2f} | {mean['adapter_loads']:.1f} | {failed} |")
+    # The goals: throughput against resident, loads against naive placement.
+    for side in ("demand", held):
+        if side in means and "resident" in means:
+            print(f"{side}: {means[side]['req_per_s'] / means['resident']['req_per_s']:.2f} "
+                  "of resident's req/s")
+        for base in ("naive", f"{held}-naive"):
+            if side in means and base in means and means[base]["adapter_loads"]:
+                print(f"{side}: {means[side]['adapter_loads'] / means[base]['adapter_loads']:.2f}"
+                      f" of {base}'s adapter loads")
     print(f"wrote {path}")
 
 

@@ -110,8 +110,12 @@ class WorkerInfo(BaseModel):
     kv_cache_url: HttpUrl | None = Field(
         None, description="The worker's own URL whose /kv-cache tells gateways what its "
         "engine's prefix cache holds (read with the engine's API key); none: not published.")
-    # LoRA: how many adapters the engine runs at once (--max-loras); None: LoRA is off.
+    # LoRA: how many adapters the engine holds at once (--max-cpu-loras, else --max-loras);
+    # None: LoRA is off.
     lora_slots: PositiveInt | None = None
+    lora_batch_slots: PositiveInt | None = Field(
+        None, description="Distinct LoRA adapters one engine step runs (--max-loras), where "
+        "fewer than lora_slots; none: as many as lora_slots.")
     static_adapters: list[ModelName] = Field(
         default_factory=list, max_length=1024,
         description="Adapters the engine was started with (--lora-modules): never unloaded.")

@@ -8,8 +8,9 @@ starts at most one load per adapter at a time (single-flight: many requests arri
 cause one load), and makes the request wait for it, bounded by `wait_timeout` (then 503 with
 Retry-After). The routing table then routes it among the workers that hold the adapter.
 
-An adapter is unloaded only with nothing of it in flight: to make room for another (the least
-recently used), to shrink a cold copy, or because it left the catalogue.
+An adapter is unloaded only with nothing of it in flight: to make room for another (the
+coldest: fewest requests lately, `heat`, then least recently used), to shrink a cold copy, or
+because it left the catalogue.
 """
 
 from __future__ import annotations
@@ -44,12 +45,14 @@ class AdapterLoadFailed(RuntimeError):
 class AdapterFleet:
     def __init__(self, table: RoutingTable, policy: PlacementPolicy, *, wait_timeout: float,
                  hold: float = 10.0, failure_backoff: float = 5.0,
+                 heat_half_life: float = 30.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._table = table
         self.policy = policy
         self.wait_timeout = wait_timeout
         self._hold = hold
         self._failure_backoff = failure_backoff
+        self._heat_half_life = heat_half_life
         self._clock = clock
         self.session: aiohttp.ClientSession | None = None  # set by the gateway's lifespan
         self.catalogue: dict[str, AdapterSpec] = {}
@@ -60,6 +63,8 @@ class AdapterFleet:
         # for `hold` seconds.
         self._local: dict[tuple[str, str], tuple[bool, float]] = {}
         self._last_used: dict[tuple[str, str], float] = {}
+        # Requests sent to each copy, decayed with `heat_half_life`: (count, as of when).
+        self._heat: dict[tuple[str, str], tuple[float, float]] = {}
         self._pending: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._failed: dict[str, tuple[str, float]] = {}
         self._changed = asyncio.Event()
@@ -80,6 +85,7 @@ class AdapterFleet:
         self._base_of_held = {a: w.model_names[0] for w in snapshot.workers
                               for a in w.static_adapters}
         self._last_used = {k: v for k, v in self._last_used.items() if k[0] in self._reported}
+        self._heat = {k: v for k, v in self._heat.items() if k[0] in self._reported}
         for wid, held in self._reported.items():
             for adapter in held:
                 # A copy this gateway has not used counts as used when first seen: it is not
@@ -126,6 +132,7 @@ class AdapterFleet:
 
     def _slots(self, base: str) -> list[Slots]:
         table = self._table
+        now = self._clock()
         workers = [w for w in table.models().get(base, []) if w.lora_slots]
         views = []
         for w in workers:
@@ -133,11 +140,11 @@ class AdapterFleet:
             static = self._static.get(wid, set())
             resident = {a: Use(inflight=table.inflight_models[(wid, a)],
                                last_used=self._last_used.get((wid, a), 0.0),
-                               static=a in static)
+                               heat=self.heat(wid, a, now), static=a in static)
                         for a in self.resident(wid)}
             pending = frozenset(a for (pw, a) in self._pending if pw == wid)
             views.append(Slots(wid, w.lora_slots or 0, load_score(w, table.inflight),
-                               resident, pending))
+                               resident, pending, w.lora_batch_slots or w.lora_slots or 0))
         return views
 
     def lost(self, worker_id: str, adapter: str) -> None:
@@ -147,7 +154,14 @@ class AdapterFleet:
 
     def touch(self, worker_id: str, adapter: str) -> None:
         """A request for `adapter` was sent to the worker: it is recently used there."""
-        self._last_used[(worker_id, adapter)] = self._clock()
+        now = self._clock()
+        self._last_used[(worker_id, adapter)] = now
+        self._heat[(worker_id, adapter)] = (self.heat(worker_id, adapter, now) + 1.0, now)
+
+    def heat(self, worker_id: str, adapter: str, now: float) -> float:
+        """Requests sent to this copy lately, each counting half after `heat_half_life`."""
+        count, when = self._heat.get((worker_id, adapter), (0.0, now))
+        return float(count * 0.5 ** (max(0.0, now - when) / self._heat_half_life))
 
     # --- placing ---
 
@@ -177,6 +191,7 @@ class AdapterFleet:
             if not decision.wait:
                 if decision.pin is not None:
                     route.worker_id = decision.pin
+                route.prefer = decision.prefer
                 return
             if not workers:
                 raise ServiceUnavailableError(
@@ -254,6 +269,7 @@ class AdapterFleet:
                                     missing_ok=True)
         finally:
             self._last_used.pop((worker_id, adapter), None)
+            self._heat.pop((worker_id, adapter), None)
         self.unloads[(adapter, reason)] += 1
         logger.info("adapter unloaded adapter=%s worker=%s reason=%s", adapter, worker_id,
                     reason)

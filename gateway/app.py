@@ -89,6 +89,8 @@ def _policy(name: str, views: KvViews) -> RoutingPolicy:
 def _placement(settings: GatewaySettings) -> PlacementPolicy:
     if settings.lora_placement == DemandPlacement.name:
         return DemandPlacement(spread_at=settings.adapter_spread_at,
+                               spread_free_at=settings.adapter_spread_free_at,
+                               batch_aware=settings.adapter_batch_aware,
                                shrink_after=settings.adapter_shrink_after)
     return PLACEMENTS[settings.lora_placement]()
 

@@ -40,6 +40,8 @@ class RouteRequest:
     path: str | None = None  # the engine endpoint; None: any worker of the model
     worker_id: str | None = None  # only this worker (it holds what the request is about)
     adapter: str | None = None  # the LoRA adapter it names (then `model` is that adapter)
+    # Among the workers it may go to, these first if any of them can take it now.
+    prefer: frozenset[str] = frozenset()
     render_prompt: Callable[[], str] = field(default=lambda: "", repr=False)
     prompt_ids: PromptIds | None = field(default=None, repr=False)
     _ids: dict[int, list[int] | None] = field(default_factory=dict, repr=False)

@@ -302,6 +302,8 @@ class RoutingTable:
             candidates = [w for w in candidates if self.inflight[w.worker_id] < cap]
             if not candidates:
                 return None
+        if request.prefer:
+            candidates = [w for w in candidates if w.worker_id in request.prefer] or candidates
         inflight: Mapping[str, int] = self.inflight
         if self.remote_inflight:
             inflight = _FleetInflight(self.inflight, self.remote_inflight)

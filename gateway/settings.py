@@ -107,14 +107,22 @@ class GatewaySettings(CliSettings, ControllerCredentials, ClientTLSSettings, Ser
         "model and declare or remove LoRA adapters.")
     lora_placement: str = Field(
         "demand", description="Where LoRA adapters are loaded: demand (where they are held, "
-        "else a free or least recently used slot; hot ones spread) or naive (on whichever "
-        "worker least-load picks).")
+        "else a free slot on the worker whose adapters draw the least demand, else in place of "
+        "the coldest idle one; hot ones spread) or naive (on whichever worker least-load "
+        "picks).")
     adapter_wait_timeout: float = Field(
         30.0, gt=0, description="Seconds a request may wait for its adapter to be loaded; "
         "then 503 with Retry-After.")
     adapter_spread_at: int = Field(
         4, ge=1, description="Requests in flight per copy of an adapter at which it is loaded "
-        "on one more worker.")
+        "on one more worker, in place of another adapter if need be.")
+    adapter_spread_free_at: int = Field(
+        2, ge=1, description="Requests in flight per copy of an adapter at which it is loaded "
+        "on one more worker that has a free slot for it (no adapter unloaded for it).")
+    adapter_batch_aware: bool = Field(
+        False, description="Among the workers that hold an adapter, send its requests first to "
+        "one whose engine has a batch slot (--max-loras) free for it; off: by load alone (on "
+        "the CPU bench the two are even).")
     adapter_shrink_after: float = Field(
         30.0, gt=0, description="Seconds idle after which a second (third, ...) copy of an "
         "adapter is unloaded.")

@@ -25,6 +25,11 @@ class LoraArgs:
     # use. None: LoRA is off.
     slots: int | None = None
     static: list[str] = field(default_factory=list)
+    # Distinct adapters one engine step may run (--max-loras) where fewer than `slots`; a
+    # request for another waits in the engine until one of those has nothing running. None:
+    # as many as `slots` (and not reported, so that a controller from before the field still
+    # takes the registration).
+    batch_slots: int | None = None
 
 
 def _values(args: Sequence[str], flag: str) -> list[str]:
@@ -65,8 +70,9 @@ def parse_lora_args(args: Sequence[str]) -> LoraArgs:
     if slots < 1:
         raise ValueError(f"{MAX_LORAS} must be at least 1")
     held = _values(args, MAX_CPU_LORAS)
-    slots = max(slots, int(held[-1])) if held else slots
-    return LoraArgs(slots=slots, static=[_module_name(v) for v in _values(args, MODULES)])
+    places = max(slots, int(held[-1])) if held else slots
+    return LoraArgs(slots=places, static=[_module_name(v) for v in _values(args, MODULES)],
+                    batch_slots=slots if slots < places else None)
 
 
 def adapters_in(models: object) -> list[str]:

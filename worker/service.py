@@ -107,6 +107,7 @@ class Worker:
             chat_template=self.chat_template,
             kv_cache_url=HttpUrl(self.kv_cache_url) if self.kv_index is not None else None,
             lora_slots=self.lora.slots,
+            lora_batch_slots=self.lora.batch_slots,
             static_adapters=self.lora.static,
             adapters=self.adapters,
             state=self.state,

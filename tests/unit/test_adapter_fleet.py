@@ -139,6 +139,52 @@ async def test_full_slots_evict_the_least_recently_used_idle_adapter(fleet: tupl
     assert ("x", "evict") not in adapters.unloads
 
 
+async def test_a_copys_heat_counts_its_requests_and_halves_each_half_life(fleet: tuple
+                                                                         ) -> None:
+    table, adapters, engines = fleet
+    now = [0.0]
+    adapters._clock = lambda: now[0]
+    adapters._heat_half_life = 10.0
+    await adapters.ensure(RouteRequest(model="x"))
+    (holder, _), = engines.loads()
+    for _ in range(4):
+        (await table.acquire(RouteRequest(model="x", adapter="x"))).settle(Outcome.DONE)
+    assert adapters.heat(holder, "x", 0.0) == pytest.approx(4.0)
+    now[0] = 10.0
+    (await table.acquire(RouteRequest(model="x", adapter="x"))).settle(Outcome.DONE)
+    assert adapters.heat(holder, "x", 20.0) == pytest.approx(1.5)
+    # What placement sees is the same figure, and an unload forgets it.
+    view, = [w for w in adapters._slots("m") if w.worker_id == holder]
+    assert view.resident["x"].heat == pytest.approx(3.0)
+    await adapters._unload(holder, "x", "evict")
+    assert adapters.heat(holder, "x", 20.0) == 0.0
+
+
+async def test_a_held_adapter_goes_where_the_engine_has_a_batch_slot_for_it(fleet: tuple
+                                                                            ) -> None:
+    table, adapters, engines = fleet
+    adapters.policy = DemandPlacement(spread_at=100, batch_aware=True)
+    ports = {w.worker_id: w.engine_url.port for w in table.snapshot.workers}
+    snapshot = _snapshot(ports, ["x", "y"], generation=2)
+    for w, held in zip(snapshot.workers, (["x", "y"], ["x"]), strict=True):
+        w.lora_slots, w.lora_batch_slots, w.adapters = 2, 1, held
+    table.update(snapshot)
+    # w0 runs y in its one batch slot; w1 runs x twice: least load alone would pick w0.
+    leases = [await table.acquire(RouteRequest(model="y", adapter="y", worker_id="w0"))]
+    leases += [await table.acquire(RouteRequest(model="x", adapter="x", worker_id="w1"))
+               for _ in range(2)]
+    route = RouteRequest(model="x")
+    await adapters.ensure(route)
+    assert route.prefer == {"w1"} and not engines.loads()
+    lease = await table.acquire(route)
+    assert lease.worker_id == "w1"
+    for held in (*leases, lease):
+        held.settle(Outcome.DONE)
+    route = RouteRequest(model="x")
+    await adapters.ensure(route)  # nothing runs now: no preference, least load decides
+    assert route.prefer == frozenset()
+
+
 async def test_a_request_waits_a_bounded_time_when_no_slot_can_be_had(fleet: tuple) -> None:
     table, adapters, engines = fleet
     leases = []

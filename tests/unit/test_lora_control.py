@@ -28,7 +28,8 @@ BODY = {"source": "/adapters/sql", "base_model": "m"}
      LoraArgs(slots=3, static=["a", "b"])),
     (["--enable-lora", "--lora-modules", '{"name": "j", "path": "/x/j"}'],
      LoraArgs(slots=1, static=["j"])),
-    (["--enable-lora", "--max-loras", "2", "--max-cpu-loras", "6"], LoraArgs(slots=6)),
+    (["--enable-lora", "--max-loras", "2", "--max-cpu-loras", "6"],
+     LoraArgs(slots=6, batch_slots=2)),  # 6 held, 2 per engine step
 ])
 def test_lora_settings_come_from_the_engine_arguments(args: list[str], expected: LoraArgs
                                                       ) -> None:
@@ -110,5 +111,10 @@ def test_a_worker_without_lora_sends_what_older_controllers_accept() -> None:
 
     body = Registration.model_validate(REG).model_dump(exclude_defaults=True)
     assert not {"lora_slots", "static_adapters", "adapters"} & set(body)
+    # A worker whose engine runs as many adapters per step as it holds sends only lora_slots,
+    # which the controllers that came with LoRA take.
+    with_lora = Registration.model_validate({**REG, "lora_slots": 2}).model_dump(
+        exclude_defaults=True)
+    assert "lora_slots" in with_lora and "lora_batch_slots" not in with_lora
     beat = Heartbeat.model_validate({"state": "ready"}).model_dump(exclude_defaults=True)
     assert "adapters" not in beat
