@@ -411,3 +411,18 @@ def test_gateway_replicas_share_state_through_the_redis_service(overlay: str) ->
     policy = _one(overlay, "NetworkPolicy", "fleet-redis")
     assert policy["spec"]["ingress"][0]["from"] == [
         {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "fleet-gateway"}}}]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_controller_keeps_the_adapters_on_a_persistent_volume(overlay: str) -> None:
+    """The fleet's declared LoRA adapters survive the controller's pod (issue 22)."""
+    deployment = _one(overlay, "Deployment", "fleet-controller")
+    controller = _container(deployment, "controller")
+    path = Path(_flags(controller["args"])["--adapters-file"])
+    pod = deployment["spec"]["template"]["spec"]
+    (mount,) = [m for m in controller["volumeMounts"] if path.is_relative_to(m["mountPath"])]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    claim = _one(overlay, "PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"  # one writer at a time
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]

@@ -266,3 +266,12 @@ def test_instance_files_set_only_real_settings_and_no_port_or_id(path: Path) -> 
     assert not set(env) & {"FLEET_CLUSTER_TOKEN", "FLEET_WORKER_PORT",
                            "FLEET_WORKER_ENGINE_PORT", "FLEET_WORKER_WORKER_ID"}
     assert "FLEET_WORKER_MODEL" in env
+
+
+def test_the_controller_keeps_the_adapters_in_its_state_directory() -> None:
+    """The fleet's declared LoRA adapters survive a restart, in the one place the hardened unit
+    may write (issue 22)."""
+    service = _service("fleet-controller.service")
+    command = _last(service, "ExecStart").split()
+    path = command[command.index("--adapters-file") + 1]
+    assert path.startswith(f"/var/lib/{_last(service, 'StateDirectory')}/")
