@@ -33,6 +33,7 @@ _SAMPLING = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "freq
 # seam would constrain the rest wrongly.
 _STRUCTURED = ("response_format", "structured_outputs", "guided_json", "guided_regex",
                "guided_choice", "guided_grammar")
+_SAMPLING_SET, _STRUCTURED_SET = frozenset(_SAMPLING), frozenset(_STRUCTURED)
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,8 @@ def plan(path: str, data: dict[str, Any], opt_out: str | None, enabled: bool
         return "logprobs"
     if data.get("tools") and data.get("tool_choice") != "none":
         return "tools"
-    if any(data.get(k) not in (None, {"type": "text"}) for k in _STRUCTURED):
+    if not _STRUCTURED_SET.isdisjoint(data) and any(
+            data.get(k) not in (None, {"type": "text"}) for k in _STRUCTURED):
         return "structured output"
     if not chat:
         prompt = data.get("prompt")
@@ -99,7 +101,7 @@ def plan(path: str, data: dict[str, Any], opt_out: str | None, enabled: bool
                               and options.get("continuous_usage_stats")),
         max_tokens=limit, min_tokens=int(data.get("min_tokens") or 0), stops=stops,
         include_stop=bool(data.get("include_stop_str_in_output")),
-        sampling={k: data[k] for k in _SAMPLING if data.get(k) is not None},
+        sampling={k: v for k, v in data.items() if v is not None and k in _SAMPLING_SET},
     )
 
 

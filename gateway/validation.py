@@ -133,7 +133,7 @@ def with_fields(body: bytes, data: dict[str, Any], added: dict[str, Any]) -> byt
     Fields it lacks are written in before its closing brace (a JSON object's last `}` closes
     it), so the rest goes to the engine byte for byte and nothing is encoded again; a field
     it has already is replaced, by writing the whole body anew."""
-    if not data or any(name in data for name in added):
+    if not data or not data.keys().isdisjoint(added):
         return pydantic_core.to_json({**data, **added})
     end = body.rindex(b"}")
     return b"".join((body[:end], b",", pydantic_core.to_json(added)[1:-1], body[end:]))
