@@ -83,7 +83,8 @@ class _Cycle(RequestResponseCycle):
 
     def _write_head(self) -> None:
         head, self._head = self._head, None
-        if head is not None and not self.disconnected:
+        # Not after the app failed and uvicorn closed the connection in the same step.
+        if head is not None and not self.disconnected and not self.transport.is_closing():
             self.transport.write(head)
 
 

@@ -186,6 +186,17 @@ def test_a_client_gone_before_the_flush_gets_nothing_written() -> None:
     assert asyncio.run(run()).writes == []
 
 
+def test_an_app_that_fails_after_the_head_closes_the_connection_unwritten() -> None:
+    async def failing(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        raise RuntimeError("the app broke")
+
+    stock, ours = _both(failing)
+    assert stock.closed and ours.closed
+    assert ours.writes == []  # uvicorn wrote the head it could not finish; nothing here
+
+
 def test_the_gateway_serves_with_this_protocol(monkeypatch: pytest.MonkeyPatch) -> None:
     """`python -m gateway` (what `fleet up` and `make run` start) uses it."""
     seen: dict[str, Any] = {}
