@@ -50,6 +50,10 @@ class WorkerLoad(BaseModel):
     prefill_tokens_per_request: float | None = Field(
         None, ge=0, description="Prompt tokens the engine computes per request, a moving "
         "average: what each waiting request will cost it.")
+    # Whoever sent them (any gateway): an adapter with requests in the engine is not unloaded.
+    busy_adapters: list[Annotated[str, Field(pattern=MODEL_NAME_PATTERN)]] = Field(
+        default_factory=list, max_length=1024, description="LoRA adapters with requests "
+        "running or waiting in the engine at its last step (vLLM's vllm:lora_requests_info).")
 
 
 ModelName = Annotated[str, Field(pattern=MODEL_NAME_PATTERN)]

@@ -138,9 +138,11 @@ class AdapterFleet:
         for w in workers:
             wid = w.worker_id
             static = self._static.get(wid, set())
+            busy = set(w.load.busy_adapters)  # other gateways' requests too
             resident = {a: Use(inflight=table.inflight_models[(wid, a)],
                                last_used=self._last_used.get((wid, a), 0.0),
-                               heat=self.heat(wid, a, now), static=a in static)
+                               heat=self.heat(wid, a, now), static=a in static,
+                               busy=a in busy)
                         for a in self.resident(wid)}
             pending = frozenset(a for (pw, a) in self._pending if pw == wid)
             views.append(Slots(wid, w.lora_slots or 0, load_score(w, table.inflight),
@@ -308,7 +310,8 @@ class AdapterFleet:
             doomed = set(self.policy.shrink(workers, now))
             for w in workers:
                 for adapter, use in w.resident.items():
-                    if not use.static and use.inflight == 0 and adapter not in self.catalogue \
+                    if not use.static and not use.busy and use.inflight == 0 \
+                            and adapter not in self.catalogue \
                             and (w.worker_id, adapter) not in self._local:
                         doomed.add((w.worker_id, adapter))
             for wid, adapter in sorted(doomed):

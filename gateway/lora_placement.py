@@ -36,6 +36,7 @@ class Use:
     last_used: float = 0.0
     heat: float = 0.0  # requests sent to this copy lately, decayed (gateway/adapters.py)
     static: bool = False  # started with the engine (--lora-modules): never unloaded
+    busy: bool = False  # the engine reports requests for it (from any gateway): not unloaded
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ class Slots:
     def blocks(self, adapter: str) -> bool:
         """A request for `adapter` sent here now would wait in the engine: its batch slots are
         taken by other adapters with requests in flight."""
-        running = {name for name, use in self.resident.items() if use.inflight > 0}
+        running = {name for name, use in self.resident.items() if use.inflight > 0 or use.busy}
         return 0 < self.batch_slots <= len(running) and adapter not in running
 
     @property
@@ -66,7 +67,8 @@ class Slots:
 
     def evictable(self, now: float, min_idle: float) -> list[tuple[str, Use]]:
         return [(name, use) for name, use in self.resident.items()
-                if not use.static and use.inflight == 0 and now - use.last_used >= min_idle]
+                if not use.static and not use.busy and use.inflight == 0
+                and now - use.last_used >= min_idle]
 
 
 @dataclass(frozen=True)
@@ -174,7 +176,7 @@ class DemandPlacement:
             # The copy in use, else the most recently used one, stays, whatever its age.
             held.sort(key=lambda wu: (wu[1].inflight == 0, -wu[1].last_used, wu[0].worker_id))
             for worker, use in held[1:]:
-                if not use.static and use.inflight == 0 and \
+                if not use.static and not use.busy and use.inflight == 0 and \
                         now - use.last_used >= self.shrink_after:
                     out.append((worker.worker_id, name))
         return out

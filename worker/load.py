@@ -15,10 +15,18 @@ _WAITING = "vllm:num_requests_waiting"
 _KV_CACHE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
 
 
-def parse_load(metrics_text: str) -> WorkerLoad:
-    """Sum running and waiting requests over all label sets; take the highest KV-cache use."""
+# One series per set of adapters, its value the time the engine last saw that set (each step).
+_LORA_INFO = "vllm:lora_requests_info"
+# A newest set older than this is from before the engine went idle: nothing is busy.
+LORA_INFO_FRESH_S = 5.0
+
+
+def parse_load(metrics_text: str, now: float | None = None) -> WorkerLoad:
+    """Sum running and waiting requests over all label sets; take the highest KV-cache use;
+    the adapters of the engine's newest LoRA set, if it is fresh (`now`: the wall clock)."""
     running = waiting = 0.0
     kv: dict[str, float] = {}
+    lora_at, lora_labels = 0.0, {}
     for family in text_string_to_metric_families(metrics_text):
         for sample in family.samples:
             if sample.name == _RUNNING:
@@ -27,9 +35,16 @@ def parse_load(metrics_text: str) -> WorkerLoad:
                 waiting += sample.value
             elif sample.name in _KV_CACHE:
                 kv[sample.name] = max(kv.get(sample.name, 0.0), sample.value)
+            elif sample.name == _LORA_INFO and sample.value > lora_at:
+                lora_at, lora_labels = sample.value, sample.labels
     usage = next((kv[name] for name in _KV_CACHE if name in kv), 0.0)
+    busy: set[str] = set()
+    if lora_labels and (time.time() if now is None else now) - lora_at <= LORA_INFO_FRESH_S:
+        for key in ("running_lora_adapters", "waiting_lora_adapters"):
+            busy.update(name for name in lora_labels.get(key, "").split(",") if name)
     return WorkerLoad(
-        running=int(running), waiting=int(waiting), kv_cache_usage=min(max(usage, 0.0), 1.0)
+        running=int(running), waiting=int(waiting), kv_cache_usage=min(max(usage, 0.0), 1.0),
+        busy_adapters=sorted(busy)[:1024],
     )
 
 

@@ -104,6 +104,28 @@ def test_a_static_adapter_is_listed_and_routed_to_its_worker(lora: Lora) -> None
         assert response.json()["choices"][0]["message"]["content"] != base
 
 
+def test_an_adapter_in_use_is_reported_busy_by_its_worker_until_its_requests_end(
+        lora: Lora) -> None:
+    """What any gateway's requests hold in the engine reaches every gateway through the
+    heartbeats (vLLM's vllm:lora_requests_info): placement does not unload it."""
+    def busy() -> list[str]:
+        record = lora.stack.worker_record("w0")
+        return list(record["load"].get("busy_adapters", [])) if record else []
+
+    def long_answer() -> httpx.Response:  # a few seconds of decoding on one core
+        return httpx.post(f"{lora.url}/v1/chat/completions", headers=AUTH, timeout=120, json={
+            "model": "static", "max_tokens": 256, "ignore_eos": True,
+            "messages": [{"role": "user", "content": PROMPT}]})
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(long_answer)
+        lora.stack.wait_for(lambda: "static" in busy() or running.done(),
+                            "w0 to report the static adapter busy", 60)
+        assert "static" in busy(), "the request ended before a heartbeat saw it"
+        assert running.result().status_code == 200
+    lora.stack.wait_for(lambda: busy() == [], "w0 to report no adapter busy", 30)
+
+
 def test_an_unknown_adapter_is_404(lora: Lora) -> None:
     response = lora.chat("no-such-adapter")
     assert response.status_code == 404

@@ -128,6 +128,17 @@ def test_a_cold_extra_copy_shrinks_and_the_last_copy_stays() -> None:
     assert policy.shrink(busy, NOW) == [("a", "x")]
 
 
+def test_an_adapter_another_gateway_uses_is_neither_evicted_nor_shrunk() -> None:
+    """This gateway sent it nothing lately, but its engine reports requests for it."""
+    policy = DemandPlacement(shrink_after=30.0)
+    full = [_w("a", capacity=1, y=Use(last_used=NOW - 100, busy=True))]
+    decision = policy.decide("x", full, NOW)
+    assert decision.load is None and decision.wait
+    assert NaivePlacement().decide("x", full, NOW).load is None
+    copies = [_w("a", x=Use(last_used=NOW - 40, busy=True)), _w("b", x=Use(last_used=NOW - 35))]
+    assert policy.shrink(copies, NOW) == []
+
+
 def test_naive_loads_on_the_least_loaded_worker_even_where_another_holds_it() -> None:
     workers = [_w("a", load=5, x=Use()), _w("b", load=0)]
     decision = NaivePlacement().decide("x", workers, NOW)
@@ -137,7 +148,7 @@ def test_naive_loads_on_the_least_loaded_worker_even_where_another_holds_it() ->
 
 
 _uses = st.builds(Use, inflight=st.integers(0, 3), last_used=st.floats(0, NOW),
-                  heat=st.floats(0, 20), static=st.booleans())
+                  heat=st.floats(0, 20), static=st.booleans(), busy=st.booleans())
 _names = st.sampled_from(["p", "q", "r", "s", "x"])
 
 
@@ -165,7 +176,7 @@ def test_any_load_fits_the_slots_and_unloads_only_what_may_go(
             assert target.free > 0
         else:
             use = target.resident[decision.load.evict]
-            assert use.inflight == 0 and not use.static
+            assert use.inflight == 0 and not use.static and not use.busy
     if decision.pin is not None:
         assert decision.pin in by_id
     holders = [w for w in workers if "x" in w.resident]
@@ -194,7 +205,8 @@ def test_shrink_never_takes_the_last_copy_nor_a_busy_or_static_one(workers: list
     by_id = {w.worker_id: w for w in workers}
     for wid, name in doomed:
         use = by_id[wid].resident[name]
-        assert use.inflight == 0 and not use.static and NOW - use.last_used >= 10.0
+        assert use.inflight == 0 and not use.static and not use.busy
+        assert NOW - use.last_used >= 10.0
     for name in {n for w in workers for n in w.resident}:
         copies = sum(name in w.resident for w in workers)
         assert sum(n == name for _, n in doomed) < copies

@@ -121,6 +121,31 @@ def test_load_of_an_engine_without_those_metrics_is_zero() -> None:
     assert (load.running, load.waiting, load.kv_cache_usage) == (0, 0, 0.0)
 
 
+# As vLLM 0.32 writes it: one series per set of adapters seen, its value the last time seen.
+LORA_METRICS = """\
+# HELP vllm:lora_requests_info Running stats on lora requests.
+# TYPE vllm:lora_requests_info gauge
+vllm:lora_requests_info{max_lora="2",running_lora_adapters="a,b",waiting_lora_adapters=""} 1000.0
+vllm:lora_requests_info{max_lora="2",running_lora_adapters="b",waiting_lora_adapters="c"} 1010.0
+vllm:lora_requests_info{max_lora="2",running_lora_adapters="",waiting_lora_adapters=""} 990.0
+"""
+
+
+def test_load_names_the_adapters_of_the_engines_newest_step() -> None:
+    assert parse_load(LORA_METRICS, now=1012.0).busy_adapters == ["b", "c"]
+
+
+def test_an_engine_idle_since_its_last_lora_step_has_no_busy_adapter() -> None:
+    """The gauge keeps its last set after the last step: once stale, nothing runs."""
+    assert parse_load(LORA_METRICS, now=1010.0 + 60).busy_adapters == []
+    assert parse_load(METRICS).busy_adapters == []  # no LoRA at all
+
+
+def test_a_heartbeat_without_busy_adapters_carries_no_such_field() -> None:
+    """A controller from before the field (which forbids unknown fields) still takes it."""
+    assert "busy_adapters" not in parse_load(METRICS).model_dump_json(exclude_defaults=True)
+
+
 def test_local_model_is_served_under_its_folder_name(tmp_path: Path) -> None:
     folder = tmp_path / "Tiny-1B"
     folder.mkdir()
