@@ -126,6 +126,8 @@ def test_chat_streams_stops_regenerates_clears_and_survives_a_worker_restart(
     assert len(seen) >= 2, f"the answer did not stream: {seen}"
     assert all(first.startswith(partial) for partial in seen), seen
     expect(page.locator("#message textarea")).to_have_value("")
+    # The turn is logged once the status has cleared (a write in a thread): wait for it.
+    stack.wait_for(lambda: len(turns_logged(log_dir)) == 1, "the turn in the log", 10)
     turn = turns_logged(log_dir)[-1]
     assert (turn["type"], turn["model"], turn["outcome"]) == ("turn", MODEL_NAME, "complete")
     assert turn["parameters"] == {"temperature": 0.0, "top_p": 1.0, "max_tokens": 64}
@@ -137,8 +139,10 @@ def test_chat_streams_stops_regenerates_clears_and_survives_a_worker_restart(
     assert turns_logged(log_dir)[-1]["rating"] == "like"
 
     # 3. A follow-up only makes sense with the history, which every turn sends.
+    logged = len(turns_logged(log_dir))
     send(page, "And of Germany?")
     assert "Berlin" in wait_answered(page, 2)
+    stack.wait_for(lambda: len(turns_logged(log_dir)) > logged, "the turn in the log", 10)
     conversation = turns_logged(log_dir)[-1]["conversation"]
     assert [m["role"] for m in conversation] == ["user", "assistant"] * 2
     assert conversation[0]["content"] == FRANCE
@@ -177,7 +181,8 @@ def test_chat_streams_stops_regenerates_clears_and_survives_a_worker_restart(
     stopped = answers(page).nth(2).inner_text()
     assert len(stopped) >= before_stop
     assert answers(page).nth(2).inner_text() == stopped
-    assert turns_logged(log_dir)[-1]["outcome"] == "stopped"
+    stack.wait_for(lambda: turns_logged(log_dir)[-1].get("outcome") == "stopped",
+                   "the stopped turn in the log", 10)
     shot(page, "05-stopped")
 
     # 5. Regenerate replaces the last answer (a short one this time) instead of adding one.
