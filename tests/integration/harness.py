@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import ssl
@@ -46,10 +47,39 @@ def prefix_counters(stack: Stack) -> tuple[float, float]:
     return hits, queries
 
 
+_handed_out: set[int] = set()
+_pick = random.Random()  # its own generator: nothing that seeds `random` repeats our ports
+
+
+def _ephemeral_floor() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port nothing listens on, never the same one twice in this process.
+
+    A port is only taken once its service binds it, which can be many seconds after it was
+    picked (a stack picks its gateway's port before it starts the workers). Ports come from
+    below the kernel's ephemeral range, so neither a port the kernel hands another process
+    (a worker's engine binds port 0) nor an outgoing connection's source port can take one
+    in that time: CI once gave a worker the gateway's port.
+    """
+    top = _ephemeral_floor()
+    low = max(1024, top - 12000)
+    while True:
+        port = _pick.randrange(low, top)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
 
 
 @dataclass
