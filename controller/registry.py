@@ -50,6 +50,26 @@ def _load_moved(old: WorkerLoad, new: WorkerLoad) -> bool:
             or abs(old.kv_cache_usage - new.kv_cache_usage) >= LOAD_KV_STEP)
 
 
+# The load's slower fields, learned by the worker (moving averages) or rarely changing: they
+# are not in the compact load, so a change in them ships the whole record. A learned figure
+# that moves less than this fraction since it last shipped is not a change.
+LOAD_LEARNED_STEP = 0.1
+_LEARNED = ("prefill_tokens_per_s", "prefill_tokens_per_request", "decode_tokens_per_s",
+            "generation_tokens_per_request")
+
+
+def _slow_moved(old: WorkerLoad, new: WorkerLoad) -> bool:
+    if old.busy_adapters != new.busy_adapters:
+        return True
+    for name in _LEARNED:
+        was, now = getattr(old, name), getattr(new, name)
+        if (was is None) != (now is None):
+            return True
+        if was is not None and now is not None and abs(now - was) > LOAD_LEARNED_STEP * was:
+            return True
+    return False
+
+
 class Registry:
     def __init__(
         self,
@@ -151,7 +171,7 @@ class Registry:
             record.adapters = beat.adapters
             self.generation += 1
             changed = True
-        if changed:
+        if changed or _slow_moved(self._shipped[worker_id], beat.load):
             self._record_changed(worker_id)
             self._shipped[worker_id] = beat.load
         elif _load_moved(self._shipped[worker_id], beat.load):

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 
 import aiohttp
 
-from controller.protocol import Snapshot, TableChanges, WorkerLoad, WorkerRecord
+from controller.protocol import Snapshot, TableChanges, WorkerRecord
 from gateway.routing_table import RoutingTable
 
 logger = logging.getLogger(__name__)
@@ -78,8 +78,9 @@ class ControllerSync:
         for wid, (running, waiting, kv) in changes.loads.items():
             known = workers.get(wid)
             if known is not None:
-                known.load = WorkerLoad.model_construct(running=running, waiting=waiting,
-                                                         kv_cache_usage=kv)
+                # Only the counts change here; what the worker learned ships with the record.
+                known.load = known.load.model_copy(
+                    update={"running": running, "waiting": waiting, "kv_cache_usage": kv})
         self._source = (controller, changes.epoch, changes.revision)
         return Snapshot.model_construct(
             generation=changes.generation, heartbeat_interval=changes.heartbeat_interval,

@@ -112,3 +112,57 @@ class PrefillMeter:
             self._last, self._last_at = now, at
         return load.model_copy(update={"prefill_tokens_per_s": self.tokens_per_s,
                                        "prefill_tokens_per_request": self.tokens_per_request})
+
+
+_GENERATED = "vllm:generation_tokens_total"
+_OUTPUT_SUM = "vllm:request_generation_tokens_sum"
+_OUTPUT_COUNT = "vllm:request_generation_tokens_count"
+
+
+def decode_counters(metrics_text: str) -> tuple[float, float, float] | None:
+    """Output tokens generated, and output tokens and requests of finished requests, summed
+    over the engine's label sets; None when the engine does not export them."""
+    sums: dict[str, float] = {}
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name in (_GENERATED, _OUTPUT_SUM, _OUTPUT_COUNT):
+                sums[sample.name] = sums.get(sample.name, 0.0) + sample.value
+    if _GENERATED not in sums:
+        return None
+    return sums[_GENERATED], sums.get(_OUTPUT_SUM, 0.0), sums.get(_OUTPUT_COUNT, 0.0)
+
+
+class DecodeMeter:
+    """The engine's decode speed (output tokens per second, all its requests together) and
+    its requests' output length, as moving averages over successive readings.
+
+    The speed is learned only between two readings that both found requests running, so an
+    idle spell does not count as slowness."""
+
+    def __init__(self, weight: float = 0.3, clock: Callable[[], float] = time.monotonic) -> None:
+        self._weight = weight
+        self._clock = clock
+        self._last: tuple[float, float, float, float, int] | None = None
+        self.tokens_per_s: float | None = None
+        self.tokens_per_request: float | None = None
+
+    def _average(self, old: float | None, new: float) -> float:
+        return new if old is None else old + self._weight * (new - old)
+
+    def update(self, load: WorkerLoad, metrics_text: str) -> WorkerLoad:
+        """`load` with what this reading teaches about decoding."""
+        now = decode_counters(metrics_text)
+        at = self._clock()
+        if now is not None and self._last is not None:
+            generated, out_tokens, out_requests = (a - b for a, b in
+                                                   zip(now, self._last[1:4], strict=True))
+            elapsed, running_before = at - self._last[0], self._last[4]
+            if generated > 0 and elapsed > 0 and running_before > 0 and load.running > 0:
+                self.tokens_per_s = self._average(self.tokens_per_s, generated / elapsed)
+            if out_requests > 0 and out_tokens >= 0:
+                self.tokens_per_request = self._average(self.tokens_per_request,
+                                                        out_tokens / out_requests)
+        if now is not None:
+            self._last = (at, *now, load.running)
+        return load.model_copy(update={"decode_tokens_per_s": self.tokens_per_s,
+                                       "generation_tokens_per_request": self.tokens_per_request})

@@ -119,3 +119,40 @@ def test_the_table_by_changes_follows_the_registry_like_the_snapshot(client: Tes
     assert [(w.worker_id, w.state, w.load) for w in mine.workers] == \
         [(w.worker_id, w.state, w.load) for w in truth.workers]
     assert client.get("/table", params={"since": -1}).status_code == 400
+
+
+def test_what_a_worker_learned_reaches_the_gateway_and_survives_load_changes(
+        client: TestClient) -> None:
+    """The compact loads carry only the counts: a gateway applying them once lost the learned
+    speeds and the busy adapters (placement then ran on defaults). A learned figure that moves
+    ships the record; the counts alone keep what the gateway had."""
+    from controller.protocol import TableChanges
+    from gateway.controller_sync import ControllerSync
+    from gateway.routing_table import RoutingTable
+
+    sync = ControllerSync(RoutingTable(), None, ["http://c"], interval=1.0)  # type: ignore[arg-type]
+    client.post("/workers/register", json={**REG, "state": "ready"})
+    first = TableChanges.model_validate(client.get("/table").json())
+    sync.apply("http://c", first)
+    learned = {"prefill_tokens_per_s": 9000.0, "prefill_tokens_per_request": 300.0,
+               "decode_tokens_per_s": 1500.0, "generation_tokens_per_request": 40.0,
+               "busy_adapters": ["sql"]}
+
+    def beat(revision: int, **load: object) -> tuple[TableChanges, int]:
+        client.post("/workers/w1/heartbeat", json={"state": "ready", "load": load})
+        changes = TableChanges.model_validate(client.get(
+            "/table", params={"since": revision, "epoch": first.epoch}).json())
+        return changes, changes.revision
+
+    changes, rev = beat(first.revision, running=1, **learned)
+    assert [w.worker_id for w in changes.workers] == ["w1"]  # learned: the whole record
+    table = sync.apply("http://c", changes)
+    changes, rev = beat(rev, running=5, **{**learned, "decode_tokens_per_s": 1600.0})
+    assert changes.workers == [] and changes.loads == {"w1": (5, 0, 0.0)}  # a 7 % move
+    load = sync.apply("http://c", changes).workers[0].load
+    assert (load.running, load.prefill_tokens_per_s, load.decode_tokens_per_s,
+            load.busy_adapters) == (5, 9000.0, 1500.0, ["sql"])
+    changes, rev = beat(rev, running=5, **{**learned, "busy_adapters": []})
+    load = sync.apply("http://c", changes).workers[0].load
+    assert [w.worker_id for w in changes.workers] == ["w1"] and load.busy_adapters == []
+    assert table.workers[0].load.generation_tokens_per_request == 40.0
