@@ -86,8 +86,7 @@ async def _expire_forever(registry: Registry) -> None:
 
 # WorkerLoad's fields added after /snapshot's readers were written (issue 23).
 _NEWER_LOAD_FIELDS = {"workers": {"__all__": {"load": {
-    "prefill_tokens_per_s", "prefill_tokens_per_request", "decode_tokens_per_s",
-    "generation_tokens_per_request", "busy_adapters"}}}}
+    "prefill_tokens_per_s", "prefill_tokens_per_request", "busy_adapters"}}}}
 
 
 def create_app(settings: ControllerSettings) -> FastAPI:

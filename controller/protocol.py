@@ -50,11 +50,6 @@ class WorkerLoad(BaseModel):
     prefill_tokens_per_request: float | None = Field(
         None, ge=0, description="Prompt tokens the engine computes per request, a moving "
         "average: what each waiting request will cost it.")
-    decode_tokens_per_s: float | None = Field(
-        None, gt=0, description="Output tokens the engine generates per second while it "
-        "generates, all its requests together, a moving average.")
-    generation_tokens_per_request: float | None = Field(
-        None, ge=0, description="Output tokens per finished request, a moving average.")
     # Whoever sent them (any gateway): an adapter with requests in the engine is not unloaded.
     busy_adapters: list[Annotated[str, Field(pattern=MODEL_NAME_PATTERN)]] = Field(
         default_factory=list, max_length=1024, description="LoRA adapters with requests "

@@ -54,8 +54,7 @@ def _load_moved(old: WorkerLoad, new: WorkerLoad) -> bool:
 # are not in the compact load, so a change in them ships the whole record. A learned figure
 # that moves less than this fraction since it last shipped is not a change.
 LOAD_LEARNED_STEP = 0.1
-_LEARNED = ("prefill_tokens_per_s", "prefill_tokens_per_request", "decode_tokens_per_s",
-            "generation_tokens_per_request")
+_LEARNED = ("prefill_tokens_per_s", "prefill_tokens_per_request")
 
 
 def _slow_moved(old: WorkerLoad, new: WorkerLoad) -> bool:

@@ -80,9 +80,9 @@ _GENERATED: dict[int | str, dict[str, object]] = {
 }
 
 
-def _policy(name: str, views: KvViews, settings: GatewaySettings) -> RoutingPolicy:
+def _policy(name: str, views: KvViews) -> RoutingPolicy:
     if name == CacheAware.name:
-        return CacheAware(views=views, decode=settings.placement_decode)
+        return CacheAware(views=views)
     return POLICIES[name]()
 
 
@@ -98,8 +98,8 @@ def _placement(settings: GatewaySettings) -> PlacementPolicy:
 def build_table(settings: GatewaySettings, views: KvViews | None = None) -> RoutingTable:
     views = views or KvViews()
     table = RoutingTable(
-        _policy(settings.routing, views, settings),
-        overrides={m: _policy(p, views, settings) for m, p in settings.routing_overrides.items()},
+        _policy(settings.routing, views),
+        overrides={m: _policy(p, views) for m, p in settings.routing_overrides.items()},
         breakers=Breakers(threshold=settings.breaker_threshold,
                           cooldown=settings.breaker_cooldown),
         limits=Limits(max_inflight_per_worker=settings.max_inflight_per_worker,

@@ -228,7 +228,6 @@ class Pipeline:
             path=routed.path,
             render_prompt=parsed.prompt_text,
             prompt_ids=parsed.prompt_ids,
-            max_tokens=parsed.output_limit()[1],
         )
 
     def plan_continuation(self, request: Request, routed: RoutedRequest,

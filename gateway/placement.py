@@ -8,11 +8,6 @@ limit: the time the other workers would take to compute the prefix again, plus t
 backlog. Nothing to tune: the speeds and the work per waiting request are learned by each
 worker from its engine's counters (worker/load.py) and the backlog is kept here.
 
-With `decode` on, the estimate also counts the answer: its output tokens (the request's limit,
-at most what the engine's requests have averaged) at that engine's share of its decode speed
-once this request joins the ones it runs. A prefix then leaves a worker whose batch is long
-for one with room sooner than the prefill alone would say.
-
 The backlog is what this gateway sent and the engine has not yet prefilled, which it knows the
 instant it routes (a burst cannot pile onto one worker from stale reports), drained at the
 engine's learned speed; or, when larger, the engine's own reported queue (requests waiting
@@ -22,7 +17,7 @@ times its prefill work per request), which also counts other gateways' requests.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from controller.protocol import WorkerRecord
@@ -44,16 +39,11 @@ class Estimate:
     backlog: float  # prefill tokens ahead of this prompt
     uncached: float  # prompt tokens the engine would compute
     rate: float  # prefill tokens per second
-    decode: float = 0.0  # seconds the answer would take there (`decode` on)
 
     @property
     def wait(self) -> float:
         """Seconds until the prompt's prefill would be done there."""
         return (self.backlog + self.uncached) / self.rate
-
-    @property
-    def cost(self) -> float:
-        return self.wait + self.decode
 
 
 class Placement:
@@ -83,38 +73,15 @@ class Placement:
         per_request = load.prefill_tokens_per_request or prompt_tokens
         return max(self.own_backlog(worker, rate), load.waiting * per_request)
 
-    @staticmethod
-    def decode_times(candidates: list[WorkerRecord], inflight: Mapping[str, int],
-                     max_tokens: int | None) -> dict[str, float]:
-        """Seconds each candidate would take to generate the answer, as its share of the
-        engine's decode speed once this request joins its batch; empty while no engine has
-        reported its speed. An engine without a speed yet: the slowest known."""
-        speeds = [w.load.decode_tokens_per_s for w in candidates if w.load.decode_tokens_per_s]
-        if not speeds:
-            return {}
-        lengths = [w.load.generation_tokens_per_request for w in candidates
-                   if w.load.generation_tokens_per_request is not None]
-        tokens = sum(lengths) / len(lengths) if lengths else None
-        if max_tokens is not None:
-            tokens = max_tokens if tokens is None else min(tokens, max_tokens)
-        if not tokens:
-            return {}
-        slowest = min(speeds)
-        return {w.worker_id: tokens * (max(w.load.running + w.load.waiting,
-                                           inflight.get(w.worker_id, 0)) + 1)
-                / (w.load.decode_tokens_per_s or slowest) for w in candidates}
-
     def estimates(self, candidates: Iterable[WorkerRecord],
                   uncached: Callable[[WorkerRecord], float],
-                  prompt_tokens: float, decode: Mapping[str, float] | None = None,
-                  ) -> list[Estimate]:
+                  prompt_tokens: float) -> list[Estimate]:
         candidates = list(candidates)
         out = []
         for worker in candidates:
             rate = self.rate(worker, candidates)
             out.append(Estimate(worker, self.backlog(worker, rate, prompt_tokens),
-                                uncached(worker), rate,
-                                decode.get(worker.worker_id, 0.0) if decode else 0.0))
+                                uncached(worker), rate))
         return out
 
     def sent(self, estimate: Estimate) -> None:

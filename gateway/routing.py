@@ -40,7 +40,6 @@ class RouteRequest:
     path: str | None = None  # the engine endpoint; None: any worker of the model
     worker_id: str | None = None  # only this worker (it holds what the request is about)
     adapter: str | None = None  # the LoRA adapter it names (then `model` is that adapter)
-    max_tokens: int | None = None  # the request's output limit, if it set one
     # Among the workers it may go to, these first if any of them can take it now.
     prefer: frozenset[str] = frozenset()
     render_prompt: Callable[[], str] = field(default=lambda: "", repr=False)
@@ -145,10 +144,9 @@ class CacheAware:
     def __init__(
         self, *, views: KvViews | None = None, max_blocks_per_worker: int = 100_000,
         block_bytes: int = 64, pending_s: float = 10.0, rng: random.Random | None = None,
-        clock: Callable[[], float] = time.monotonic, decode: bool = False,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.views = views
-        self.decode = decode
         self.placement = Placement(clock)
         self._clock = clock
         self._pending_s = pending_s
@@ -224,12 +222,10 @@ class CacheAware:
                 matched = self._tree(worker.worker_id).match(text_keys)
                 held[worker.worker_id] = matched / len(text_keys) if text_keys else 0.0
         tokens = float(len(ids)) if ids else len(request.prompt.encode()) / CHARS_PER_TOKEN
-        decode = self.placement.decode_times(list(candidates), inflight, request.max_tokens) \
-            if self.decode else None
         estimates = self.placement.estimates(
-            candidates, lambda w: tokens * (1.0 - held[w.worker_id]), tokens, decode)
+            candidates, lambda w: tokens * (1.0 - held[w.worker_id]), tokens)
         best = min(estimates, key=lambda e: (
-            round(e.cost, 6), -held[e.worker.worker_id], inflight.get(e.worker.worker_id, 0),
+            round(e.wait, 6), -held[e.worker.worker_id], inflight.get(e.worker.worker_id, 0),
             self._tree(e.worker.worker_id).size + len(self._pending.get(e.worker.worker_id, ())),
             self._rng.random()))
         self.placement.sent(best)
@@ -242,11 +238,12 @@ class CacheAware:
             self._tree(wid).insert(text_keys if text_keys is not None
                                    else block_keys(prompt, self._block_bytes))
         source = "engine" if from_engine else "estimate"
-        decoding = f", decode {best.decode:.2f}s" if decode else ""
-        others = ", ".join(f"{e.worker.worker_id} {e.cost:.2f}s" for e in estimates
+        learned = "" if best.worker.load.prefill_tokens_per_s else ", assumed"
+        others = ", ".join(f"{e.worker.worker_id} {e.wait:.2f}s" for e in estimates
                            if e is not best)
         return Choice(best.worker, f"holds {held[wid]:.2f} ({source}), prefill wait "
-                      f"{best.wait:.2f}s{decoding}, backlog {best.backlog:.0f} tokens; "
+                      f"{best.wait:.2f}s at {best.rate:.0f} tokens/s{learned}, "
+                      f"backlog {best.backlog:.0f} tokens; "
                       f"others: {others}")
 
     # For gateways that share placement (gateway/shared_state.py): what another gateway sent.

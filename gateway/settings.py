@@ -75,9 +75,6 @@ class GatewaySettings(CliSettings, ControllerCredentials, ClientTLSSettings, Ser
         "checked before the engine counts its tokens.")
     routing: str = Field("least-load",
                          description="least-load, round-robin, cache-aware or session.")
-    placement_decode: bool = Field(
-        False, description="cache-aware: count the answer's decoding (each engine's batch and "
-        "decode speed) as well as the prompt's prefill when choosing a worker.")
     routing_overrides: Annotated[dict[str, str], NoDecode] = Field(
         default_factory=dict, description="Per-model policies: MODEL=POLICY[,MODEL=POLICY...].")
     session_header: str = Field(

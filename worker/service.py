@@ -28,7 +28,7 @@ from fleetcore.tracing import Tracing, engine_tracing_args
 from worker.app import EmbeddedServer, WorkerMetrics, create_app
 from worker.engine import EngineFailed, EngineProcess, build_engine_command, free_port
 from worker.kv_events import KV_EVENTS_FLAG, KvBlockIndex, KvEventRelay, kv_events_args
-from worker.load import DecodeMeter, PrefillMeter, parse_load
+from worker.load import PrefillMeter, parse_load
 from worker.lora import LoraArgs, adapters_in, parse_lora_args
 from worker.model_source import resolve_model, served_names
 from worker.protocol import TokenizerFiles
@@ -65,7 +65,6 @@ class Worker:
         self._kv_relay: KvEventRelay | None = None
         self.tokenizer_files: TokenizerFiles | None = None
         self._prefill = PrefillMeter()
-        self._decode = DecodeMeter()
         self.heartbeat_interval = 2.0
         self._stop = asyncio.Event()
         self._force = False
@@ -162,8 +161,7 @@ class Worker:
         try:
             response = await self._engine_http.get(f"{self._engine_base}/metrics", timeout=2.0)
             response.raise_for_status()
-            text = response.text
-            self.load = self._decode.update(self._prefill.update(parse_load(text), text), text)
+            self.load = self._prefill.update(parse_load(response.text), response.text)
         except (httpx.HTTPError, ValueError) as exc:
             logger.warning("could not read engine metrics error=%r", exc)
 
@@ -228,7 +226,6 @@ class Worker:
         if self._kv_relay is not None:
             self._kv_relay.engine_started()
         self._prefill = PrefillMeter()
-        self._decode = DecodeMeter()
         await self._engine.start()
         await self._engine.wait_healthy(self._engine_http, self.settings.engine_start_timeout)
         await self._read_max_model_len()

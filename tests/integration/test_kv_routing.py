@@ -15,7 +15,7 @@ from controller.protocol import WorkerRecord
 from gateway.kv_view import KvSync, KvViews
 from gateway.protocol import ChatCompletionRequest
 from gateway.routing import CacheAware, RouteRequest
-from tests.integration.harness import MODEL_NAME, Stack
+from tests.integration.harness import API_KEY, MODEL_NAME, Stack, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -73,3 +73,61 @@ def test_the_gateway_sees_the_engines_cache_and_routes_the_prefix_there(
     held = float(reason.split()[1])
     assert held >= 0.7, reason  # the whole system prompt, less the partial last block
     assert miss.startswith("holds 0.00 (engine)"), miss
+
+
+def test_a_cache_aware_gateway_routes_on_the_speed_its_worker_learned(
+        stack: Stack) -> None:
+    """Through the processes `fleet up` starts: the worker learns its engine's prefill speed,
+    the controller ships it, and the gateway's table keeps it across the load-only changes
+    that every request causes (they once reset it to the assumed default)."""
+    port = free_port()
+    stack.start_gateway("gw-cache", port=port,
+                        extra=["--routing", "cache-aware", "--log-level", "debug"])
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=API_KEY,
+                               timeout=120, max_retries=0)
+        stack.wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/health", timeout=5,
+                                          headers={"Authorization": f"Bearer {API_KEY}"}
+                                          ).json().get("routable_workers") == 1,
+                       "the cache-aware gateway's table", 60)
+        log = stack.services["gw-cache"].log
+
+        def reasons() -> list[str]:
+            return [line.split(" reason=", 1)[1] for line in log.read_text().splitlines()
+                    if " route request_id=" in line]
+
+        def ask(n: int) -> None:
+            client.chat.completions.create(
+                model=MODEL_NAME, max_tokens=2, temperature=0, messages=[
+                    {"role": "system", "content": f"Archive {n}. " + SYSTEM},
+                    {"role": "user", "content": "Name the capital of France."}])
+
+        sent = 0
+
+        def learned() -> bool:
+            nonlocal sent
+            ask(sent)
+            sent += 1
+            return ", assumed" not in reasons()[-1]
+
+        stack.wait_for(learned, "a route on the learned prefill speed", 120)
+
+        def running(n: int) -> bool:
+            record = stack.worker_record("worker")
+            return record is not None and record["load"]["running"] == n
+
+        # A load-only change each way: a long answer runs, then is dropped.
+        stream = client.chat.completions.create(
+            model=MODEL_NAME, max_tokens=2000, temperature=0, stream=True,
+            extra_body={"ignore_eos": True}, messages=[
+                {"role": "user", "content": "Name the capital of France."}])
+        stack.wait_for(lambda: running(1), "the controller to see the long answer run", 60)
+        stream.close()
+        stack.wait_for(lambda: running(0), "the controller to see it gone", 60)
+        first = len(reasons())
+        for n in range(4):  # over a second: the gateway has synced the changes meanwhile
+            ask(1000 + n)
+        later = reasons()[first:]
+        assert len(later) == 4 and not any(", assumed" in r for r in later), later
+    finally:
+        stack.stop("gw-cache")

@@ -135,7 +135,6 @@ def test_what_a_worker_learned_reaches_the_gateway_and_survives_load_changes(
     first = TableChanges.model_validate(client.get("/table").json())
     sync.apply("http://c", first)
     learned = {"prefill_tokens_per_s": 9000.0, "prefill_tokens_per_request": 300.0,
-               "decode_tokens_per_s": 1500.0, "generation_tokens_per_request": 40.0,
                "busy_adapters": ["sql"]}
 
     def beat(revision: int, **load: object) -> tuple[TableChanges, int]:
@@ -147,12 +146,12 @@ def test_what_a_worker_learned_reaches_the_gateway_and_survives_load_changes(
     changes, rev = beat(first.revision, running=1, **learned)
     assert [w.worker_id for w in changes.workers] == ["w1"]  # learned: the whole record
     table = sync.apply("http://c", changes)
-    changes, rev = beat(rev, running=5, **{**learned, "decode_tokens_per_s": 1600.0})
-    assert changes.workers == [] and changes.loads == {"w1": (5, 0, 0.0)}  # a 7 % move
+    changes, rev = beat(rev, running=5, **{**learned, "prefill_tokens_per_s": 9600.0})
+    assert changes.workers == [] and changes.loads == {"w1": (5, 0, 0.0)}  # moved 7 %
     load = sync.apply("http://c", changes).workers[0].load
-    assert (load.running, load.prefill_tokens_per_s, load.decode_tokens_per_s,
-            load.busy_adapters) == (5, 9000.0, 1500.0, ["sql"])
+    assert (load.running, load.prefill_tokens_per_s, load.prefill_tokens_per_request,
+            load.busy_adapters) == (5, 9000.0, 300.0, ["sql"])
     changes, rev = beat(rev, running=5, **{**learned, "busy_adapters": []})
     load = sync.apply("http://c", changes).workers[0].load
     assert [w.worker_id for w in changes.workers] == ["w1"] and load.busy_adapters == []
-    assert table.workers[0].load.generation_tokens_per_request == 40.0
+    assert table.workers[0].load.prefill_tokens_per_request == 300.0

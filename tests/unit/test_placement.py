@@ -12,7 +12,7 @@ from controller.protocol import WorkerLoad, WorkerRecord, WorkerState
 from fleetcore.kv_blocks import chain_keys
 from gateway.kv_view import KvView, KvViews
 from gateway.routing import CacheAware, RouteRequest
-from worker.load import DecodeMeter, PrefillMeter, parse_load
+from worker.load import PrefillMeter, parse_load
 from worker.protocol import KvCacheChanges
 
 
@@ -214,87 +214,3 @@ def test_prompts_sent_before_an_engine_cleared_its_cache_are_not_counted_as_held
                                             reset=True))
     clock.now += 2
     assert policy.choose(req(PREFIX), fleet, {}).reason.startswith("holds 0.00")
-
-
-# -- the answer's decoding (--placement-decode) -------------------------------------------------
-def decoding(wid: str, running: int, speed: float | None, out: float | None = 32.0,
-             rate: float = 10_000) -> WorkerRecord:
-    record = worker(wid, rate=rate, per_request=500)
-    record.load = record.load.model_copy(update={
-        "running": running, "decode_tokens_per_s": speed, "generation_tokens_per_request": out})
-    return record
-
-
-def test_decoding_moves_a_prefix_off_a_long_batch_only_when_it_costs_more_than_the_prefix() -> None:
-    """The hot worker holds the 2,048-token prefix (0.2 s to compute again at 10,000 tokens/s).
-    Its batch of 40 against 8 makes a 32-token answer take (41-9) x 32 / 1,000 = 1.0 s longer
-    there: with decode counted the prompt goes to the cold worker, without it it stays."""
-    views = views_with({"hot": PREFIX, "cold": []})
-    prompt = PREFIX + tokens(64, 3)
-    pair = [decoding("hot", 40, 1000.0), decoding("cold", 8, 1000.0)]
-    prefill_only = CacheAware(views=views, clock=Clock()).choose(req(prompt), pair, {})
-    with_decode = CacheAware(views=views, clock=Clock(), decode=True).choose(
-        req(prompt), pair, {})
-    assert (prefill_only.worker.worker_id, with_decode.worker.worker_id) == ("hot", "cold")
-    assert "decode 0.29s" in with_decode.reason  # 32 x 9 / 1,000 on the cold worker
-    # A small difference in batch stays below the prefix's cost: the prefix stays.
-    near = [decoding("hot", 10, 1000.0), decoding("cold", 8, 1000.0)]
-    assert CacheAware(views=views, clock=Clock(), decode=True).choose(
-        req(prompt), near, {}).worker.worker_id == "hot"
-
-
-def test_decoding_counts_the_requests_this_gateway_just_sent_and_the_requests_limit() -> None:
-    """The engines' reports are stale in a burst; the gateway's own in-flight count is not.
-    A request that asks for 2 tokens costs almost nothing to decode anywhere."""
-    views = views_with({"hot": PREFIX, "cold": []})
-    prompt = PREFIX + tokens(64, 4)
-    pair = [decoding("hot", 0, 1000.0), decoding("cold", 0, 1000.0)]
-    policy = CacheAware(views=views, clock=Clock(), decode=True)
-    assert policy.choose(req(prompt), pair, {"hot": 40}).worker.worker_id == "cold"
-    short = RouteRequest(model="m", prompt_ids=lambda _: prompt, render_prompt=lambda: "",
-                         max_tokens=2)
-    assert CacheAware(views=views, clock=Clock(), decode=True).choose(
-        short, pair, {"hot": 40}).worker.worker_id == "hot"
-
-
-def test_no_decode_speed_reported_means_prefill_alone() -> None:
-    views = views_with({"hot": PREFIX, "cold": []})
-    pair = [decoding("hot", 40, None), decoding("cold", 0, None)]
-    choice = CacheAware(views=views, clock=Clock(), decode=True).choose(
-        req(PREFIX + tokens(64, 5)), pair, {})
-    assert choice.worker.worker_id == "hot" and "decode" not in choice.reason
-
-
-def decode_metrics(generated: float, out_sum: float, out_count: float, running: int) -> str:
-    return (
-        "# TYPE vllm:num_requests_running gauge\n"
-        f'vllm:num_requests_running{{engine="0",model_name="m"}} {running}\n'
-        "# TYPE vllm:generation_tokens_total counter\n"
-        f'vllm:generation_tokens_total{{engine="0",model_name="m"}} {generated}\n'
-        "# TYPE vllm:request_generation_tokens histogram\n"
-        f'vllm:request_generation_tokens_sum{{engine="0",model_name="m"}} {out_sum}\n'
-        f'vllm:request_generation_tokens_count{{engine="0",model_name="m"}} {out_count}\n'
-    )
-
-
-def test_the_worker_learns_decode_speed_only_while_the_engine_runs_requests() -> None:
-    clock = Clock()
-    meter = DecodeMeter(weight=0.5, clock=clock)
-
-    def read(text: str) -> WorkerLoad:
-        return meter.update(parse_load(text), text)
-
-    assert read(decode_metrics(0, 0, 0, 4)).decode_tokens_per_s is None  # one reading
-    clock.now += 2
-    load = read(decode_metrics(2000, 320, 10, 4))  # 2,000 tokens in 2 s, busy throughout
-    assert load.decode_tokens_per_s == pytest.approx(1000)
-    assert load.generation_tokens_per_request == pytest.approx(32)
-    clock.now += 30
-    idle = read(decode_metrics(2100, 420, 11, 0))  # went idle: 100 tokens in 30 s is no speed
-    assert idle.decode_tokens_per_s == pytest.approx(1000)
-    assert idle.generation_tokens_per_request == pytest.approx(66)  # (32 + 100) / 2
-    clock.now += 1
-    again = read(decode_metrics(2200, 420, 11, 2))  # idle before this reading: not learned
-    assert again.decode_tokens_per_s == pytest.approx(1000)
-    clock.now += 1
-    assert read(decode_metrics(5200, 420, 11, 2)).decode_tokens_per_s == pytest.approx(2000)
