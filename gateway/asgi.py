@@ -22,6 +22,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fleetcore.errors import FleetError, ServerError, error_response
+from gateway.server import WatchedCycle
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -33,49 +34,94 @@ class ClientGone(Exception):
 
 
 class ClientWatch:
-    """One task per request, waiting for the client to disconnect once its body is read.
+    """Watches for the client to disconnect once its body is read.
 
     While the gateway waits for an engine's headers, a disconnect cancels the wait (`guard`);
     while it relays a stream, a disconnect runs the callbacks given to `on_gone`, which close
     the engine's connection, so vLLM aborts the request even in the middle of a long prefill.
+
+    Under the gateway's own server (gateway/server.py) the connection's loss is a callback
+    of its request cycle; under any other ASGI server a task waits for `http.disconnect`.
     """
 
+    __slots__ = ("_callbacks", "_cycle", "_gone", "_loop", "_task")
+
     def __init__(self, receive: Receive) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._wait(receive))
+        self._callbacks: list[Callable[[], object]] = []
+        self._gone = False
+        self._task: asyncio.Task[None] | None = None
+        cycle = getattr(receive, "__self__", None)
+        if type(cycle) is WatchedCycle:
+            assert isinstance(cycle, WatchedCycle)
+            self._cycle: WatchedCycle | None = cycle
+            self._loop = cycle.loop
+            if cycle.disconnected:
+                self._loop.call_soon(self._fire)
+            elif cycle.on_gone is None:
+                cycle.on_gone = [self._fire]
+            else:
+                cycle.on_gone.append(self._fire)
+        else:
+            self._cycle = None
+            self._loop = asyncio.get_running_loop()
+            self._task = self._loop.create_task(self._wait(receive))
+            self._task.add_done_callback(self._done)
 
     @staticmethod
     async def _wait(receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
 
+    def _done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled():
+            self._fire()
+
+    def _fire(self) -> None:
+        if self._gone:
+            return
+        self._gone = True
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
+
     @property
     def gone(self) -> bool:
-        return self._task.done() and not self._task.cancelled()
+        return self._gone
 
     async def guard(self, awaitable: Awaitable[T]) -> T:
         """Await `awaitable`, unless the client leaves first: then raise ClientGone."""
         task = asyncio.current_task()
         assert task is not None
-
-        def cancel(_: object) -> None:
-            if self.gone:
-                task.cancel()
-
-        self._task.add_done_callback(cancel)
+        cancel = task.cancel
+        if self._gone:
+            self._loop.call_soon(cancel)
+        else:
+            self._callbacks.append(cancel)
         try:
             return await awaitable
         except asyncio.CancelledError:
-            if self.gone and task.uncancel() == 0:
+            if self._gone and task.uncancel() == 0:
                 raise ClientGone from None
             raise
         finally:
-            self._task.remove_done_callback(cancel)
+            with contextlib.suppress(ValueError):
+                self._callbacks.remove(cancel)
 
     def on_gone(self, callback: Callable[[], object]) -> None:
-        self._task.add_done_callback(lambda _: None if not self.gone else callback())
+        if self._gone:
+            self._loop.call_soon(callback)
+        else:
+            self._callbacks.append(callback)
 
     def close(self) -> None:
-        self._task.cancel()
+        """Stop watching: no callback runs after this."""
+        self._callbacks = []
+        if self._task is not None:
+            self._task.cancel()
+        elif self._cycle is not None:
+            with contextlib.suppress(ValueError):
+                (self._cycle.on_gone or []).remove(self._fire)
+            self._cycle = None
 
 
 class FinalChunk(bytes):

@@ -22,6 +22,7 @@ tests/unit/test_server.py checks the writes against the version installed.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
@@ -43,12 +44,16 @@ class _Writes:
         self.closed = True
 
 
-class _Cycle(RequestResponseCycle):
-    """uvicorn's request/response cycle; the head is held until the step's end (see above)."""
+class WatchedCycle(RequestResponseCycle):
+    """uvicorn's request/response cycle; the head is held until the step's end (see above),
+    and the callbacks in `on_gone` are called (soon) when the connection is lost before the
+    response is complete, instead of a task waiting for `http.disconnect` (gateway/asgi.py
+    `ClientWatch`)."""
 
     _head: bytes | None = None
     _flush: asyncio.Handle | None = None
-    _loop: asyncio.AbstractEventLoop  # the protocol's (asking asyncio for it costs a getpid)
+    loop: asyncio.AbstractEventLoop  # the protocol's (asking asyncio for it costs a getpid)
+    on_gone: list[Callable[[], None]] | None = None
 
     async def _capture(self, message: Any) -> _Writes:
         writes = _Writes()
@@ -66,7 +71,7 @@ class _Cycle(RequestResponseCycle):
                 return
             writes = await self._capture(message)
             self._head = b"".join(writes.parts)
-            self._flush = self._loop.call_soon(self._write_head)
+            self._flush = self.loop.call_soon(self._write_head)
             return
         if self._head is None:
             await super().send(message)
@@ -89,14 +94,22 @@ class _Cycle(RequestResponseCycle):
 
 
 class FleetHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, with `_Cycle` for every request (pass as `http=`)."""
+    """uvicorn's httptools protocol, with `WatchedCycle` for every request (pass as `http=`)."""
 
     def on_headers_complete(self) -> None:
         cycle = self.cycle
         super().on_headers_complete()
         new = self.cycle
         if new is not cycle and type(new) is RequestResponseCycle:
-            # A new cycle, its task created but not yet run: it sends through `_Cycle.send`.
-            new.__class__ = _Cycle
-            assert isinstance(new, _Cycle)
-            new._loop = self.loop
+            # A new cycle, its task created but not yet run: it sends through `WatchedCycle.send`.
+            new.__class__ = WatchedCycle
+            assert isinstance(new, WatchedCycle)
+            new.loop = self.loop
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        cycle = self.cycle
+        super().connection_lost(exc)
+        if type(cycle) is WatchedCycle and cycle.disconnected:
+            assert isinstance(cycle, WatchedCycle)
+            for callback in cycle.on_gone or ():
+                self.loop.call_soon(callback)

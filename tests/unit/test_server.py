@@ -19,7 +19,7 @@ from uvicorn.server import ServerState
 from controller.protocol import Snapshot
 from gateway import __main__ as gateway_main
 from gateway import validation
-from gateway.asgi import ClientWatch, RelayResponse
+from gateway.asgi import ClientGone, ClientWatch, RelayResponse
 from gateway.breaker import BreakerState
 from gateway.continuation import CHAT, ResumePlan, plan
 from gateway.engine_client import EngineBroke, EngineClient
@@ -184,6 +184,45 @@ def test_a_client_gone_before_the_flush_gets_nothing_written() -> None:
         return await _serve(Server, app, REQUEST)
 
     assert asyncio.run(run()).writes == []
+
+
+@pytest.mark.parametrize("protocol", [HttpToolsProtocol, FleetHttpProtocol])
+def test_a_client_that_leaves_is_seen_by_the_watch_under_either_server(
+        protocol: type[HttpToolsProtocol]) -> None:
+    """Under stock uvicorn a task waits for `http.disconnect`; under ours the cycle calls
+    back. Either way: a wait on the engine is cancelled as ClientGone, an `on_gone` callback
+    runs once, and after `close` nothing runs."""
+    servers: list[HttpToolsProtocol] = []
+    seen: list[str] = []
+
+    class Server(protocol):  # type: ignore[valid-type,misc]
+        def connection_made(self, transport: Any) -> None:
+            servers.append(self)
+            super().connection_made(transport)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        watch = ClientWatch(receive)
+        watch.on_gone(lambda: seen.append("gone"))
+        closed = ClientWatch(receive)
+        closed.on_gone(lambda: seen.append("closed one ran"))
+        closed.close()
+        asyncio.get_running_loop().call_later(0.01, servers[0].connection_lost, None)
+        try:
+            await watch.guard(asyncio.sleep(5))
+        except ClientGone:
+            seen.append("ClientGone")
+        assert watch.gone and not closed.gone
+        late: list[str] = []
+        watch.on_gone(lambda: late.append("late"))  # already gone: runs soon
+        await asyncio.sleep(0)
+        seen.extend(late)
+
+    async def run() -> Transport:
+        return await _serve(Server, app, REQUEST)
+
+    asyncio.run(run())
+    assert sorted(seen) == ["ClientGone", "gone", "late"]
 
 
 def test_an_app_that_fails_after_the_head_closes_the_connection_unwritten() -> None:
