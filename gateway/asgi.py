@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -90,17 +91,18 @@ class ClientWatch:
 
     async def guard(self, awaitable: Awaitable[T]) -> T:
         """Await `awaitable`, unless the client leaves first: then raise ClientGone."""
+        if self._gone:
+            if inspect.iscoroutine(awaitable):
+                awaitable.close()
+            raise ClientGone
         task = asyncio.current_task()
         assert task is not None
         cancel = task.cancel
-        if self._gone:
-            self._loop.call_soon(cancel)
-        else:
-            self._callbacks.append(cancel)
+        self._callbacks.append(cancel)
         try:
             return await awaitable
         except asyncio.CancelledError:
-            if self._gone and task.uncancel() == 0:
+            if self.gone and task.uncancel() == 0:  # (set meanwhile, by `_fire`)
                 raise ClientGone from None
             raise
         finally:
