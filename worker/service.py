@@ -26,7 +26,14 @@ from fleetcore.chat_template import (
 )
 from fleetcore.tracing import Tracing, engine_tracing_args
 from worker.app import EmbeddedServer, WorkerMetrics, create_app
-from worker.engine import EngineFailed, EngineProcess, build_engine_command, free_port
+from worker.engine import (
+    ENGINE_MODULE,
+    EngineCommand,
+    EngineFailed,
+    EngineProcess,
+    build_engine_command,
+    free_port,
+)
 from worker.kv_events import KV_EVENTS_FLAG, KvBlockIndex, KvEventRelay, kv_events_args
 from worker.load import PrefillMeter, parse_load
 from worker.lora import LoraArgs, adapters_in, parse_lora_args
@@ -37,6 +44,10 @@ from worker.settings import WorkerSettings
 from worker.tokenizer_files import read_tokenizer_files
 
 logger = logging.getLogger(__name__)
+# What the engine prints when its --host/--port is taken: vLLM binds the socket itself
+# (Python's OSError), older releases left it to uvicorn. (ZeroMQ's own "Address already in
+# use", for a KV-events endpoint, is neither: moving the API port would not help it.)
+_PORT_TAKEN = ("[Errno 98] Address already in use", "error while attempting to bind on address")
 _ENGINE_PATHS: TypeAdapter[list[str] | None] = TypeAdapter(EnginePaths)
 
 
@@ -249,6 +260,29 @@ class Worker:
             except EngineFailed as exc:
                 logger.error("engine restart failed: %s", exc)
                 backoff = min(backoff * 2, self.settings.restart_backoff_max)
+                output = "\n".join(exc.output_tail)
+                if any(marker in output for marker in _PORT_TAKEN):
+                    self._move_engine()
+
+    def _move_engine(self) -> None:
+        """The engine's port was taken while it was down (by any process; an outgoing
+        connection can get it as its source port): with a port of our own choosing, the next
+        restart takes another one, and the controllers learn the new address."""
+        if self.settings.engine_port or self.settings.advertise_url is not None:
+            return  # the operator's port: restarting on it is all we may do
+        assert self._engine is not None
+        old, self.engine_port = self.engine_port, free_port(self.settings.engine_host)
+        command = self._engine.command
+        argv = list(command.argv)
+        argv[argv.index("--port", argv.index(ENGINE_MODULE)) + 1] = \
+            str(self.engine_port)
+        base_url = command.base_url.rsplit(":", 1)[0] + f":{self.engine_port}"
+        self._engine.command = EngineCommand(argv=argv, env=command.env, base_url=base_url)
+        self.engine_url = base_url.rstrip("/")
+        for controller in self._controllers:
+            controller.registered = False  # the next report registers the new address
+        logger.warning("engine port %d was taken while the engine was down; moving to %d",
+                       old, self.engine_port)
 
     async def _drain(self) -> None:
         assert self._engine is not None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import threading
 from pathlib import Path
 
@@ -43,6 +44,36 @@ def test_crashed_engine_is_reported_unhealthy_and_restarted(stack: Stack) -> Non
     metrics = httpx.get(f"http://127.0.0.1:{stack.worker_ports['worker']}/metrics").text
     assert "fleet_worker_engine_restarts_total 1.0" in metrics
     assert "fleet_worker_engine_up 1.0" in metrics
+
+
+def test_an_engine_whose_port_was_taken_while_it_was_down_comes_back_on_another(
+        stack: Stack) -> None:
+    """Between an engine's death and its restart (seconds of imports) any process may take
+    its port; an outgoing connection can get it as its source port. The worker then moves
+    the engine to a free port and registers the new address, instead of failing every
+    restart on the old one."""
+    old_url = stack.worker_record("worker")["engine_url"]
+    port = int(old_url.rstrip("/").rsplit(":", 1)[1])
+    worker = psutil.Process(stack.services["worker"].proc.pid)
+    (guard,) = worker.children()
+    (engine,) = guard.children()
+    doomed = [engine, *engine.children(recursive=True)]
+    engine.kill()
+    psutil.wait_procs(doomed, timeout=15)
+    with socket.socket() as squatter:
+        # As uvicorn binds: past the dead engine's connections in TIME_WAIT.
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen()
+
+        def moved() -> bool:
+            record = stack.worker_record("worker")
+            return record is not None and record["state"] == "ready" \
+                and record["engine_url"] != old_url
+
+        stack.wait_for(moved, "the engine back on another port", 300)
+        stack.wait_for(lambda: chat(stack).status_code == 200, "chat on the new port", 30)
+    assert "was taken while the engine was down" in stack.services["worker"].tail(200)
 
 
 def test_sigterm_drains_then_503_until_a_worker_is_back(stack: Stack) -> None:
