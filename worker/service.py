@@ -237,8 +237,15 @@ class Worker:
         if self._kv_relay is not None:
             self._kv_relay.engine_started()
         self._prefill = PrefillMeter()
-        await self._engine.start()
-        await self._engine.wait_healthy(self._engine_http, self.settings.engine_start_timeout)
+        try:
+            await self._engine.start()
+            await self._engine.wait_healthy(self._engine_http, self.settings.engine_start_timeout)
+        except EngineFailed as exc:
+            output = "\n".join(exc.output_tail)
+            if not any(marker in output for marker in _PORT_TAKEN) or not self._move_engine():
+                raise
+            await self._engine.start()
+            await self._engine.wait_healthy(self._engine_http, self.settings.engine_start_timeout)
         await self._read_max_model_len()
         await self._read_engine_paths()
         self.adapters = list(self.lora.static)  # a restarted engine holds only these
@@ -260,16 +267,15 @@ class Worker:
             except EngineFailed as exc:
                 logger.error("engine restart failed: %s", exc)
                 backoff = min(backoff * 2, self.settings.restart_backoff_max)
-                output = "\n".join(exc.output_tail)
-                if any(marker in output for marker in _PORT_TAKEN):
-                    self._move_engine()
 
-    def _move_engine(self) -> None:
-        """The engine's port was taken while it was down (by any process; an outgoing
-        connection can get it as its source port): with a port of our own choosing, the next
-        restart takes another one, and the controllers learn the new address."""
+    def _move_engine(self) -> bool:
+        """The engine's port was taken before it could bind it: picked free when the worker
+        started (or before the engine died), it may since have gone to any process (another
+        worker's engine picking a free port at the same time, an outgoing connection's source
+        port). With a port of our own choosing, move to another and let the controllers learn
+        the new address; False for the operator's port, which is kept."""
         if self.settings.engine_port or self.settings.advertise_url is not None:
-            return  # the operator's port: restarting on it is all we may do
+            return False
         assert self._engine is not None
         old, self.engine_port = self.engine_port, free_port(self.settings.engine_host)
         command = self._engine.command
@@ -281,8 +287,9 @@ class Worker:
         self.engine_url = base_url.rstrip("/")
         for controller in self._controllers:
             controller.registered = False  # the next report registers the new address
-        logger.warning("engine port %d was taken while the engine was down; moving to %d",
+        logger.warning("engine port %d was taken before the engine could bind it; moving to %d",
                        old, self.engine_port)
+        return True
 
     async def _drain(self) -> None:
         assert self._engine is not None

@@ -73,7 +73,7 @@ def test_an_engine_whose_port_was_taken_while_it_was_down_comes_back_on_another(
 
         stack.wait_for(moved, "the engine back on another port", 300)
         stack.wait_for(lambda: chat(stack).status_code == 200, "chat on the new port", 30)
-    assert "was taken while the engine was down" in stack.services["worker"].tail(200)
+    assert "was taken before the engine could bind it" in stack.services["worker"].tail(200)
 
 
 def test_sigterm_drains_then_503_until_a_worker_is_back(stack: Stack) -> None:
