@@ -28,6 +28,12 @@ GUARD_MODULE = "worker.engine_guard"
 AUTH_MIDDLEWARE = f"{EngineKeyMiddleware.__module__}.{EngineKeyMiddleware.__qualname__}"
 
 
+# What the engine prints when its --host/--port is taken: vLLM binds the socket itself
+# (Python's OSError), older releases left it to uvicorn. (ZeroMQ's own "Address already in
+# use", for a KV-events endpoint, is neither: another API port would not help it.)
+_PORT_TAKEN = ("[Errno 98] Address already in use", "error while attempting to bind on address")
+
+
 class EngineFailed(RuntimeError):
     """The engine exited or never became healthy; carries the end of its output."""
 
@@ -36,12 +42,24 @@ class EngineFailed(RuntimeError):
         super().__init__(f"{message}\n--- last engine output ---\n{tail}" if tail else message)
         self.output_tail = list(output_tail)
 
+    @property
+    def port_taken(self) -> bool:
+        """Whether it failed because another process held its API port."""
+        output = "\n".join(self.output_tail)
+        return any(marker in output for marker in _PORT_TAKEN)
+
 
 @dataclass
 class EngineCommand:
     argv: list[str]
     env: dict[str, str]
     base_url: str  # where this host reaches the engine
+
+    def on_port(self, port: int) -> EngineCommand:
+        """The same engine, serving on `port`."""
+        argv = list(self.argv)
+        argv[argv.index("--port", argv.index(ENGINE_MODULE)) + 1] = str(port)
+        return EngineCommand(argv, self.env, f"{self.base_url.rsplit(':', 1)[0]}:{port}")
 
 
 def _has_flag(args: Sequence[str], flag: str) -> bool:

@@ -26,14 +26,7 @@ from fleetcore.chat_template import (
 )
 from fleetcore.tracing import Tracing, engine_tracing_args
 from worker.app import EmbeddedServer, WorkerMetrics, create_app
-from worker.engine import (
-    ENGINE_MODULE,
-    EngineCommand,
-    EngineFailed,
-    EngineProcess,
-    build_engine_command,
-    free_port,
-)
+from worker.engine import EngineFailed, EngineProcess, build_engine_command, free_port
 from worker.kv_events import KV_EVENTS_FLAG, KvBlockIndex, KvEventRelay, kv_events_args
 from worker.load import PrefillMeter, parse_load
 from worker.lora import LoraArgs, adapters_in, parse_lora_args
@@ -44,10 +37,6 @@ from worker.settings import WorkerSettings
 from worker.tokenizer_files import read_tokenizer_files
 
 logger = logging.getLogger(__name__)
-# What the engine prints when its --host/--port is taken: vLLM binds the socket itself
-# (Python's OSError), older releases left it to uvicorn. (ZeroMQ's own "Address already in
-# use", for a KV-events endpoint, is neither: moving the API port would not help it.)
-_PORT_TAKEN = ("[Errno 98] Address already in use", "error while attempting to bind on address")
 _ENGINE_PATHS: TypeAdapter[list[str] | None] = TypeAdapter(EnginePaths)
 
 
@@ -237,15 +226,15 @@ class Worker:
         if self._kv_relay is not None:
             self._kv_relay.engine_started()
         self._prefill = PrefillMeter()
-        try:
-            await self._engine.start()
-            await self._engine.wait_healthy(self._engine_http, self.settings.engine_start_timeout)
-        except EngineFailed as exc:
-            output = "\n".join(exc.output_tail)
-            if not any(marker in output for marker in _PORT_TAKEN) or not self._move_engine():
-                raise
-            await self._engine.start()
-            await self._engine.wait_healthy(self._engine_http, self.settings.engine_start_timeout)
+        for moved in (False, True):
+            try:
+                await self._engine.start()
+                await self._engine.wait_healthy(self._engine_http,
+                                                self.settings.engine_start_timeout)
+                break
+            except EngineFailed as exc:
+                if moved or not exc.port_taken or not self._move_engine():
+                    raise
         await self._read_max_model_len()
         await self._read_engine_paths()
         self.adapters = list(self.lora.static)  # a restarted engine holds only these
@@ -278,13 +267,8 @@ class Worker:
             return False
         assert self._engine is not None
         old, self.engine_port = self.engine_port, free_port(self.settings.engine_host)
-        command = self._engine.command
-        argv = list(command.argv)
-        argv[argv.index("--port", argv.index(ENGINE_MODULE)) + 1] = \
-            str(self.engine_port)
-        base_url = command.base_url.rsplit(":", 1)[0] + f":{self.engine_port}"
-        self._engine.command = EngineCommand(argv=argv, env=command.env, base_url=base_url)
-        self.engine_url = base_url.rstrip("/")
+        self._engine.command = self._engine.command.on_port(self.engine_port)
+        self.engine_url = self._engine.command.base_url.rstrip("/")
         for controller in self._controllers:
             controller.registered = False  # the next report registers the new address
         logger.warning("engine port %d was taken before the engine could bind it; moving to %d",

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from worker import model_source
-from worker.engine import ENGINE_MODULE, GUARD_MODULE, build_engine_command
+from worker.engine import ENGINE_MODULE, GUARD_MODULE, EngineFailed, build_engine_command
 from worker.load import parse_load
 from worker.settings import ModelSource, WorkerSettings
 
@@ -28,6 +28,26 @@ def test_engine_is_vllms_openai_server_with_our_key_and_port() -> None:
     # its arguments.
     assert cmd.env["VLLM_API_KEY"] == "sk-engine-key"
     assert not any("sk-engine-key" in a or a.startswith("--api-key") for a in cmd.argv)
+
+
+def test_the_engine_moves_to_another_port_only_its_api_port() -> None:
+    cmd = command(extra_args=["--kv-events-config", '{"endpoint":"tcp://*:9000"}',
+                              "--port-range", "9000"])
+    moved = cmd.on_port(9100)
+    assert moved.base_url == "http://127.0.0.1:9100" and moved.env is cmd.env
+    assert [i for i, (a, b) in enumerate(zip(cmd.argv, moved.argv, strict=True)) if a != b] \
+        == [cmd.argv.index("--port") + 1]
+
+
+@pytest.mark.parametrize(("tail", "taken"), [
+    (["OSError: [Errno 98] Address already in use"], True),  # vLLM's own bind
+    (["ERROR:    [Errno 98] error while attempting to bind on address ('127.0.0.1', 9000): "
+      "address already in use"], True),  # uvicorn's
+    (["zmq.error.ZMQError: Address already in use (addr='tcp://*:5557')"], False),
+    (["torch.OutOfMemoryError: CUDA out of memory"], False),
+])
+def test_an_engine_failure_tells_whether_its_port_was_taken(tail: list[str], taken: bool) -> None:
+    assert EngineFailed("engine exited", tail).port_taken is taken
 
 
 def test_the_engine_inherits_no_cluster_token() -> None:
