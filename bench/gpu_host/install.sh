@@ -9,6 +9,9 @@ router=$(ls .gpu/router/*.whl | grep -vE '/(pydantic|pydantic_core|fastapi|starl
 python3 -m pip install -q --no-index --no-deps --no-compile --target /root/site \
   $router .gpu/extra/*.whl 2>&1 | grep -v "already exists" || true
 rm -rf /root/llama8b /root/before /root/base
-cp -r .gpu/llama8b /root/llama8b && cp -r .gpu/before /root/before && cp -r .gpu/base /root/base
+cp -r .gpu/llama8b /root/llama8b
+for tree in before base; do  # only overhead.sh needs them: carry them for it
+  if [ -d .gpu/$tree ]; then cp -r .gpu/$tree /root/$tree; fi
+done
 PYTHONPATH=/root/site:$PWD python3 -c "import vllm_router, orjson, uvloop, httptools, psutil, redis, httpx, aiohttp, gateway.app, gateway.server, worker.service, fleet.launcher; print('imports ok')"
 nproc; free -g | head -2
