@@ -137,3 +137,49 @@ def test_tokenize_bench_smoke_measures_both_loads(tmp_path: Path) -> None:
     for load in ("fresh", "shared"):
         assert record["cpu_ms_per_request"][load]["total_ms"]["p50"] > 0
     assert record["requests"] == 10 and record["prompt_tokens_mean"] > 100
+
+
+def test_engine_auth_bench_smoke_measures_the_door_both_ways(tmp_path: Path) -> None:
+    """Issue 20's bench: the door in process and end to end (uvicorn apps, bare and behind
+    the door); every streamed request got through it."""
+    record = _smoke("engine_auth_bench.py", tmp_path)
+    assert record["in_process"]["guarded_us"] > 0 and record["in_process"]["bare_us"] > 0
+    runs = record["end_to_end"]["runs"]
+    assert set(runs) == {"bare", "guarded"}
+    for side, measured in runs.items():
+        assert len(measured) == 2, side  # A-B-B-A
+        for run in measured:
+            assert run["errors"] == 0 and run["requests"] > 0, (side, run)
+    assert record["summary"]["gateway_cpu_ms_per_1k"] > 0
+
+
+def test_shared_state_bench_smoke_exchanges_through_a_real_redis(tmp_path: Path) -> None:
+    """Issue 23's store bench, on Debian's redis-server: admits and exchanges measured, and
+    each gateway saw the others' in-flight counts as they were sent."""
+    result = _smoke("shared_state_bench.py", tmp_path)["result"]
+    assert result["peer_inflight_seen_equals_sent"] is True
+    assert result["admits_per_s"] > 0 and result["admit_ms"]["p50"] > 0
+    assert result["exchange_ms"]["p50"] > 0
+
+
+def test_kv_relay_bench_smoke_sees_every_prompt_both_ways(tmp_path: Path) -> None:
+    """Issue 23's relay bench: one real worker; each prompt's blocks reached the direct ZMQ
+    subscriber and the gateway's view of the worker's /kv-cache."""
+    record = _smoke("kv_relay_bench.py", tmp_path)
+    assert len(record["rows"]) == record["requests"] == 3
+    for row in record["rows"]:
+        assert row["direct_bytes"] > 0 and row["relay_bytes"] > 0, row
+    assert record["tokenizer_bytes"] > 0
+
+
+def test_seam_bench_smoke_continues_the_killed_workers_streams(tmp_path: Path) -> None:
+    """Issue 21's bench: two real workers, a round without a fault and one killing the worker
+    that carries most streams; its streams go on on the other worker and all end with [DONE]."""
+    record = _smoke("seam_bench.py", tmp_path)
+    (round_,) = record["rounds"]
+    assert all(s["done"] for s in round_["baseline"]["streams"]), round_["baseline"]
+    fault = round_["fault"]
+    continued = [s for s in fault["streams"] if s["continued"]]
+    assert fault["killed"] and continued, fault
+    assert all(s["done"] for s in fault["streams"]), fault
+    assert all(s["longest_gap_ms"] > 0 for s in continued), continued
