@@ -15,7 +15,7 @@ import contextlib
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
@@ -23,7 +23,6 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fleetcore.errors import FleetError, ServerError, error_response
-from gateway.server import WatchedCycle
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -42,7 +41,8 @@ class ClientWatch:
     the engine's connection, so vLLM aborts the request even in the middle of a long prefill.
 
     Under the gateway's own server (gateway/server.py) the connection's loss is a callback
-    of its request cycle; under any other ASGI server a task waits for `http.disconnect`.
+    of its request cycle (one with an `on_gone` list); under any other ASGI server a task
+    waits for `http.disconnect`.
     """
 
     __slots__ = ("_callbacks", "_cycle", "_gone", "_loop", "_task")
@@ -51,10 +51,9 @@ class ClientWatch:
         self._callbacks: list[Callable[[], object]] = []
         self._gone = False
         self._task: asyncio.Task[None] | None = None
-        cycle = getattr(receive, "__self__", None)
-        if type(cycle) is WatchedCycle:
-            assert isinstance(cycle, WatchedCycle)
-            self._cycle: WatchedCycle | None = cycle
+        cycle: Any = getattr(receive, "__self__", None)
+        if hasattr(type(cycle), "on_gone"):  # gateway/server.py's WatchedCycle
+            self._cycle: Any = cycle
             self._loop = cycle.loop
             if cycle.disconnected:
                 self._loop.call_soon(self._fire)
@@ -158,27 +157,56 @@ class RelayResponse:
             except Exception:  # noqa: BLE001 - one failing callback must not skip the others
                 logger.exception("closing a relayed response failed callback=%r", close)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def raw_headers(self) -> list[tuple[bytes, bytes]]:
         raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
         raw.append((b"content-type", self.media_type.encode("latin-1")))
+        return raw
+
+    async def relay(self, out: RelayOut) -> None:
+        """Relay the body to `out`, then run the close callbacks: what an ASGI server gets
+        from `__call__`, and gateway/server.py's `DirectCycle` directly."""
         ended = False
         try:
-            await send({"type": "http.response.start", "status": self.status_code,
-                        "headers": raw})
+            await out.relay_head(self.status_code, self.raw_headers())
             try:
                 async for chunk in self.body:
-                    if ended:  # nothing goes after the final chunk
+                    if ended:  # nothing goes after the final chunk (the body drains the engine)
                         continue
                     ended = type(chunk) is FinalChunk
-                    await send({"type": "http.response.body", "body": chunk,
-                                "more_body": not ended})
+                    await out.relay_chunk(chunk, not ended)
             finally:
                 with contextlib.suppress(Exception):
                     await self.body.aclose()  # type: ignore[attr-defined]
         finally:
             self._close()
         if not ended:
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await out.relay_chunk(b"", False)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.relay(_AsgiOut(send))
+
+
+class RelayOut(Protocol):
+    """Where a relayed response goes: its head, then its body, piece by piece."""
+
+    async def relay_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None: ...
+
+    async def relay_chunk(self, chunk: bytes, more: bool) -> None: ...
+
+
+class _AsgiOut:
+    """A relayed response as ASGI messages."""
+
+    __slots__ = ("_send",)
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+
+    async def relay_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        await self._send({"type": "http.response.start", "status": status, "headers": headers})
+
+    async def relay_chunk(self, chunk: bytes, more: bool) -> None:
+        await self._send({"type": "http.response.body", "body": chunk, "more_body": more})
 
 
 class _Headers(Headers):
@@ -206,7 +234,9 @@ class _Headers(Headers):
         return self._lookup().get(key.lower(), default)
 
 
-class _Request(Request):
+class FleetRequest(Request):
+    """Starlette's request, with headers looked up in a dict (`_Headers`)."""
+
     @property
     def headers(self) -> Headers:
         if not hasattr(self, "_headers"):
@@ -254,11 +284,16 @@ class GenerateRoutes:
         if handler is None:
             await self.app(scope, receive, send)
             return
-        try:
-            response = await handler(_Request(scope, receive))
-        except FleetError as exc:
-            response = error_response(exc)
-        except Exception:
-            logger.exception("unhandled error path=%s", scope["path"])
-            response = error_response(ServerError("Internal error; the server logged the details."))
+        response = await answer(handler, FleetRequest(scope, receive))
         await response(scope, receive, send)
+
+
+async def answer(handler: Handler, request: Request) -> Any:
+    """The handler's response; a `FleetError` as its OpenAI body, anything else a logged 500."""
+    try:
+        return await handler(request)
+    except FleetError as exc:
+        return error_response(exc)
+    except Exception:
+        logger.exception("unhandled error path=%s", request.scope["path"])
+        return error_response(ServerError("Internal error; the server logged the details."))
