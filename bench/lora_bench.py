@@ -28,6 +28,7 @@ all adapters unloaded between runs. Each run has its own gateway.
 
     .venv/bin/python bench/lora_bench.py                  # every side, twice (~15 min, 2 cores)
     .venv/bin/python bench/lora_bench.py --sides held,resident --requests 48 --repeats 1
+    .venv/bin/python bench/lora_bench.py --smoke     # 3 adapters, demand and naive, once
 """
 
 from __future__ import annotations
@@ -180,7 +181,14 @@ def _parse() -> argparse.Namespace:
                         "resident")
     p.add_argument("--label", default="cpu")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    return p.parse_args()
+    p.add_argument("--smoke", action="store_true",
+                   help="a tiny run for the tests: 3 adapters, 8 requests, demand and naive "
+                        "once each")
+    args = p.parse_args()
+    if args.smoke:
+        args.adapters, args.requests, args.concurrency, args.max_tokens = 3, 8, 4, 4
+        args.repeats, args.sides = 1, "demand,naive"
+    return args
 
 
 def main() -> None:

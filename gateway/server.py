@@ -16,9 +16,10 @@ answered at once is then one write.
 
 A POST to one of the generation routes skips ASGI altogether (`DirectCycle`): its handler is
 called with the request, and the answer it returns is written straight to the transport, in
-the same bytes and writes. The app's ASGI layers (the route lookup, Starlette's request, the
-message dicts, uvicorn's `send` and the wrapper above) cost about 7 % of the gateway's CPU per
-stream (bench/RESULTS.md).
+the same bytes and writes. The layers this skips (the route lookup, Starlette's request, the
+message dicts, uvicorn's `send` and the wrapper above) had about 5 % of the gateway's profile
+samples per stream; on a quiet host the CPU per stream moved by less than the runs' own spread
+(bench/RESULTS.md, 2026-12-02).
 
 Everything else is uvicorn's own: parsing, keep-alive, pipelining, flow control, TLS, limits.
 The cycle is uvicorn's class with `send` wrapped; uvicorn is pinned (requirements/), and

@@ -183,3 +183,27 @@ def test_seam_bench_smoke_continues_the_killed_workers_streams(tmp_path: Path) -
     assert fault["killed"] and continued, fault
     assert all(s["done"] for s in fault["streams"]), fault
     assert all(s["longest_gap_ms"] > 0 for s in continued), continued
+
+
+def test_lora_bench_smoke_places_adapters_both_ways(tmp_path: Path) -> None:
+    """Two CPU workers with 2 adapter slots each and 3 adapters declared: demand placement and
+    naive placement each serve the whole Zipf sequence, and the gateway counts its loads."""
+    record = _smoke("lora_bench.py", tmp_path)
+    runs = {run["side"]: run for run in record["runs"]}
+    assert set(runs) == {"demand", "naive"}
+    for run in runs.values():
+        assert run["ok"] == run["requests"] == 8 and not run["errors"], run
+        # All were unloaded before the measured run: its first requests loaded theirs.
+        assert run["adapter_loads"] >= 1
+
+
+def test_wakeup_cost_measures_both_cases() -> None:
+    """The write that wakes a sleeping reader, and the same back to back, each timed."""
+    result = subprocess.run([sys.executable, str(BENCH_DIR / "wakeup_cost.py"), "0"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("one write")]
+    assert len(lines) == 2 and "asleep" in lines[0] and "back to back" in lines[1]
+    for line in lines:
+        cpu = float(line.split("CPU ")[1].split(" us")[0])
+        assert cpu > 0
