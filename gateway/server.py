@@ -29,7 +29,6 @@ tests/unit/test_server.py checks the writes against the version installed.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -42,8 +41,6 @@ from uvicorn.protocols.http.httptools_impl import (
 )
 
 from gateway.asgi import FleetRequest, GenerateRoutes, Handler, RelayResponse, answer
-
-logger = logging.getLogger(__name__)
 
 
 class _Writes:
