@@ -6,7 +6,8 @@ export PYTHONPATH=/root/site:$PWD
 source bench/gpu_host/peers.sh
 trees=()
 for name in before base; do
-  dir=$(eval echo "\${${name^^}:-/root/$name}")
+  var=${name^^}  # BEFORE, BASE: another folder than /root/<name>
+  dir=${!var:-/root/$name}
   if [ -d "$dir" ]; then trees+=(--tree "$name=$dir"); fi
 done
 python3 bench/overhead_interleaved.py "${trees[@]}" --tree after=. --router --rates 100,1000 \
