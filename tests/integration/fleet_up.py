@@ -69,16 +69,19 @@ class FleetUp:
         """Poll `check` until it holds; fail at once if `fleet up` itself exits."""
         assert self.proc is not None
         deadline = time.monotonic() + timeout
+        last: Exception | None = None  # what the check last raised, for the failure's message
         while True:
             if self.proc.poll() is not None:
                 raise AssertionError(f"fleet up exited with {self.proc.returncode} while "
                                      f"waiting for {what}:\n{self.tail()}")
-            with contextlib.suppress(httpx.HTTPError, psutil.Error, KeyError, ValueError):
+            try:
                 if check():
                     return
+            except (httpx.HTTPError, psutil.Error, KeyError, ValueError) as exc:
+                last = exc
             if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}:\n"
-                                     f"{self.tail()}")
+                raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} "
+                                     f"(the check last raised {last!r}):\n{self.tail()}")
             time.sleep(0.2)
 
     def start_and_wait(self, timeout: float = 600) -> None:

@@ -301,10 +301,16 @@ def test_a_client_that_leaves_during_a_continuation_aborts_it(fleet: FleetUp) ->
         return sum(float(v) for v in re.findall(r"^vllm:num_requests_running{[^}]*} (\S+)$",
                                                  text, re.MULTILINE))
 
+    assert stream.ended == "" and stream.text(), (stream.ended, stream.text())
+    before = continuations(fleet, "stall")
     engine.send_signal(signal.SIGSTOP)
     try:
-        fleet.wait_for(lambda: running() >= 1, "the continuation to run on the other worker",
+        fleet.wait_for(lambda: continuations(fleet, "stall") > before,
+                       f"the gateway to move the stream off {first} (engine pid {engine.pid})",
                        60)
+        fleet.wait_for(lambda: running() >= 1,
+                       f"the continuation to run on {other} (stream: {stream.ended!r}, "
+                       f"{len(stream.text())} characters)", 60)
         leave.set()
         stream.join()
         assert stream.ended == "left"
