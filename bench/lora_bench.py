@@ -29,6 +29,11 @@ all adapters unloaded between runs. Each run has its own gateway.
     .venv/bin/python bench/lora_bench.py                  # every side, twice (~15 min, 2 cores)
     .venv/bin/python bench/lora_bench.py --sides held,resident --requests 48 --repeats 1
     .venv/bin/python bench/lora_bench.py --smoke     # 3 adapters, demand and naive, once
+
+On a GPU (bench/gpu.sh lora): `--model` a folder with no weights (bench/dummy_model.py),
+`--worker-args "--load-format dummy ..."`, `--devices gpus=0,gpus=0 --sequential-start`; the
+adapters are then written from the model's config (tests/lora_adapters.py). `--reverse` runs
+the worker configurations in the other order, so two calls make one A-B-B-A.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import datetime as dt
 import json
 import os
 import random
+import shlex
 import sys
 import tempfile
 import time
@@ -49,8 +55,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.integration.harness import API_KEY, Stack, free_port  # noqa: E402
-from tests.lora_adapters import make_adapters  # noqa: E402
+from tests.integration.harness import API_KEY, MODEL_NAME, Stack, free_port  # noqa: E402
+from tests.lora_adapters import make_adapters, make_adapters_for_config  # noqa: E402
 
 ENGINE_KEY = "lora-bench-engine-key-0123456789"
 ADMIN_KEY = "sk-fleet-lora-bench-admin"
@@ -114,11 +120,22 @@ def start_workers(stack: Stack, args: argparse.Namespace, slots: int,
         extra += ["--max-cpu-loras", str(held)]
     if static:
         extra += ["--lora-modules", *(f"{n}={p}" for n, p in static.items())]
-    for i in range(2):
-        stack.start_worker(f"w{i}", cpus=str(i), extra=extra,
-                           env={"FLEET_WORKER_ENGINE_API_KEY": ENGINE_KEY})
+    started = time.monotonic()
+    for i, device in enumerate(args.devices.split(",")):
+        name = f"w{i}"
+        kind, _, value = device.partition("=")
+        stack.worker_ports[name] = free_port()
+        stack._spawn(name, [
+            "-m", "worker", "--model", str(args.model), "--model-name", args.model_name,
+            "--port", str(stack.worker_ports[name]), "--controller-address",
+            stack.controller_url, f"--{kind}", value, "--worker-id", name,
+            "--drain-timeout", "20", *shlex.split(args.worker_args), *extra,
+        ], env={"FLEET_WORKER_ENGINE_API_KEY": ENGINE_KEY})
+        if args.sequential_start:  # each engine sizes its cache from the memory left
+            stack.wait_worker_state(name, "ready", timeout=900)
     for i in range(2):
         stack.wait_worker_state(f"w{i}", "ready", timeout=900)
+    print(f"workers ready ({slots} slots) in {time.monotonic() - started:.0f} s", flush=True)
 
 
 def stop_workers(stack: Stack) -> None:
@@ -179,6 +196,20 @@ def _parse() -> argparse.Namespace:
                    help="comma-separated, from: demand, naive (2 slots), held, held-naive "
                         "(2 batch slots, HELD in memory), held-aware, held-resident, "
                         "resident")
+    p.add_argument("--model", type=Path, default=None, help="the base model's folder "
+                   "(default: the demo model)")
+    p.add_argument("--model-name", default=MODEL_NAME)
+    p.add_argument("--devices", default="cpus=0,cpus=1",
+                   help="the two workers' devices, as --cpus=X or --gpus=X")
+    p.add_argument("--worker-args", default="--enforce-eager --max-model-len 4096")
+    p.add_argument("--sequential-start", action="store_true",
+                   help="start the second worker once the first is ready (workers sharing a "
+                        "GPU)")
+    p.add_argument("--adapters-from-config", action="store_true",
+                   help="write the adapters from the model's config, not with peft (implied "
+                        "when the model folder holds no weights)")
+    p.add_argument("--reverse", action="store_true",
+                   help="the worker configurations in reverse order")
     p.add_argument("--label", default="cpu")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     p.add_argument("--smoke", action="store_true",
@@ -195,17 +226,23 @@ def main() -> None:
     args = _parse()
     from fleet.demo_model import ensure_demo_model
 
-    model = ensure_demo_model(progress=False)
+    model = args.model = args.model or ensure_demo_model(progress=False)
     workdir = Path(tempfile.mkdtemp(prefix="lora-bench-"))
     names = [f"adapter-{i}" for i in range(args.adapters)]
-    adapters = make_adapters(model, workdir / "adapters", names)
+    weightless = not any(model.glob("*.safetensors")) and not any(model.glob("*.bin"))
+    make = make_adapters_for_config if args.adapters_from_config or weightless \
+        else make_adapters
+    adapters = make(model, workdir / "adapters", names)
     stack = Stack(workdir=workdir, model_path=model)
     runs: list[dict[str, Any]] = []
     record = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "label": args.label, "machine": f"{os.cpu_count()} cores",
               "command": " ".join([Path(sys.executable).name, *sys.argv]),
-              "workload": {k: getattr(args, k) for k in (
-                  "adapters", "requests", "concurrency", "max_tokens", "zipf", "repeats")},
+              "workload": {k: str(getattr(args, k)) if k in ("model", "worker_args") else
+                           getattr(args, k) for k in (
+                  "adapters", "requests", "concurrency", "max_tokens", "zipf", "repeats",
+                  "model", "model_name", "devices", "worker_args", "adapters_from_config",
+                  "reverse")},
               "runs": runs}
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"lora-{args.label}-{dt.datetime.now():%Y%m%d-%H%M%S}.json"
@@ -251,7 +288,7 @@ def main() -> None:
         # A-B-C-C-B-A over the worker configurations, and A-B-B-A within each: the machine's
         # drift is shared out evenly.
         for repeat in range(args.repeats):
-            forward = repeat % 2 == 0
+            forward = (repeat % 2 == 0) != args.reverse
             for slots, kept, static, pair in groups if forward else groups[::-1]:
                 start_workers(stack, args, slots=slots, held=kept, static=static)
                 for side, placement in pair if forward else pair[::-1]:

@@ -187,8 +187,11 @@ def test_seam_bench_smoke_continues_the_killed_workers_streams(tmp_path: Path) -
 
 def test_lora_bench_smoke_places_adapters_both_ways(tmp_path: Path) -> None:
     """Two CPU workers with 2 adapter slots each and 3 adapters declared: demand placement and
-    naive placement each serve the whole Zipf sequence, and the gateway counts its loads."""
-    record = _smoke("lora_bench.py", tmp_path)
+    naive placement each serve the whole Zipf sequence, and the gateway counts its loads. The
+    adapters are written from the model's config and the workers started one after the other,
+    as on the GPU (bench/gpu.sh lora), where the model has no weights for peft to wrap."""
+    record = _smoke("lora_bench.py", tmp_path, "--adapters-from-config", "--sequential-start")
+    assert record["workload"]["adapters_from_config"] is True
     runs = {run["side"]: run for run in record["runs"]}
     assert set(runs) == {"demand", "naive"}
     for run in runs.values():
