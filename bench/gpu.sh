@@ -9,6 +9,7 @@
 #   bash bench/gpu.sh scale-tp      MODEL_DIR OUT ...                  #   one worker alone, and
 #   python3 bench/scale_bench.py --report OUT                          #   tensor parallel over both
 #   bash bench/gpu.sh seam    MODEL_DIR OUT [seam_bench flags]     # issue 21: a worker killed mid-stream
+#   bash bench/gpu.sh lora    MODEL_DIR OUT [lora_bench flags]     # issue 22: adapters, 2 slots or 8
 #
 # serve: `fleet up` with one worker on the GPU, then vLLM's serving benchmark (random 512 in,
 #   256 out, 512 prompts, concurrency 256, ignore-eos, chat) against the worker's engine directly
@@ -32,6 +33,10 @@
 #   has 64 chunks the worker carrying most is killed (-9) and its streams are continued on the
 #   other; the longest gap between two chunks at the client, at the seam and without a fault,
 #   two rounds (bench/seam_bench.py).
+#
+# lora: two workers on GPU 0 (0.40 of its memory each), 8 adapters of rank 8 written from the
+#   model's config, Zipf traffic (bench/lora_bench.py); SIDES picks the worker configurations
+#   (default held,resident: 2 batch slots with 8 held, against 8 batch slots), once each.
 #
 # MODEL_DIR holds a config and tokenizer (bench/dummy_model.py makes a Llama-3-8B shape);
 # weights are dummy. Both phases also run on CPU with --smoke, which is how they are tested
@@ -88,8 +93,16 @@ seam)
 --max-model-len 4096 ${WORKER_ARGS:-}" \
     --streams 32 --max-tokens 256 --kill-after 64 --rounds 2 "$@"
   ;;
+lora)
+  python3 bench/lora_bench.py --label "${LABEL:-gpu}" --out "$out" \
+    --model "$model" --model-name llama-8b-dummy --devices gpus=0,gpus=0 --sequential-start \
+    --worker-args "--load-format dummy --gpu-memory-utilization 0.40 --enforce-eager \
+--max-model-len 4096 ${WORKER_ARGS:-}" \
+    --sides "${SIDES:-held,resident}" --repeats 1 --concurrency 32 --requests 512 \
+    --max-tokens 64 "$@"
+  ;;
 *)
-  echo "usage: bash bench/gpu.sh serve|routing|scale-per-gpu|scale-one-gpu|scale-tp|seam MODEL_DIR OUT [flags]" >&2
+  echo "usage: bash bench/gpu.sh serve|routing|scale-per-gpu|scale-one-gpu|scale-tp|seam|lora MODEL_DIR OUT [flags]" >&2
   exit 2
   ;;
 esac
