@@ -36,7 +36,8 @@
 #
 # lora: two workers on GPU 0 (0.40 of its memory each), 8 adapters of rank 8 written from the
 #   model's config, Zipf traffic (bench/lora_bench.py); SIDES picks the worker configurations
-#   (default held,resident: 2 batch slots with 8 held, against 8 batch slots), once each.
+#   (default held,resident: 2 batch slots with 8 held, against 8 batch slots), once each; on
+#   the H200 each configuration takes 4-6 min (two 8B starts), so give one per device call.
 #
 # MODEL_DIR holds a config and tokenizer (bench/dummy_model.py makes a Llama-3-8B shape);
 # weights are dummy. Both phases also run on CPU with --smoke, which is how they are tested
@@ -98,7 +99,7 @@ lora)
     --model "$model" --model-name llama-8b-dummy --devices gpus=0,gpus=0 --sequential-start \
     --worker-args "--load-format dummy --gpu-memory-utilization 0.40 --enforce-eager \
 --max-model-len 4096 ${WORKER_ARGS:-}" \
-    --sides "${SIDES:-held,resident}" --repeats 1 --concurrency 32 --requests 512 \
+    --sides "${SIDES:-held,resident}" --repeats 1 --concurrency 32 --requests 256 \
     --max-tokens 64 "$@"
   ;;
 *)

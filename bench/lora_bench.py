@@ -124,13 +124,10 @@ def start_workers(stack: Stack, args: argparse.Namespace, slots: int,
     for i, device in enumerate(args.devices.split(",")):
         name = f"w{i}"
         kind, _, value = device.partition("=")
-        stack.worker_ports[name] = free_port()
-        stack._spawn(name, [
-            "-m", "worker", "--model", str(args.model), "--model-name", args.model_name,
-            "--port", str(stack.worker_ports[name]), "--controller-address",
-            stack.controller_url, f"--{kind}", value, "--worker-id", name,
-            "--drain-timeout", "20", *shlex.split(args.worker_args), *extra,
-        ], env={"FLEET_WORKER_ENGINE_API_KEY": ENGINE_KEY})
+        stack.start_worker(name, model=args.model, model_name=args.model_name,
+                           cpus=value, gpus=value if kind == "gpus" else None,
+                           engine_args=shlex.split(args.worker_args), extra=extra,
+                           env={"FLEET_WORKER_ENGINE_API_KEY": ENGINE_KEY})
         if args.sequential_start:  # each engine sizes its cache from the memory left
             stack.wait_worker_state(name, "ready", timeout=900)
     for i in range(2):
@@ -229,9 +226,10 @@ def main() -> None:
     model = args.model = args.model or ensure_demo_model(progress=False)
     workdir = Path(tempfile.mkdtemp(prefix="lora-bench-"))
     names = [f"adapter-{i}" for i in range(args.adapters)]
-    weightless = not any(model.glob("*.safetensors")) and not any(model.glob("*.bin"))
-    make = make_adapters_for_config if args.adapters_from_config or weightless \
-        else make_adapters
+    # A folder with no weights has nothing for peft to wrap: written from its config then.
+    if not any(model.glob("*.safetensors")) and not any(model.glob("*.bin")):
+        args.adapters_from_config = True
+    make = make_adapters_for_config if args.adapters_from_config else make_adapters
     adapters = make(model, workdir / "adapters", names)
     stack = Stack(workdir=workdir, model_path=model)
     runs: list[dict[str, Any]] = []

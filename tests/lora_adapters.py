@@ -7,7 +7,7 @@ and a test must see an adapter change the answer (and two adapters answer differ
 
 A model folder with no weights (bench/dummy_model.py, served with `--load-format dummy` on a
 GPU) has nothing for peft to wrap: `make_adapters_for_config` writes the same files from the
-folder's config alone (tests/unit/test_lora_adapters.py checks them against peft's).
+folder's config alone (tests/integration/test_lora_adapters.py checks them against peft's).
 """
 
 from __future__ import annotations

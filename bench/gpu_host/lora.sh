@@ -1,6 +1,6 @@
 #!/bin/bash
 # Issue 22 on the GPU: 2 batch slots per worker (8 adapters held) against 8, Zipf traffic.
-# Two calls make one A-B-B-A: the second with REVERSE=1.
+# One worker configuration a call fits the 600 s limit: SIDES=resident, then SIDES=held, ...
 set -uo pipefail
 export PYTHONPATH=/root/site:$PWD
 timeout ${LIMIT:-560} bash bench/gpu.sh lora /root/llama8b "$OUT" ${REVERSE:+--reverse} \

@@ -198,14 +198,18 @@ class Stack:
 
     def start_worker(self, name: str = "worker", cpus: str = "0", model: Path | None = None,
                      extra: list[str] | None = None, model_name: str = MODEL_NAME,
-                     env: Mapping[str, str | None] | None = None) -> Service:
+                     env: Mapping[str, str | None] | None = None, gpus: str | None = None,
+                     engine_args: Sequence[str] = ("--enforce-eager", "--max-model-len", "4096"),
+                     ) -> Service:
+        """A worker on CPU cores `cpus`, or on `gpus` where given (the benchmarks' GPU runs)."""
         self.worker_ports[name] = free_port()
+        device = ["--gpus", gpus] if gpus is not None else ["--cpus", cpus]
         return self._spawn(name, [
             "-m", "worker", "--model", str(model or self.model_path),
             "--port", str(self.worker_ports[name]),
             "--model-name", model_name, "--controller-address", self.controller_url,
-            "--cpus", cpus, "--worker-id", name, "--drain-timeout", "20",
-            "--enforce-eager", "--max-model-len", "4096", *self.tls_flags, *(extra or []),
+            *device, "--worker-id", name, "--drain-timeout", "20",
+            *engine_args, *self.tls_flags, *(extra or []),
         ], env=env)
 
     def wait_for(self, check: Callable[[], bool], what: str, timeout: float,
