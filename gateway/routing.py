@@ -23,7 +23,7 @@ from typing import Protocol
 from controller.protocol import WorkerRecord
 from fleetcore.kv_blocks import chain_keys
 from gateway.kv_view import KvView, KvViews
-from gateway.placement import Placement
+from gateway.placement import Estimate, Placement
 from gateway.prefix_tree import PrefixTree, block_keys
 from gateway.prompt_tokens import PromptIds, PromptTokenizer
 
@@ -210,17 +210,22 @@ class CacheAware:
         text_keys: list[bytes] | None = None
         chains: dict[int, list[int]] = {}  # block size: the prompt's keys
         held: dict[str, float] = {}  # worker: share of the prompt its engine holds
+        first_unheld: dict[str, bytes | None] = {}  # worker: the key of its first missing block
         for worker in candidates:
             view = views.get(worker.worker_id)
             if ids and view is not None and view.block_size:
                 keys = chains.setdefault(view.block_size, chain_keys(ids, view.block_size))
                 matched = self._held(worker.worker_id, view, keys)
                 held[worker.worker_id] = matched * view.block_size / len(ids)
+                first_unheld[worker.worker_id] = b"%d:%d" % (view.block_size, keys[matched]) \
+                    if matched < len(keys) else None
             else:
                 if text_keys is None:
                     text_keys = block_keys(prompt, self._block_bytes)
                 matched = self._tree(worker.worker_id).match(text_keys)
                 held[worker.worker_id] = matched / len(text_keys) if text_keys else 0.0
+                first_unheld[worker.worker_id] = text_keys[matched] \
+                    if matched < len(text_keys) else None
         tokens = float(len(ids)) if ids else len(request.prompt.encode()) / CHARS_PER_TOKEN
         estimates = self.placement.estimates(
             candidates, lambda w: tokens * (1.0 - held[w.worker_id]), tokens)
@@ -228,6 +233,7 @@ class CacheAware:
             round(e.wait, 6), -held[e.worker.worker_id], inflight.get(e.worker.worker_id, 0),
             self._tree(e.worker.worker_id).size + len(self._pending.get(e.worker.worker_id, ())),
             self._rng.random()))
+        best = self._agreed(estimates, best, held, first_unheld)
         self.placement.sent(best)
         wid = best.worker.worker_id
         chosen_view = views.get(wid)
@@ -246,6 +252,28 @@ class CacheAware:
                       f"backlog {best.backlog:.0f} tokens; "
                       f"others: {others}")
 
+    @staticmethod
+    def _agreed(estimates: Sequence[Estimate], best: Estimate, held: Mapping[str, float],
+                first_unheld: Mapping[str, bytes | None]) -> Estimate:
+        """For a prompt new to every worker, the one that rendezvous hashing of its first
+        block picks, unless its wait is longer than the best's by more than its own prefill
+        of the prompt.
+
+        Gateways do not see each other's choices until the engines report them, so a burst
+        of new prefixes split between gateways by load alone sends one prefix to two engines,
+        computing it twice; the hash makes them choose alike without a word between them.
+        The bound keeps the balance: a worker that falls behind by more than one prompt's
+        prefill is passed over, as before. A prompt some worker holds part of goes by the
+        wait alone (a burst of one prefix spreads by it)."""
+        key = first_unheld.get(best.worker.worker_id)
+        if len(estimates) < 2 or key is None or any(held.values()) \
+                or any(first_unheld.get(e.worker.worker_id) != key for e in estimates):
+            return best
+        preferred = max(estimates, key=lambda e: _hash64_bytes(key, e.worker.worker_id))
+        if preferred is best or preferred.wait > best.wait + preferred.uncached / preferred.rate:
+            return best
+        return preferred
+
     # For gateways that share placement (gateway/shared_state.py): what another gateway sent.
 
     def prefix_keys(self, prompt: str) -> list[bytes]:
@@ -254,6 +282,11 @@ class CacheAware:
     def learn(self, worker_id: str, keys: Sequence[bytes]) -> None:
         """Another gateway sent a prompt with these prefix keys to `worker_id`."""
         self._tree(worker_id).insert(keys)
+
+
+def _hash64_bytes(key: bytes, worker_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(key + b"|" + worker_id.encode(),
+                                          digest_size=8).digest(), "big")
 
 
 def _hash64(text: str) -> int:

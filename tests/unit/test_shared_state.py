@@ -155,7 +155,7 @@ def test_a_prefix_placed_by_one_gateway_is_found_by_the_other(redis_url: str) ->
                 s.routed(t, request, choice)
             await shared.exchange(table)  # up, and caught up with the (empty) stream
         await a.exchange(first)  # a now knows b is there to learn
-        prompts = [f"system prompt {n} " * 40 + "question" for n in range(6)]
+        prompts = [f"system prompt {n} " * 40 + "question" for n in range(12)]
         placed = {}
         for prompt in prompts:
             lease = await first.acquire(RouteRequest(model="m", render_prompt=lambda p=prompt: p))
@@ -164,11 +164,16 @@ def test_a_prefix_placed_by_one_gateway_is_found_by_the_other(redis_url: str) ->
         assert len(set(placed.values())) > 1  # spread over workers, so a match is no accident
         await a.exchange(first)
         await b.exchange(second)
-        # In the other order: without what a published, b would place them otherwise.
-        for prompt in reversed(prompts):
-            lease = await second.acquire(RouteRequest(
-                model="m", render_prompt=lambda p=prompt + " and a follow-up": p))
-            assert lease.worker_id == placed[prompt]
-            lease.settle(Outcome.DONE)
+        # In the other order: without what a published, b would place some otherwise (the
+        # same gateway with no peer, asked the same).
+        alone = _table(CacheAware(), "w1", "w2", "w3")
+        for table, check in ((alone, False), (second, True)):
+            there = {}
+            for prompt in reversed(prompts):
+                lease = await table.acquire(RouteRequest(
+                    model="m", render_prompt=lambda p=prompt + " and a follow-up": p))
+                there[prompt] = lease.worker_id
+                lease.settle(Outcome.DONE)
+            assert (there == placed) is check, (there, placed)
 
     with_pair(redis_url, body)
