@@ -22,6 +22,8 @@
 #   prompts: more than the caches hold beside the running requests); each policy twice A-B-B-A
 #   closed-loop, then twice open-loop (Poisson at 0.7x round-robin's closed-loop rate, 10 s, the
 #   first 3 s left out). SHAPES=long,busy runs the other two shapes (another ~9 minutes).
+#   The engines run eager (they start sooner); EAGER= (empty) gives them CUDA graphs, as
+#   engines are run in production.
 #   Results are written after every run, so a run cut short keeps what it measured.
 #
 # scale-*: `fleet up` with one worker per GPU (concurrency 512), with one worker on GPU 0 alone
@@ -66,7 +68,7 @@ routing)
   python3 bench/routing_bench.py --label "${LABEL:-gpu}" --out "$out" \
     --model "$model" --model-name llama-8b-dummy --devices gpus=0,gpus=0 --sequential-start \
     --kv-blocks 0 --vllm-router-python "${VLLM_ROUTER_PYTHON:-python3}" \
-    --worker-args "--load-format dummy --gpu-memory-utilization 0.25 --enforce-eager \
+    --worker-args "--load-format dummy --gpu-memory-utilization 0.25 ${EAGER---enforce-eager} \
 --max-model-len 8192 ${WORKER_ARGS:-}" \
     --policies "${POLICIES:-cache-aware,round-robin,vllm-router:cache_aware,vllm-router:kv_aware}" \
     --shapes "${SHAPES:-base,many}" --rounds 2 --replicas 2 --rate auto --duration 10 \

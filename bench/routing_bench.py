@@ -81,8 +81,11 @@ def _parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--policies", default="cache-aware,vllm-router:cache_aware,round-robin",
-                   help="ours by name (NAME@SETTING=VALUE@... sets gateway settings), or "
+                   help="ours by name (NAME@SETTING=VALUE@... sets gateway settings, NAME~TREE "
+                   "runs another checkout's gateway), or "
                    "vllm-router:POLICY for vLLM's router (cache_aware, kv_aware, ...)")
+    p.add_argument("--tree", action="append", default=[], metavar="NAME=PATH",
+                   help="another checkout, whose gateway `POLICY~NAME` runs (before/after)")
     p.add_argument("--shapes", default="base", help=f"comma-separated: {', '.join(SHAPES)}")
     p.add_argument("--rounds", type=int, default=2,
                    help="runs of each policy per shape and mode, interleaved A-B-B-A")
@@ -123,6 +126,8 @@ def _parse() -> argparse.Namespace:
     if args.smoke:
         args.groups, args.conversations, args.turns, args.system_words = 2, 4, 2, 150
         args.duration, args.warmup = 4.0, 0.0
+    args.trees = {name: Path(path).resolve() for name, _, path in
+                  (item.partition("=") for item in args.tree)}
     unknown = set(args.shapes.split(",")) - set(SHAPES)
     if unknown:
         p.error(f"unknown shapes {sorted(unknown)}; choose from {', '.join(SHAPES)}")
@@ -223,12 +228,17 @@ def start_router(stack: Stack, policy: str, replica: int, args: argparse.Namespa
                                          headers={"Authorization": f"Bearer {key}"}
                                          ).status_code == 200, name, 120)
         return url, key
-    # `least-load@max_inflight_per_worker=8`: a gateway setting (FLEET_GATEWAY_*).
+    # `least-load@max_inflight_per_worker=8`: a gateway setting (FLEET_GATEWAY_*);
+    # `cache-aware~before`: the gateway of the tree --tree names `before`.
     ours, *settings = policy.split("@")
+    ours, _, tree = ours.partition("~")
     env = {f"FLEET_GATEWAY_{k.upper()}": v
            for k, v in (item.split("=", 1) for item in settings)}
+    run = ["-m", "gateway"] if not tree else [
+        "-c", "import runpy, sys; sys.path.insert(0, sys.argv.pop(1)); "
+        "runpy.run_module('gateway', run_name='__main__', alter_sys=True)", str(args.trees[tree])]
     stack._spawn(f"gw-{name}", [
-        "-m", "gateway", "--port", str(port), "--controller-address", stack.controller_url,
+        *run, "--port", str(port), "--controller-address", stack.controller_url,
         "--api-keys", API_KEY, "--routing", ours, "--sync-interval", "0.5"], env=env)
     workers = len(args.devices.split(","))
     auth = {"Authorization": f"Bearer {API_KEY}"}  # /health shows the table only to a key

@@ -52,11 +52,13 @@ def _smoke(script: str, tmp_path: Path, *args: str) -> dict:
 
 
 def test_routing_bench_smoke_runs_ours_and_vllms_router(tmp_path: Path) -> None:
-    """Two CPU workers; our cache-aware gateways and vLLM's router (installed in its own venv
-    on first use), two replicas each, over the same engines: each policy twice in a closed
-    loop (A-B-B-A), then twice in an open loop."""
-    policies = ("cache-aware", "vllm-router:cache_aware")
-    record = _smoke("routing_bench.py", tmp_path, "--policies", ",".join(policies))
+    """Two CPU workers; our cache-aware gateways (this checkout's, and another tree's as a
+    before/after run gives it), and vLLM's router (installed in its own venv on first use),
+    two replicas each, over the same engines: each policy twice in a closed loop (A-B-B-A),
+    then twice in an open loop."""
+    policies = ("cache-aware", "cache-aware~here", "vllm-router:cache_aware")
+    record = _smoke("routing_bench.py", tmp_path, "--policies", ",".join(policies),
+                    "--tree", f"here={BENCH_DIR.parent}")
     runs = record["shapes"]["base"]["runs"]
     assert [(r["mode"], r["policy"]) for r in runs] == [
         (mode, p) for mode in ("closed", "open") for p in (*policies, *policies[::-1])]
@@ -65,6 +67,14 @@ def test_routing_bench_smoke_runs_ours_and_vllms_router(tmp_path: Path) -> None:
         assert run["requests"] == 8 if run["mode"] == "closed" else run["steady_requests"] > 0
     summary = record["shapes"]["base"]["summary"]
     assert set(summary["open"]) == set(policies) and summary["open"]["cache-aware"]["rate"] > 0
+
+
+def test_routing_ceiling_smoke_bounds_round_robin_by_the_best(tmp_path: Path) -> None:
+    """No engine: the demo model's tokenizer over the routing bench's load shapes."""
+    record = _smoke("routing_ceiling.py", tmp_path)
+    assert set(record["shapes"]) == {"base", "long", "many", "busy"}
+    for rates in record["shapes"].values():
+        assert 0 < rates["round_robin"] < rates["best"] < 1 and rates["queried_tokens"] > 0
 
 
 def test_overhead_bench_smoke_measures_every_proxy(tmp_path: Path) -> None:
