@@ -10,11 +10,15 @@ overhead_bench.py: the fake backend's 16 chunks, keys with rpm and tpm limits, l
 
     .venv/bin/python bench/overhead_interleaved.py --tree before=../fleet-main --tree after=. \\
         --router --rates 100,1000 --duration 8 --rounds 2
+
+`--bare uvicorn,granian` adds bench/bare_relay.py's relays, which do nothing but relay: the
+floor under the goal.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -30,7 +34,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.overhead_bench import KEY, MODEL, ROOT, Proc, _start_proxy, run_load  # noqa: E402
-from bench.peers import PEERS  # noqa: E402
+from bench.peers import PEERS, peer_python  # noqa: E402
 from gateway.keys import KeyEntry, append_key, hash_key  # noqa: E402
 from tests.integration.harness import free_port  # noqa: E402
 
@@ -41,13 +45,15 @@ def _path_with(tree: Path) -> str:
     return os.pathsep.join(p for p in (str(tree), os.environ.get("PYTHONPATH", "")) if p)
 
 
-def _start_fleet(name: str, tree: Path, workdir: Path, controller: str, keys: Path) -> tuple[
-        Proc, str]:
+def _start_fleet(name: str, tree: Path, workdir: Path, controller: str, keys: Path,
+                 settings: dict[str, str] | None = None) -> tuple[Proc, str]:
     port = free_port()
+    env = {"PYTHONPATH": _path_with(tree),
+           **{f"FLEET_GATEWAY_{k.upper()}": v for k, v in (settings or {}).items()}}
     proc = Proc(name, [sys.executable, "-m", "gateway", "--port", str(port),
                        "--controller-address", controller, "--keys-file", str(keys),
                        "--routing", "least-load", "--log-level", "warning"],
-                "1", workdir, env={"PYTHONPATH": _path_with(tree)}, cwd=tree)
+                "1", workdir, env=env, cwd=tree)
     url = f"http://127.0.0.1:{port}"
     auth = {"Authorization": f"Bearer {KEY}"}
     proc.wait_http(f"{url}/v1/models", 60, auth)
@@ -57,6 +63,24 @@ def _start_fleet(name: str, tree: Path, workdir: Path, controller: str, keys: Pa
             raise SystemExit(f"{name} never saw the backend")
         time.sleep(0.2)
     return proc, url
+
+
+def _start_bare(server: str, workdir: Path, backend: str) -> tuple[Proc, str]:
+    port = free_port()
+    python = sys.executable if server == "uvicorn" else str(peer_python("granian"))
+    proc = Proc(f"bare-{server}", [python, str(ROOT / "bench" / "bare_relay.py"), server,
+                                   str(port), backend], "1", workdir)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:  # no route but the relay: ready once it relays a stream
+        with contextlib.suppress(SystemExit):
+            check = run_load(url, argparse.Namespace(client_cores="0", chunks=1), rate=0,
+                             duration=0.2, concurrency=1)
+            if check["requests"] and not check["errors"]:
+                return proc, url
+        if proc.proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"bare-{server} never relayed:\n{proc.log.read_text()[-3000:]}")
+        time.sleep(0.2)
 
 
 def run(args: argparse.Namespace) -> Path:
@@ -76,13 +100,19 @@ def run(args: argparse.Namespace) -> Path:
     ]
     proxies: dict[str, tuple[Proc, str]] = {}
     results: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    trees = {name: str(Path(path).resolve()) for name, path in
-             (t.split("=", 1) for t in args.tree)}
+    # NAME=PATH[@SETTING=VALUE...]: a gateway setting as its FLEET_GATEWAY_* variable.
+    specs = {name: spec.split("@") for name, spec in (t.split("=", 1) for t in args.tree)}
+    trees = {name: str(Path(path).resolve()) for name, (path, *_) in specs.items()}
+    settings = {name: dict(item.split("=", 1) for item in items)
+                for name, (_, *items) in specs.items()}
     try:
         services[0].wait_http(f"{controller}/health", 30)
         services[1].wait_http(f"{backend}/health", 30)
         for name, tree in trees.items():
-            proxies[name] = _start_fleet(name, Path(tree), workdir, controller, keys)
+            proxies[name] = _start_fleet(name, Path(tree), workdir, controller, keys,
+                                         settings[name])
+        for server in filter(None, args.bare.split(",")):
+            proxies[f"bare-{server}"] = _start_bare(server, workdir, backend)
         if args.router:
             proxies["vllm-router"] = _start_proxy("vllm-router", args, workdir, backend,
                                                   controller)
@@ -108,7 +138,10 @@ def run(args: argparse.Namespace) -> Path:
     record = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}", "command": " ".join(sys.argv),
-        "trees": trees, "peers": PEERS["vllm-router"] if args.router else None,
+        "trees": trees, "settings": settings,
+        "peers": PEERS["vllm-router"] if args.router else None,
+        "bare": args.bare.split(",") if args.bare else [],
+        "granian": PEERS["granian"] if "granian" in args.bare else None,
         "duration_s": args.duration, "rounds": args.rounds, "chunks": args.chunks,
         "results": results,
     }
@@ -128,9 +161,12 @@ def run(args: argparse.Namespace) -> Path:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tree", action="append", required=True, metavar="NAME=PATH",
-                   help="our gateway from this checkout, as proxy NAME (repeat)")
+    p.add_argument("--tree", action="append", required=True, metavar="NAME=PATH[@K=V...]",
+                   help="our gateway from this checkout, as proxy NAME (repeat); each @K=V "
+                   "sets the gateway's FLEET_GATEWAY_K, e.g. @max_continuations=0")
     p.add_argument("--router", action="store_true", help="vLLM's router too")
+    p.add_argument("--bare", default="", help="bench/bare_relay.py's relays too, "
+                   "comma-separated: uvicorn, granian")
     p.add_argument("--rates", default="100,1000", help="requests/s, comma-separated")
     p.add_argument("--duration", type=float, default=8.0, help="seconds per measurement")
     p.add_argument("--rounds", type=int, default=2)

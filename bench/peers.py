@@ -13,6 +13,9 @@ from pathlib import Path
 PEERS = {
     "vllm-router": ["vllm-router==0.1.17"],
     "litellm": ["litellm[proxy]==1.80.17"],
+    # Not a proxy of its own: the server under bench/bare_relay.py's `granian` relay, with the
+    # engine client's own dependencies at the versions requirements/ pins.
+    "granian": ["granian==2.8.9", "uvloop==0.23.0", "httptools==0.9.0", "yarl==1.25.1"],
 }
 DEFAULT_DIR = Path(__file__).resolve().parents[1] / ".venv-peers"
 

@@ -90,25 +90,26 @@ def test_overhead_bench_smoke_measures_every_proxy(tmp_path: Path) -> None:
 
 
 def test_overhead_interleaved_runs_every_gateway_in_turn(tmp_path: Path) -> None:
-    """Issue 18's before/after check: two checkouts' gateways (here the same one twice) and
-    vLLM's router up at once, the load A B C C B A, CPU per stream for each run."""
+    """Issue 18's before/after check: two checkouts' gateways (here the same one twice), the
+    bare relays (uvicorn's, and granian's from its peer venv) and vLLM's router up at once, the
+    load A B C ... C B A, CPU per stream for each run."""
     root = BENCH_DIR.parent
     result = subprocess.run(
         [sys.executable, str(BENCH_DIR / "overhead_interleaved.py"), "--tree", f"a={root}",
-         "--tree", f"b={root}", "--router", "--rates", "50", "--duration", "1", "--rounds", "1",
-         "--out", str(tmp_path)],
+         "--tree", f"b={root}", "--bare", "uvicorn,granian", "--router", "--rates", "50",
+         "--duration", "1", "--rounds", "1", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (path,) = tmp_path.glob("overhead-interleaved-*.json")
     runs = json.loads(path.read_text())["results"]["50"]
-    assert set(runs) == {"a", "b", "vllm-router"}
+    assert set(runs) == {"a", "b", "bare-uvicorn", "bare-granian", "vllm-router"}
     for name, measured in runs.items():
         assert len(measured) == 2, name  # there and back
         for run in measured:
             assert run["errors"] == 0 and run["requests"] > 0, run
             # CPU is counted in clock ticks: a second of the router's light load may be none.
-            assert run["cpu_ms_per_1k"] > 0 if name != "vllm-router" else \
+            assert run["cpu_ms_per_1k"] > 0 if name in ("a", "b") else \
                 run["cpu_ms_per_1k"] >= 0, run
 
 
