@@ -56,11 +56,33 @@ from tests.integration.harness import (  # noqa: E402
 # One engine key for both workers, so vLLM's router (one --api-key) can reach both engines.
 ENGINE_KEY = "routing-bench-engine-key"
 
+def _kv_epoch(worker: dict[str, Any]) -> str | None:
+    url = (worker.get("kv_cache_url") or "").rstrip("/")
+    if not url:
+        return None
+    return str(httpx.get(f"{url}/kv-cache", timeout=10,
+                         headers={"Authorization": f"Bearer {ENGINE_KEY}"}).json()["epoch"])
+
+
 def reset_caches(stack: Stack) -> None:
+    """Empty every engine's prefix cache, and wait until each worker says so to gateways.
+
+    vLLM reports a clear in its KV events only at its next step; an idle engine would report
+    it when the run's first requests arrive, and until then every gateway's view would still
+    show the last run's blocks. A one-token completion (too short to store a block) makes
+    each engine step once; then the worker's view has started over."""
+    auth = {"Authorization": f"Bearer {ENGINE_KEY}"}  # the engines' key (worker/engine_auth.py)
     for worker in stack.workers():
-        # The engine answers it only with its key (worker/engine_auth.py).
-        httpx.post(f"{worker['engine_url'].rstrip('/')}/reset_prefix_cache", timeout=30,
-                   headers={"Authorization": f"Bearer {ENGINE_KEY}"}).raise_for_status()
+        engine = worker["engine_url"].rstrip("/")
+        before = _kv_epoch(worker)
+        httpx.post(f"{engine}/reset_prefix_cache", timeout=30, headers=auth).raise_for_status()
+        if before is None:
+            continue  # no KV events from this engine
+        httpx.post(f"{engine}/v1/completions", timeout=120, headers=auth, json={
+            "model": worker["model_names"][0], "prompt": "x", "max_tokens": 1,
+        }).raise_for_status()
+        stack.wait_for(lambda w=worker, b=before: _kv_epoch(w) != b,
+                       f"{worker['worker_id']}'s view of the cleared cache", 30)
 
 
 SHAPES = {

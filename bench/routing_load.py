@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import os
 import random
 import time
 from typing import Any
@@ -30,7 +31,7 @@ def conversations(args: argparse.Namespace) -> list[dict[str, Any]]:
     systems = [f"You are assistant number {g}. Rules: " + _text(rng, args.system_words)
                for g in range(args.groups)]
     return [
-        {"system": systems[c % args.groups],
+        {"system": systems[c % args.groups], "name": f"g{c % args.groups}-c{c}",
          "turns": [f"Question {t} of conversation {c}: {_text(rng, 12)}?"
                    for t in range(args.turns)]}
         for c in range(args.conversations)
@@ -38,13 +39,15 @@ def conversations(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 async def _turn(http: httpx.AsyncClient, url: str, key: str, model: str,
-                messages: list[dict[str, str]], max_tokens: int) -> tuple[float, str, int]:
+                messages: list[dict[str, str]], max_tokens: int,
+                request_id: str) -> tuple[float, str, int]:
     started = time.monotonic()
     ttft, text, tokens = 0.0, [], 0
     body = {"model": model, "messages": messages, "max_tokens": max_tokens,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     async with http.stream("POST", f"{url}/v1/chat/completions", json=body,
-                           headers={"Authorization": f"Bearer {key}"}) as response:
+                           headers={"Authorization": f"Bearer {key}",
+                                    "X-Request-Id": request_id}) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
             if not line.startswith("data: {"):
@@ -77,18 +80,22 @@ async def _conversation(http: httpx.AsyncClient, clients: Clients, conv: dict[st
                         out: list[dict[str, float]]) -> int:
     """The turns of one conversation, one after the other; the errors it met."""
     history = [{"role": "system", "content": conv["system"]}]
-    for question in conv["turns"]:
+    run = os.urandom(3).hex()  # the gateways' logs name each turn: group, conversation, turn
+    for t, question in enumerate(conv["turns"]):
         history.append({"role": "user", "content": question})
+        request_id = f"{conv['name']}-t{t}-{run}"
         sent = time.monotonic()
         try:
             if limit is None:
                 ttft, answer, n = await _turn(http, clients.url(), clients.key,
-                                              args.model_name, history, args.max_tokens)
+                                              args.model_name, history, args.max_tokens,
+                                              request_id)
             else:
                 async with limit:
                     sent = time.monotonic()
                     ttft, answer, n = await _turn(http, clients.url(), clients.key,
-                                                  args.model_name, history, args.max_tokens)
+                                                  args.model_name, history, args.max_tokens,
+                                                  request_id)
         except httpx.HTTPError:
             return 1
         out.append({"sent": sent, "ttft": ttft, "tokens": n})

@@ -54,11 +54,15 @@ class KvBlockIndex:
     def __init__(self, max_log: int = 200_000) -> None:
         self._max_log = max_log
         self.waiters = asyncio.Event()
+        # The engine's block size, from its first stored block. Kept when the set starts over:
+        # the worker's engine always runs with the same arguments, and without it a gateway
+        # could not key prompts against this engine until its next block is stored, which
+        # after a clear is the moment a burst is being placed.
+        self.block_size: int | None = None
         self.reset("start")
 
     def reset(self, reason: str) -> None:
         self.epoch = secrets.token_hex(8)
-        self.block_size: int | None = None
         self.seq = 0
         self._keys: dict[Hashable, int] = {}  # the engine's block hash: our key
         self._held: collections.Counter[int] = collections.Counter()

@@ -77,6 +77,9 @@ def test_all_blocks_cleared_starts_a_new_epoch_with_nothing() -> None:
     assert answer.reset and answer.added == [] and answer.epoch != view.epoch
     view.apply(answer)
     assert view.match(chain_keys(PROMPT, BS)) == 0
+    # The block size stays known, so gateways key prompts against the cleared engine at once
+    # instead of falling back to their estimates until it stores a block again.
+    assert answer.block_size == BS and view.block_size == BS
 
 
 def test_a_new_engine_or_a_gap_in_the_sequence_forgets_everything() -> None:
