@@ -152,6 +152,7 @@ class CacheAware:
         self._pending_s = pending_s
         self._trees: dict[str, PrefixTree] = {}
         self._pending: dict[str, dict[int, float]] = {}  # worker: key, until
+        self._pending_epochs: dict[str, str | None] = {}
         self._max_blocks = max_blocks_per_worker
         self._block_bytes = block_bytes
         self._rng = rng or random.Random()
@@ -163,22 +164,16 @@ class CacheAware:
         return tree
 
     def forget(self, live_worker_ids: set[str]) -> None:
-        for held in (self._trees, self._pending):
+        for held in (self._trees, self._pending, self._pending_epochs):
             for wid in set(held) - live_worker_ids:
                 del held[wid]
         self.placement.forget(live_worker_ids)
 
     def _held(self, worker_id: str, view: KvView, keys: Sequence[int]) -> int:
-        # What was sent counts as held even when the engine's cache has started over since
-        # (a new epoch of its view). vLLM clears its prefix cache only while no request holds
-        # blocks (or once it has preempted those that do, to compute them again), and reports
-        # the clear at its next step: when the first requests sent after the clear arrive. So
-        # the prompts sent just before the news came (a burst placed after an RL weight sync,
-        # or after the bench's reset) are still to be computed there.
-        # Dropping their holds would place the rest of the burst as if nothing had been sent:
-        # the same prefix computed on two engines. A hold for a prompt that finished before
-        # the clear is wrong for at most `pending_s`, and sends its prefix to a worker that
-        # computes it once and then holds it.
+        if self._pending_epochs.get(worker_id) != view.epoch:
+            # The engine's cache started over: what was sent before is gone with it.
+            self._pending.pop(worker_id, None)
+            self._pending_epochs[worker_id] = view.epoch
         pending = self._pending.get(worker_id, {})
         now = self._clock()
         matched = 0
