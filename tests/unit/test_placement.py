@@ -167,6 +167,29 @@ def test_by_source_counters_count_computed_tokens_where_the_engine_has_them() ->
     assert meter.update(parse_load(text), text).prefill_tokens_per_s == pytest.approx(1500)
 
 
+def test_prefill_seconds_are_matched_with_the_tokens_of_the_requests_they_timed() -> None:
+    """vLLM counts a request's prefill seconds when the request finishes. A burst whose
+    prefills are done but whose requests are still decoding has its tokens counted and not its
+    seconds: over the two finished requests' 0.2 s, the burst's 40,000 tokens would make
+    200,000 tokens/s. Their own 2,000 computed tokens (the histogram vLLM observes with the
+    seconds) make 10,000; the 40,000 over the 10 s between readings, 4,000."""
+
+    def text(computed: float, finished: float, prefill_s: float, requests: float) -> str:
+        return metrics(computed, 0, prefill_s, requests) + (
+            "# TYPE vllm:request_prefill_kv_computed_tokens histogram\n"
+            f'vllm:request_prefill_kv_computed_tokens_sum{{engine="0",model_name="m"}} '
+            f"{finished}\n")
+
+    clock = Clock()
+    meter = PrefillMeter(clock=clock)
+    meter.update(parse_load(text(0, 0, 0, 0)), text(0, 0, 0, 0))
+    clock.now += 10
+    later = text(40_000, 2_000, 0.2, 2)
+    load = meter.update(parse_load(later), later)
+    assert load.prefill_tokens_per_s == pytest.approx(10_000)
+    assert load.prefill_tokens_per_request == pytest.approx(1_000)
+
+
 # -- bursts of one prefix, on a simulated fleet -------------------------------------------------
 def burst_shares(workers: int, size: int, prefix: int, suffix: int, seed: int,
                  hot: bool = False) -> list[int]:
