@@ -54,7 +54,7 @@ _HITS = "vllm:prefix_cache_hits_total"
 _PREFILL_SUM = "vllm:request_prefill_time_seconds_sum"
 _PREFILL_COUNT = "vllm:request_prefill_time_seconds_count"
 # Observed when a request finishes, as its prefill time is (vLLM's FinishedRequestStats).
-_FINISHED_COMPUTED = "vllm:request_prefill_kv_computed_tokens_sum"
+FINISHED_COMPUTED = "vllm:request_prefill_kv_computed_tokens_sum"
 
 
 def prefill_counters(metrics_text: str) -> tuple[float, float, float, float] | None:
@@ -67,7 +67,7 @@ def prefill_counters(metrics_text: str) -> tuple[float, float, float, float] | N
     has_source = False
     for family in text_string_to_metric_families(metrics_text):
         for sample in family.samples:
-            if sample.name in (_PROMPT, _HITS, _PREFILL_SUM, _PREFILL_COUNT, _FINISHED_COMPUTED):
+            if sample.name in (_PROMPT, _HITS, _PREFILL_SUM, _PREFILL_COUNT, FINISHED_COMPUTED):
                 sums[sample.name] = sums.get(sample.name, 0.0) + sample.value
             elif sample.name == _BY_SOURCE and sample.labels.get("source") == "local_compute":
                 computed += sample.value
@@ -78,7 +78,7 @@ def prefill_counters(metrics_text: str) -> tuple[float, float, float, float] | N
         if _PROMPT not in sums:
             return None
         computed = sums[_PROMPT] - sums.get(_HITS, 0.0)
-    finished = sums.get(_FINISHED_COMPUTED, computed)  # older engines: the same count
+    finished = sums.get(FINISHED_COMPUTED, computed)  # older engines: the same count
     return computed, finished, sums[_PREFILL_SUM], sums[_PREFILL_COUNT]
 
 

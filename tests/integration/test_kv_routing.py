@@ -16,6 +16,7 @@ from gateway.kv_view import KvSync, KvViews
 from gateway.protocol import ChatCompletionRequest
 from gateway.routing import CacheAware, RouteRequest
 from tests.integration.harness import API_KEY, MODEL_NAME, Stack, free_port
+from worker.load import FINISHED_COMPUTED
 
 pytestmark = pytest.mark.integration
 
@@ -111,6 +112,11 @@ def test_a_cache_aware_gateway_routes_on_the_speed_its_worker_learned(
             return ", assumed" not in reasons()[-1]
 
         stack.wait_for(learned, "a route on the learned prefill speed", 120)
+        # The speed pairs vLLM's prefill seconds with the computed tokens it observes with them
+        # (worker/load.py); were the histogram renamed, the worker would fall back unseen.
+        engine = stack.worker_record("worker")["engine_url"].rstrip("/")
+        metrics = httpx.get(f"{engine}/metrics", timeout=10).text
+        assert any(line.startswith(FINISHED_COMPUTED) for line in metrics.splitlines())
 
         def running(n: int) -> bool:
             record = stack.worker_record("worker")
