@@ -142,7 +142,7 @@ async def open_loop(clients: Clients, convs: list[dict[str, Any]], args: argpars
             conv = convs[n % len(convs)]
             if n >= len(convs):  # a conversation again, with questions of its own
                 again = n // len(convs)
-                conv = {"system": conv["system"],
+                conv = {**conv, "name": f"{conv['name']}-a{again}",
                         "turns": [f"{q} (take {again})" for q in conv["turns"]]}
             await asyncio.sleep(max(0.0, started + at - time.monotonic()))
             tasks.append(asyncio.create_task(
