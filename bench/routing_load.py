@@ -38,6 +38,15 @@ def conversations(args: argparse.Namespace) -> list[dict[str, Any]]:
     ]
 
 
+def retake(conv: dict[str, Any], again: int) -> dict[str, Any]:
+    """The conversation taken again for the `again`-th time (0: as it is): the same system
+    prompt, questions of its own, and a name of its own for the request ids."""
+    if not again:
+        return conv
+    return {**conv, "name": f"{conv['name']}-a{again}",
+            "turns": [f"{q} (take {again})" for q in conv["turns"]]}
+
+
 async def _turn(http: httpx.AsyncClient, url: str, key: str, model: str,
                 messages: list[dict[str, str]], max_tokens: int,
                 request_id: str) -> tuple[float, str, int]:
@@ -139,11 +148,7 @@ async def open_loop(clients: Clients, convs: list[dict[str, Any]], args: argpars
         started = time.monotonic()
         at = 0.0  # the first arrives at once
         for n in itertools.count():
-            conv = convs[n % len(convs)]
-            if n >= len(convs):  # a conversation again, with questions of its own
-                again = n // len(convs)
-                conv = {**conv, "name": f"{conv['name']}-a{again}",
-                        "turns": [f"{q} (take {again})" for q in conv["turns"]]}
+            conv = retake(convs[n % len(convs)], n // len(convs))
             await asyncio.sleep(max(0.0, started + at - time.monotonic()))
             tasks.append(asyncio.create_task(
                 _conversation(http, clients, conv, args, None, turns)))
