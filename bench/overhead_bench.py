@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import datetime as dt
 import json
@@ -63,12 +64,13 @@ class _Connection(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.alive = True
-        self._done: asyncio.Future[tuple[float | None, bool]] | None = None
+        self._done: asyncio.Future[tuple[float | None, str]] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
-    def request(self, data: bytes, chunks: int) -> asyncio.Future[tuple[float | None, bool]]:
+    def request(self, data: bytes, chunks: int) -> asyncio.Future[tuple[float | None, str]]:
+        """Resolves to (TTFT, "") when the stream came whole, else to why it did not."""
         assert self.transport is not None
         self._done = asyncio.get_running_loop().create_future()
         self._chunks, self._started, self._ttft = chunks, time.perf_counter(), None
@@ -85,7 +87,8 @@ class _Connection(asyncio.Protocol):
             if end < 0:
                 return
             if not self._buffer.startswith(b"HTTP/1.1 200"):
-                self._finish(False)  # an error answer: counted, and the connection dropped
+                # An error answer: counted, and the connection dropped.
+                self._finish(bytes(self._buffer[:12]).decode(errors="replace"))
                 return
             self._body_at = end + 4
         if self._ttft is None and len(self._buffer) > self._body_at:
@@ -93,18 +96,21 @@ class _Connection(asyncio.Protocol):
         if self._buffer.endswith(b"\r\n0\r\n\r\n"):  # the chunked body's end
             # Every chunk is one event; proxies may re-encode them, but not merge them.
             events = self._buffer.count(b"data:") - 1
-            self._done.set_result((self._ttft, events >= self._chunks
-                                   and b"[DONE]" in self._buffer[-64:]))
+            whole = events >= self._chunks and b"[DONE]" in self._buffer[-64:]
+            self._done.set_result((self._ttft, "" if whole else "short stream"))
 
-    def _finish(self, ok: bool) -> None:
+    def _finish(self, why: str) -> None:
         self.alive = False
         if self.transport is not None:
             self.transport.close()
         if self._done is not None and not self._done.done():
-            self._done.set_result((self._ttft, ok))
+            # How long it waited says which timer ended it (a proxy's keep-alive, ...).
+            waited = time.perf_counter() - self._started
+            self._done.set_result((self._ttft, f"{why} after {waited:.1f} s"
+                                   + ("" if self._body_at < 0 else ", in the body")))
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._finish(False)
+        self._finish(f"connection lost ({exc or 'closed by the proxy'})")
 
 
 async def _load(args: argparse.Namespace) -> dict[str, Any]:
@@ -120,9 +126,9 @@ async def _load(args: argparse.Namespace) -> dict[str, Any]:
             f"Authorization: Bearer {args.key}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
     idle: list[_Connection] = []
-    results: list[tuple[float | None, bool]] = []
+    results: list[tuple[float | None, str]] = []
 
-    async def one() -> tuple[float | None, bool]:
+    async def one() -> tuple[float | None, str]:
         while idle:
             conn = idle.pop()
             if conn.alive:
@@ -130,13 +136,13 @@ async def _load(args: argparse.Namespace) -> dict[str, Any]:
         else:
             try:
                 _, conn = await loop.create_connection(_Connection, host, int(port))
-            except OSError:
-                return None, False
+            except OSError as exc:
+                return None, f"connect: {exc}"
         try:
             result = await asyncio.wait_for(conn.request(data, args.chunks), args.timeout)
         except asyncio.TimeoutError:
-            conn._finish(False)
-            return None, False
+            conn._finish("timed out")
+            return None, f"timed out after {args.timeout:.0f} s"
         if conn.alive:
             idle.append(conn)
         return result
@@ -160,10 +166,12 @@ async def _load(args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.gather(*(stream_loop() for _ in range(args.concurrency)))
     wall = time.perf_counter() - started
     for conn in idle:
-        conn._finish(True)
-    ttfts = sorted(t for t, ok in results if ok and t is not None)
+        conn._finish("")
+    ttfts = sorted(t for t, why in results if not why and t is not None)
     return {
-        "requests": len(results), "errors": sum(not ok for _, ok in results), "wall_s": wall,
+        "requests": len(results), "errors": sum(bool(why) for _, why in results),
+        "failures": dict(collections.Counter(why for _, why in results if why)),
+        "wall_s": wall,
         "req_per_s": len(ttfts) / wall,
         "ttft_p50_ms": 1000 * ttfts[len(ttfts) // 2] if ttfts else None,
         "ttft_p99_ms": 1000 * ttfts[min(len(ttfts) - 1, int(len(ttfts) * 0.99))]
@@ -364,6 +372,7 @@ def run(args: argparse.Namespace) -> Path:
                   "duration_s": args.duration, "peers": {p: PEERS[p] for p in proxies
                                                          if p in PEERS}},
         "results": results,
+        "logs": str(workdir),  # each service's log, by its name
     }
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"overhead-{args.label}-{dt.datetime.now():%Y%m%d-%H%M%S}.json"

@@ -289,11 +289,26 @@ def _warm(stack: Stack, args: argparse.Namespace) -> None:
 def measured(stack: Stack, run: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
     """`run` from empty prefix caches, with the engines' hit rate over it."""
     reset_caches(stack)
+    learned = learned_prefill(stack)
     hits0, queries0 = prefix_counters(stack)
     result = asyncio.run(run)
     hits1, queries1 = prefix_counters(stack)
     result["prefix_cache_hit_rate"] = (hits1 - hits0) / max(queries1 - queries0, 1)
+    result["learned_before"] = learned
     return result
+
+
+def _brief(result: dict[str, Any]) -> str:
+    return json.dumps({k: round(v, 3) if isinstance(v, float) else v
+                       for k, v in result.items()})
+
+
+def learned_prefill(stack: Stack) -> dict[str, list[float | None]]:
+    """What each worker had learned of its engine's prefill as a run began (speed in tokens/s,
+    work per request in tokens): a round that starts from other figures places otherwise."""
+    return {w["worker_id"]: [w["load"].get("prefill_tokens_per_s"),
+                             w["load"].get("prefill_tokens_per_request")]
+            for w in stack.workers()}
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
@@ -369,7 +384,7 @@ def main() -> None:
                 result = measured(stack, closed_loop(routers[policy], convs, load))
                 runs.append({"mode": "closed", "policy": policy, "round": round_, **result})
                 print(f"{shape} closed {policy} #{round_}: "
-                      f"{json.dumps({k: round(v, 3) for k, v in result.items()})}", flush=True)
+                      f"{_brief(result)}", flush=True)
                 path.write_text(json.dumps(record, indent=2) + "\n")
             rate = _open_rate(args.rate, runs)
             for round_, policy in interleaved(policies, args.rounds) if rate else ():
@@ -377,7 +392,7 @@ def main() -> None:
                                                    seed=args.seed + round_))
                 runs.append({"mode": "open", "policy": policy, "round": round_, **result})
                 print(f"{shape} open {policy} #{round_}: "
-                      f"{json.dumps({k: round(v, 3) for k, v in result.items()})}", flush=True)
+                      f"{_brief(result)}", flush=True)
                 path.write_text(json.dumps(record, indent=2) + "\n")
             shapes[shape]["summary"] = summarise(runs)
             path.write_text(json.dumps(record, indent=2) + "\n")

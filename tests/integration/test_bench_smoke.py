@@ -82,9 +82,11 @@ def test_overhead_bench_smoke_measures_every_proxy(tmp_path: Path) -> None:
     venvs, installed on first use)."""
     record = _smoke("overhead_bench.py", tmp_path)
     results = record["results"]
-    assert results["direct"]["20.0"]["errors"] == 0
+    assert results["direct"]["20.0"]["errors"] == 0, results["direct"]
     for proxy in ("fleet", "vllm-router", "litellm"):
-        assert results[proxy]["20.0"]["errors"] == 0, results[proxy]
+        log = Path(record["logs"]) / f"{proxy}.log"
+        assert results[proxy]["20.0"]["errors"] == 0, \
+            (proxy, results[proxy], log.read_text()[-3000:] if log.exists() else "no log")
         assert results[proxy]["20.0"]["cpu_ms_per_1k"] >= 0
         assert results[proxy]["max"]["req_per_s"] > 0
 
