@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import API_KEY, CLUSTER_TOKEN, Stack, free_port
+from tests.integration.harness import API_KEY, CLUSTER_TOKEN, MODEL_NAME, Stack, free_port
 
 # Past the default 600 s: a bench run may take up to its own 900 s timeout (routing_bench.py
 # installs vLLM's router in a venv on first use).
@@ -223,3 +223,25 @@ def test_wakeup_cost_measures_both_cases() -> None:
     for line in lines:
         cpu = float(line.split("CPU ")[1].split(" us")[0])
         assert cpu > 0
+
+
+def test_prefill_learning_smoke_reads_what_the_worker_learned(stack: Stack,
+                                                              tmp_path: Path) -> None:
+    """A cold burst, then a cached one, through the running stack: after each, the worker's
+    learned prefill speed and work per request (the engine's counters, through heartbeats)."""
+    result = subprocess.run(
+        [sys.executable, str(BENCH_DIR / "prefill_learning.py"), "--smoke",
+         "--gateway-url", stack.gateway_url, "--controller-url", stack.controller_url,
+         "--api-key", API_KEY, "--model", MODEL_NAME, "--out", str(tmp_path),
+         "--label", "smoke"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "FLEET_CLUSTER_TOKEN": CLUSTER_TOKEN},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (path,) = tmp_path.glob("prefill-learning-smoke-*.json")
+    bursts = json.loads(path.read_text())["bursts"]
+    assert [b["burst"] for b in bursts] == ["before", "cold", "cached"]
+    for b in bursts[1:]:
+        assert b["seconds"] > 0
+        ((speed, per_request),) = b["learned"].values()  # the stack's one worker
+        assert speed > 0 and per_request > 0, bursts
