@@ -9,7 +9,8 @@ heartbeats later. The cache-aware policy drains its own backlog at that speed
 the next.
 
     .venv/bin/python bench/prefill_learning.py --gateway-url http://127.0.0.1:8000 \\
-        --controller-url http://127.0.0.1:21001 --cluster-token-file ~/.cache/fleet/cluster-token
+        --controller-url http://127.0.0.1:21001    # the cluster token: FLEET_CLUSTER_TOKEN,
+                                                   # else the file `fleet up` made
 """
 
 from __future__ import annotations
@@ -27,16 +28,22 @@ from typing import Any
 
 import httpx
 
-WORDS = ("river mountain engine lantern copper violet harbor meadow signal orbit canyon "
-         "ember glacier thimble falcon quartz saddle willow marble cobalt").split()
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.routing_load import WORDS  # noqa: E402
+from fleetcore.cluster_auth import (  # noqa: E402
+    CLUSTER_TOKEN_ENV,
+    bearer,
+    default_token_file,
+    read_token_file,
+)
 
 
 async def burst(args: argparse.Namespace, prompts: list[str], concurrency: int) -> float:
     """Seconds to answer `prompts`, `concurrency` at a time."""
     limit = asyncio.Semaphore(concurrency)
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     started = time.monotonic()
-    async with httpx.AsyncClient(timeout=600, headers=headers) as http:
+    async with httpx.AsyncClient(timeout=600, headers=bearer(args.api_key)) as http:
         async def one(prompt: str) -> None:
             async with limit:
                 answer = await http.post(f"{args.gateway_url}/v1/chat/completions", json={
@@ -48,23 +55,29 @@ async def burst(args: argparse.Namespace, prompts: list[str], concurrency: int) 
     return time.monotonic() - started
 
 
+def controller(args: argparse.Namespace, path: str) -> Any:
+    return httpx.get(f"{args.controller_url}{path}", timeout=10,
+                     headers=bearer(args.cluster_token)).json()
+
+
 def learned(args: argparse.Namespace) -> dict[str, list[float | None]]:
     """Each worker of the model: [prefill tokens/s, prefill tokens per request]."""
-    workers = httpx.get(f"{args.controller_url}/workers", timeout=10, headers={
-        "Authorization": f"Bearer {args.cluster_token}"}).json()["workers"]
     return {w["worker_id"]: [w["load"].get("prefill_tokens_per_s"),
                              w["load"].get("prefill_tokens_per_request")]
-            for w in workers if args.model in w.get("model_names", [])}
+            for w in controller(args, "/workers")["workers"] if args.model in w["model_names"]}
 
 
 def settled(args: argparse.Namespace) -> dict[str, list[float | None]]:
-    """What the workers report once their next heartbeats have carried the burst's counters."""
-    before, deadline = learned(args), time.monotonic() + args.settle
+    """What the workers report once their heartbeats have carried the burst's counters: the
+    same figures over two of their heartbeat intervals (a reading after the burst changes
+    nothing more)."""
+    quiet = 2 * controller(args, "/snapshot")["heartbeat_interval"]
+    before, deadline = learned(args), time.monotonic() + quiet
     while time.monotonic() < deadline:
         time.sleep(0.5)
         now = learned(args)
         if now != before:
-            before, deadline = now, time.monotonic() + args.settle  # still moving: wait on
+            before, deadline = now, time.monotonic() + quiet  # still moving: wait on
     return before
 
 
@@ -73,24 +86,22 @@ def main() -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gateway-url", default="http://127.0.0.1:8000")
     p.add_argument("--controller-url", default="http://127.0.0.1:21001")
-    p.add_argument("--cluster-token-file", type=Path,
-                   default=Path.home() / ".cache/fleet/cluster-token")
+    p.add_argument("--cluster-token-file", type=Path, default=default_token_file(),
+                   help=f"read when {CLUSTER_TOKEN_ENV} is not set")
     p.add_argument("--api-key", default=os.environ.get("FLEET_API_KEY", ""))
     p.add_argument("--model", default="SmolLM2-135M-Instruct")
     p.add_argument("--words", type=int, default=1200, help="words of each new prompt or prefix")
     p.add_argument("--requests", type=int, default=12, help="requests a burst")
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--rounds", type=int, default=2, help="cold then cached, this many times")
-    p.add_argument("--settle", type=float, default=2.5,
-                   help="seconds the reports must stay the same after a burst")
     p.add_argument("--smoke", action="store_true", help="tiny run: checks that it works")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     p.add_argument("--label", default="cpu")
     args = p.parse_args()
     if args.smoke:
         args.words, args.requests, args.concurrency, args.rounds = 150, 2, 2, 1
-    args.cluster_token = os.environ.get("FLEET_CLUSTER_TOKEN") or \
-        args.cluster_token_file.read_text().strip()
+    args.cluster_token = os.environ.get(CLUSTER_TOKEN_ENV) or \
+        read_token_file(args.cluster_token_file)
     rng = random.Random(0)
 
     def text(words: int) -> str:
